@@ -1,0 +1,1 @@
+"""cnn-deploy: low-rank decomposition, int8 quantization and embedded export of PyTorch CNNs."""

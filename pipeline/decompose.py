@@ -1,0 +1,138 @@
+"""The decompose stage: replace chosen Conv2d/Linear layers by low-rank chains of standard layers.
+
+Returns a plain `nn.Module` (every exporter takes it) and a plan saying, per layer, what was done and why.
+"""
+
+import copy
+import time
+from fnmatch import fnmatch
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import factorize
+from pipeline.errors import ConfigError, StageError, unknown
+from pipeline.macs import count
+from pipeline.plan import DecompositionPlan, LayerPlan
+from pipeline.ranks import RankRule, evbmf_rank, parse_rank, rank_for, round_up
+
+METHODS = ("cp", "slice-svd", "svd", "tucker2")
+
+
+def choose_ranks(layer: nn.Module, method: str, rule: RankRule, *, round_to: int, name: str) -> tuple[int, ...]:
+    maxima = factorize.max_ranks(layer, method)
+    if rule.kind == "fixed" and any(rule.value > m for m in maxima):
+        raise ConfigError(f"Rank {int(rule.value)} for layer {name!r} ({method}); expected at most "
+                          f"{'x'.join(map(str, maxima))} there. Use a fraction (e.g. 0.5) for nets of mixed widths")
+    matrices = factorize.unfoldings(layer, method)
+    if method == "slice-svd" and isinstance(layer, nn.Conv2d):
+        raw = [_slice_rank(matrices[0], rule, maxima[0])]
+    else:
+        raw = [rank_for(m, rule, mx) for m, mx in zip(matrices, maxima, strict=False)]
+    if method == "cp" and isinstance(layer, nn.Conv2d):
+        raw = [max(raw)]  # Lebedev et al.'s single CP rank, from the larger of the two unfolding ranks
+    if method == "tucker2" and rule.kind in ("fixed", "ratio") and isinstance(layer, nn.Conv2d):
+        raw = [rank_for(None, rule, m) for m in maxima]
+    return tuple(round_up(r, round_to, m) for r, m in zip(raw, maxima, strict=True))
+
+
+def _slice_rank(stack: np.ndarray, rule: RankRule, maximum: int) -> int:
+    """One rank for every kxk slice (the grouped convs need one): EVBMF on the slices' stacked rows (a
+    shared noise model), or the energy kept across all slices together."""
+    if rule.kind == "evbmf":
+        return evbmf_rank(stack.reshape(-1, stack.shape[-1]))
+    if rule.kind == "energy":
+        s2 = (np.linalg.svd(stack, compute_uv=False) ** 2).sum(axis=0)
+        kept = np.cumsum(s2) / s2.sum() if s2.sum() else np.ones_like(s2)
+        return int(min(len(s2), np.searchsorted(kept, rule.value - 1e-12) + 1))
+    return rank_for(stack[0], rule, maximum)
+
+
+def _dense(name: str, layer: nn.Module, cost, rule: RankRule, note: str) -> LayerPlan:
+    macs = cost.macs if cost else 0
+    params = sum(p.numel() for p in layer.parameters(recurse=False))
+    return LayerPlan(name, type(layer).__name__, None, (), str(rule), macs, macs, params, params, None, note)
+
+
+def _unsupported(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return ""
+    if type(layer) is not nn.Conv2d:
+        return f"{type(layer).__name__} is not handled (only Conv2d and Linear): left dense"
+    if layer.groups != 1:
+        return f"grouped or depthwise conv (groups={layer.groups}): left dense"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (only zero padding splits across factors): left dense"
+    return ""
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = weight.norm().item()
+    return float((weight - approx.reshape(weight.shape)).norm().item() / norm) if norm else 0.0
+
+
+def decompose(module: nn.Module, *, input_shape: tuple[int, ...], method: str = "tucker2",
+              rank: str | int | float | RankRule | None = "evbmf", layers: tuple[str, ...] = ("*",),
+              exclude: tuple[str, ...] = (), round_to: int = 1, seed: int = 0,
+              progress: bool = True) -> tuple[nn.Module, DecompositionPlan]:
+    """Factor every Conv2d (with `method`) and Linear (truncated SVD) whose name matches `layers` and
+    not `exclude` (fnmatch patterns). A layer whose factorisation would not reduce MACs stays dense."""
+    if method not in METHODS:
+        raise unknown("method", method, METHODS)
+    if round_to < 1:
+        raise ConfigError(f"round_to={round_to}; expected a positive integer")
+    rule = rank if isinstance(rank, RankRule) else parse_rank(rank)
+    started = time.perf_counter()
+    costs = count(module, input_shape)
+    model = copy.deepcopy(module).eval()
+    candidates = [(n, m) for n, m in module.named_modules()
+                  if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+    plans = []
+    with threadpool_limits(limits=1):  # BLAS threads oversubscribe on these small tensors (CP-ALS 30x slower)
+        for name, layer in tqdm(candidates, desc=f"decompose ({method})", unit="layer", disable=not progress, leave=False):
+            cost = costs.get(name)
+            if not any(fnmatch(name, p) for p in layers) or any(fnmatch(name, p) for p in exclude):
+                plans.append(_dense(name, layer, cost, rule, "not selected by the layer patterns"))
+                continue
+            reason = _unsupported(layer) or ("" if cost else "not reached by the forward pass: left dense")
+            if reason:
+                plans.append(_dense(name, layer, cost, rule, reason))
+                continue
+            plans.append(_factor_one(model, name, layer, cost, method, rule, round_to=round_to, seed=seed))
+    return model, DecompositionPlan(method, str(rule), round_to, tuple(plans), time.perf_counter() - started)
+
+
+def _factor_one(model, name, layer, cost, method, rule, *, round_to, seed) -> LayerPlan:
+    layer_method = "svd" if isinstance(layer, nn.Linear) else method
+    ranks = choose_ranks(layer, layer_method, rule, round_to=round_to, name=name)
+    chain = factorize.skeleton(layer, layer_method, ranks)
+    macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
+    if macs_after >= cost.macs:
+        return _dense(name, layer, cost, rule,
+                      f"{layer_method} at rank {'x'.join(map(str, ranks))} would not reduce MACs "
+                      f"({macs_after:,} >= {cost.macs:,}): left dense")
+    note = ""
+    try:
+        approx, note = factorize.fit(layer, layer_method, chain, seed=seed)
+    except StageError as exc:  # CP-ALS diverged from every start: Tucker-2 always converges
+        fallback_ranks = choose_ranks(layer, "tucker2", rule, round_to=round_to, name=name)
+        chain = factorize.skeleton(layer, "tucker2", fallback_ranks)
+        approx, _ = factorize.fit(layer, "tucker2", chain, seed=seed)
+        layer_method, ranks, note = "tucker2", fallback_ranks, f"{exc}; fell back to tucker2"
+        macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
+    _set_submodule(model, name, chain)
+    params_after = sum(p.numel() for p in chain.parameters())
+    return LayerPlan(name, type(layer).__name__, layer_method, ranks, str(rule), cost.macs, macs_after,
+                     cost.params, params_after, _relative_error(layer.weight.detach(), approx), note)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.max(np.abs(a.detach().numpy() - b.detach().numpy())))

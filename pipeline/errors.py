@@ -1,0 +1,26 @@
+"""The one exception family of the pipeline.
+
+Every error a user can cause is a `PipelineError`: the CLI prints its message (what was got, what was
+expected, what is known) and exits non-zero without a traceback unless `--debug` is given.
+"""
+
+
+class PipelineError(Exception):
+    """A failure the user can act on; the message says what was got and what was expected."""
+
+
+class ConfigError(PipelineError):
+    """Unknown target, model, method or key; a value out of range."""
+
+
+class InputError(PipelineError):
+    """Missing or malformed checkpoint, data set or model file."""
+
+
+class StageError(PipelineError):
+    """A stage ran but its result failed a check (tolerance, budget, threshold)."""
+
+
+def unknown(kind: str, got: str, known) -> ConfigError:
+    """`Unknown target 'rpi5'; known: cortex-m7, rpi4`."""
+    return ConfigError(f"Unknown {kind} {got!r}; known: {', '.join(sorted(known))}")

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR10 = Path(os.environ.get("CIFAR10_DIR", SHARED / "data" / "cifar-10-batches-py"))
+RESNETS = SHARED / "models" / "cifar-resnet"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not (CIFAR10 / "test_batch").is_file():
+        pytest.skip(f"CIFAR-10 not at {CIFAR10}: set CIFAR10_DIR")
+    return CIFAR10
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights() -> Path:
+    path = RESNETS / "resnet20-12fca82f.th"
+    if not path.is_file():
+        pytest.skip(f"ResNet-20 checkpoint not at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet56_weights() -> Path:
+    path = RESNETS / "resnet56-4bfd9763.th"
+    if not path.is_file():
+        pytest.skip(f"ResNet-56 checkpoint not at {path}")
+    return path
