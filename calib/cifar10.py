@@ -34,6 +34,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
 

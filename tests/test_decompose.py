@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calib import balanced_subset, load_dataset, preprocess
+from pipeline.accuracy import top1, torch_logits
+from pipeline.cli import main
+from pipeline.decompose import decompose
+from pipeline.errors import ConfigError
+from pipeline.factored_io import load_factored, save_factored
+from pipeline.zoo import load_model
+from pipeline.zoo.nets import CifarResNet, SeedNet
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.reflect = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.body = nn.Conv2d(16, 32, 3, padding="same", bias=False)
+        self.tiny = nn.Conv2d(32, 2, 1)
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+        self.line = nn.Conv1d(1, 1, 3)
+        self.head = nn.Linear(2 * 16 * 16, 10)
+
+    def forward(self, x):
+        x = self.tiny(self.body(self.reflect(self.depthwise(self.stem(x)))))
+        x = torch.nn.functional.avg_pool2d(self.up(x), 2)
+        return self.head(x.flatten(1))
+
+
+def test_unhandled_layers_stay_dense_with_the_reason():
+    model, plan = decompose(Mixed(), input_shape=(3, 16, 16), method="tucker2", rank="0.5", progress=False)
+    notes = {p.name: p for p in plan.layers}
+    assert "groups=16" in notes["depthwise"].note and notes["depthwise"].method is None
+    assert "padding_mode='reflect'" in notes["reflect"].note
+    assert "ConvTranspose2d is not handled" in notes["up"].note
+    assert "not reached by the forward pass" in notes["line"].note or "Conv1d is not handled" in notes["line"].note
+    assert notes["tiny"].ranks == (1, 1)
+    assert notes["body"].method == "tucker2" and notes["body"].ranks == (16, 8)
+    assert notes["head"].method == "svd"
+    assert plan.macs_after < plan.macs_before
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+
+
+def test_a_factorisation_that_saves_no_macs_is_not_applied():
+    _, plan = decompose(nn.Sequential(nn.Conv2d(4, 4, 1)), input_shape=(4, 8, 8), method="tucker2", rank=4,
+                        progress=False)
+    assert plan.layers[0].method is None
+    assert plan.layers[0].note == "tucker2 at rank 4x4 would not reduce MACs (3,072 >= 1,024): left dense"
+
+
+def test_layer_patterns_choose_what_is_factored():
+    _, plan = decompose(CifarResNet(20), input_shape=(3, 32, 32), method="svd", rank="0.25",
+                        layers=("layer3.*",), exclude=("*.conv2",), progress=False)
+    factored = [p.name for p in plan.layers if p.method]
+    assert factored == ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]
+
+
+def test_full_rank_decomposition_of_a_whole_network_changes_nothing():
+    torch.manual_seed(0)
+    net = SeedNet().eval()
+    x = torch.randn(4, 3, 32, 32)
+    # energy 1.0 keeps every singular value; layers that would not save MACs at that rank stay dense
+    for method in ("svd", "tucker2", "slice-svd"):
+        model, plan = decompose(net, input_shape=(3, 32, 32), method=method, rank="energy:1.0", progress=False)
+        with torch.no_grad():
+            assert torch.allclose(model(x), net(x), atol=1e-4), method
+
+
+def test_rank_above_a_layers_maximum_is_an_error_naming_the_layer():
+    with pytest.raises(ConfigError, match=r"Rank 7 for layer 'conv1' \(slice-svd\); expected at most 5"):
+        decompose(SeedNet(), input_shape=(3, 32, 32), method="slice-svd", rank=7, progress=False)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: cp, slice-svd, svd, tucker2"):
+        decompose(SeedNet(), input_shape=(3, 32, 32), method="pca")
+
+
+def test_failed_cp_falls_back_to_tucker2_and_says_so(monkeypatch):
+    def diverge(tensor, rank, **kwargs):
+        return np.ones(rank), [np.full((d, rank), np.nan) for d in tensor.shape]
+
+    monkeypatch.setattr("pipeline.factorize.parafac", diverge)
+    model, plan = decompose(CifarResNet(20), input_shape=(3, 32, 32), method="cp", rank="0.25",
+                            layers=("layer3.0.conv2",), progress=False)
+    layer = next(p for p in plan.layers if p.name == "layer3.0.conv2")
+    assert layer.method == "tucker2" and "fell back to tucker2" in layer.note and "NaN/inf" in layer.note
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_factored_model_round_trips_through_a_weights_only_file(tmp_path):
+    net = CifarResNet(20).eval()
+    model, plan = decompose(net, input_shape=(3, 32, 32), method="cp", rank="0.25", layers=("layer2.*",), progress=False)
+    save_factored(tmp_path / "f.pt", model, plan, model_name="resnet20")
+    loaded, loaded_plan, name = load_factored(tmp_path / "f.pt", CifarResNet(20))
+    x = torch.randn(2, 3, 32, 32)
+    assert name == "resnet20" and loaded_plan.layers == plan.layers
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.slow
+def test_seednet_and_resnet20_decompose_run_and_are_measured(cifar_dir, resnet20_weights, tmp_path, capsys):
+    test = load_dataset("test", cifar_dir)
+    idx = balanced_subset(test.y, 1000)
+    results = {}
+    for name, weights, method in (("seednet", None, "svd"), ("resnet20", resnet20_weights, "tucker2")):
+        spec = load_model(name, weights)
+        x = preprocess(test.x[idx], mean=spec.mean, std=spec.std)
+        dense = top1(torch_logits(spec.module, x), test.y[idx])
+        model, plan = decompose(spec.module, input_shape=spec.input_shape, method=method, rank="energy:0.97",
+                                exclude=("conv1",), progress=False)
+        results[name] = (dense, top1(torch_logits(model, x), test.y[idx]), plan.macs_after / plan.macs_before)
+    assert results["resnet20"][0] == pytest.approx(0.92, abs=0.02)
+    for dense, factored, kept in results.values():
+        assert kept < 0.95  # MACs went down
+        assert factored > 0.5 and factored > dense - 0.25
+    # the command line route prints the plan and writes a loadable model
+    out = tmp_path / "r20.pt"
+    assert main(["decompose", "--model", "resnet20", "--weights", str(resnet20_weights), "--method", "tucker2",
+                 "--exclude", "conv1", "linear", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer3.2.conv2" in printed and "of MACs kept" in printed
+    assert json.loads(out.with_suffix(".plan.json").read_text())["requested_method"] == "tucker2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,weights,expected", [("resnet20", "resnet20_weights", 0.9173),
+                                                   ("resnet56", "resnet56_weights", 0.9339)])
+def test_pretrained_resnets_reproduce_their_published_accuracy(cifar_dir, name, weights, expected, request):
+    spec = load_model(name, request.getfixturevalue(weights))
+    test = load_dataset("test", cifar_dir)
+    assert top1(torch_logits(spec.module, preprocess(test.x, mean=spec.mean, std=spec.std)), test.y) == expected
