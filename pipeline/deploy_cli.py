@@ -1,5 +1,29 @@
-"""The `deploy` subcommand's arguments (kept beside the CLI so the deploy stage stays free of argparse)."""
+"""The `deploy` subcommand: parse, run the orchestration, print the summary, exit 1 on a missed threshold."""
+
+from pathlib import Path
+
+
+def cmd_deploy(args) -> int:
+    from pipeline.deploy import deploy
+
+    report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
+                    data=args.data, eval_samples=args.eval_samples, out=args.out, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path("build") / args.target
+    print()
+    print(report.summary_table())
+    print(f"\nartefacts in {out}/ (report.md, manifest.json); {report.wall_seconds:.0f} s in all")
+    return 0 if report.passed else 1
 
 
 def add_deploy_parser(sub) -> None:
-    return None
+    p = sub.add_parser("deploy", help="decompose, export, quantize, emit and measure for a target")
+    p.add_argument("--target", default="rpi4")
+    p.add_argument("--model", default="seednet", help="zoo name or package.module:callable")
+    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+    p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
+    p.add_argument("--rank", help="override the profile: evbmf, energy:0.9, an integer or a fraction")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
+    p.add_argument("--out", help="output folder (default: build/<target>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_deploy)

@@ -1,0 +1,29 @@
+"""Run an ONNX model in ONNX Runtime on batches of NCHW float input (shared by the checks and `measure`)."""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from pipeline.errors import InputError
+
+
+def session(path: str | os.PathLike, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+        raise InputError(f"ONNX model {str(path)!r} could not be loaded ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:300]}); expected a complete .onnx or .ort file") from exc
+
+
+def run(sess: ort.InferenceSession, x: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) else batch_size
+    return np.concatenate([sess.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])

@@ -1,0 +1,102 @@
+"""The deploy report: `report.json` (keys other tools read), `report.md` and the top-1 vs MACs plot."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.atomic import atomic_path, write_text
+from pipeline.measure import VariantReport
+
+VARIANTS = ("dense_fp32", "dense_int8", "factored_fp32", "factored_int8")
+PLOT = "top1_vs_macs.png"
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    target: str
+    model: str
+    variants: dict[str, VariantReport]
+    decomposition: dict
+    eval_samples: int
+    thresholds: dict
+    passed: bool
+    top1_drop: float
+    notes: tuple[str, ...] = ()
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    def summary_table(self) -> str:
+        head = ("variant", "MACs", "params", "bytes", "peak act. B", "top-1", "agreement", "latency ms")
+        rows = [head] + [(name, f"{v.macs:,}", f"{v.params:,}", f"{v.bytes:,}", f"{v.peak_activation_bytes:,}",
+                          f"{v.top1:.2%}", f"{v.agreement:.2%}", f"{v.latency_ms:.3f}")
+                         for name, v in self.variants.items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
+                     f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
+        return "\n".join(lines)
+
+
+def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[Path]:
+    json_path = write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    plot_path = _plot(out_dir / PLOT, report)
+    machine = next(iter(report.variants.values())).machine
+    per_class_rows = ["| class | " + " | ".join(report.variants) + " |", "|---" * (len(report.variants) + 1) + "|"]
+    classes = next(iter(report.variants.values())).per_class
+    for name in classes:
+        per_class_rows.append(f"| {name} | " + " | ".join(f"{v.per_class[name]:.1%}" for v in report.variants.values()) + " |")
+    text = "\n".join([
+        f"# {report.model} on {report.target}",
+        "",
+        f"Evaluated on {report.eval_samples} CIFAR-10 test images. Accuracy, agreement and latency were computed "
+        f"on the {machine} ({next(iter(report.variants.values())).runtime}, latency at batch 1 on one thread, "
+        "median). Int8 accuracy on this host can differ from the board's: see FINDINGS on x86 saturation.",
+        "",
+        report.summary_table(),
+        "",
+        f"![top-1 against MACs]({PLOT})",
+        "",
+        "## Per-class accuracy",
+        "",
+        *per_class_rows,
+        "",
+        "## Decomposition plan",
+        "",
+        "```",
+        plan_table,
+        "```",
+        *(["", "## Notes", "", *[f"- {n}" for n in report.notes]] if report.notes else []),
+        "",
+    ])
+    md_path = write_text(out_dir / "report.md", text)
+    return [json_path, md_path, plot_path]
+
+
+def _plot(path: Path, report: DeployReport) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, v in report.variants.items():
+        marker = "o" if name.endswith("fp32") else "s"
+        ax.scatter(v.macs / 1e6, v.top1 * 100, marker=marker, s=60, label=name)
+        ax.annotate(name, (v.macs / 1e6, v.top1 * 100), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("MACs (millions, batch 1)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{report.model} on {report.target}: top-1 against MACs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: stable bytes
+    plt.close(fig)
+    return path

@@ -1,0 +1,101 @@
+"""Target profiles: one TOML file per target in `targets/`, read into frozen dataclasses.
+
+The defaults of every setting live here and nowhere else; a profile states what differs and why.
+An unknown target, section or key is an error that names the known ones.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError, unknown
+
+TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    format: str = "qdq"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    calibration_method: str = "minmax"
+    calibration_samples: int = 512
+    reduce_range: bool = False
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    method: str = "tucker2"
+    rank: str = "energy:0.9"
+    layers: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    round_to: int = 1
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_top1_drop: float = 0.03
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    samples: int = 0
+    latency_runs: int = 200
+    latency_warmup: int = 20
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    runtime: str
+    quantization: Quantization = field(default_factory=Quantization)
+    decomposition: Decomposition = field(default_factory=Decomposition)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "runtime": ("onnxruntime",),
+    "format": ("qdq", "qoperator"),
+    "activation_type": ("int8", "uint8"),
+    "weight_type": ("int8", "uint8"),
+    "calibration_method": ("entropy", "minmax", "percentile"),
+}
+
+
+def known_targets() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def _build(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = set(data) - set(fields)
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}; known: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in data.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise unknown(f"{where}.{name} value", value, CHOICES[name])
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
+    path = folder / f"{name}.toml"
+    if not path.is_file():
+        raise unknown("target", name, sorted(p.stem for p in folder.glob("*.toml")))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    sections = {"quantization": Quantization, "decomposition": Decomposition, "thresholds": Thresholds,
+                "evaluation": Evaluation}
+    top = {k: v for k, v in data.items() if k not in sections}
+    profile = _build(TargetProfile, top, name)
+    return dataclasses.replace(profile, **{k: _build(cls, data.get(k, {}), f"{name}.{k}") for k, cls in sections.items()})
