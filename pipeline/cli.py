@@ -7,7 +7,6 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 
-
 def cmd_train(args) -> int:
     from calib import load_dataset
     from pipeline.train import train

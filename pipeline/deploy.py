@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from calib import balanced_subset, load_dataset, preprocess
@@ -41,7 +40,9 @@ def _prepare_output(out: Path) -> Path:
     """A fresh staging folder beside `out` (same filesystem, so the final swap is a rename)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        staging.chmod(0o755)  # mkdtemp makes 0700; the build folder is for others to read
+        return staging
     except OSError as exc:
         raise InputError(f"Output folder {str(out)!r} is not writable ({exc.strerror}); choose another with OUT=") from exc
 

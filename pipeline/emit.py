@@ -32,5 +32,7 @@ def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: 
         if done.returncode or not ort_files or not (converted / ORT_CONFIG).is_file():
             raise StageError(f"ORT-format conversion failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
         shutil.copyfile(ort_files[0], files["int8_ort"])
-        shutil.copyfile(converted / ORT_CONFIG, files["ort_config"])
+        # the converter names the temporary folder it read from: name the emitted file instead
+        config = (converted / ORT_CONFIG).read_text().replace(str(ort_files[0]), files["int8_ort"].name)
+        files["ort_config"].write_text(config)
     return files

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 from pipeline.errors import InputError
 
@@ -151,7 +151,7 @@ def _peak_activation_bytes(graph: onnx.GraphProto, shapes: dict, constants: set[
         last_use[canonical(value.name)] = len(steps)
     alive = {canonical(v.name) for v in graph.input if v.name not in constants}
     peak = sum(size(n) for n in alive)
-    for step, (inputs, outputs) in enumerate(steps):
+    for step, (_, outputs) in enumerate(steps):
         alive |= set(outputs)
         peak = max(peak, sum(size(n) for n in alive))
         alive = {n for n in alive if last_use.get(n, -1) > step}

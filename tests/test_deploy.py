@@ -1,0 +1,96 @@
+"""A whole deploy of seednet to rpi4 on a small evaluation subset, and what it leaves behind."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.onnx_run import run, session
+
+pytestmark = pytest.mark.slow
+VARIANT_KEYS = {"macs", "params", "bytes", "peak_activation_bytes", "top1", "agreement", "latency_ms", "runtime"}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, cifar_dir):
+    out = tmp_path_factory.mktemp("deploy") / "rpi4"
+    code = main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
+                 "--quiet"])
+    return out, code
+
+
+def test_deploy_writes_the_contracted_report(build):
+    out, code = build
+    report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["passed"] else 1)
+    assert {"target", "model", "variants", "decomposition", "eval_samples", "thresholds", "passed"} <= set(report)
+    assert report["target"] == "rpi4" and report["model"] == "seednet" and report["eval_samples"] == 200
+    assert set(report["variants"]) == {"dense_fp32", "dense_int8", "factored_fp32", "factored_int8"}
+    for variant in report["variants"].values():
+        assert VARIANT_KEYS <= set(variant)
+        assert 0 <= variant["top1"] <= 1 and 0 <= variant["agreement"] <= 1
+    dense = report["variants"]["dense_fp32"]
+    assert dense["macs"] == 651_720 and dense["params"] == 62_006 and dense["agreement"] == 1.0
+    assert report["variants"]["dense_int8"]["bytes"] < dense["bytes"] / 3
+    assert "## Per-class accuracy" in (out / "report.md").read_text()
+    assert (out / "top1_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_manifest_hashes_match_the_files(build):
+    out, _ = build
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"model.int8.onnx", "model.int8.ort", "model.fp32.onnx", "required_operators_and_types.config",
+            "report.json", "report.md"} <= set(manifest["artefacts"])
+    for name, entry in manifest["artefacts"].items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+    assert len(manifest["checkpoint"]["sha256"]) == 64
+    assert manifest["target_profile"]["quantization"]["reduce_range"] is False
+    assert manifest["packages"]["onnxruntime"]
+    assert not list(out.parent.glob(".rpi4.*")), "staging folders left behind"
+
+
+def test_emitted_ort_model_agrees_with_the_int8_onnx(build):
+    out, _ = build
+    x = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(run(session(out / "model.int8.ort"), x), run(session(out / "model.int8.onnx"), x))
+
+
+def test_missed_threshold_exits_nonzero_marks_failed_and_keeps_artefacts(tmp_path, cifar_dir, capsys):
+    out = tmp_path / "bad"
+    code = main(["deploy", "--data", str(cifar_dir), "--eval-samples", "100", "--out", str(out), "--quiet",
+                 "--method", "svd", "--rank", "1"])
+    assert code == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert (out / "model.int8.onnx").is_file()
+
+
+def test_interrupted_deploy_leaves_the_previous_build_intact(build, monkeypatch, cifar_dir):
+    out, _ = build
+    before = (out / "manifest.json").read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.deploy.quantize_onnx", interrupt)
+    assert main(["deploy", "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out), "--quiet"]) == 130
+    assert (out / "manifest.json").read_bytes() == before
+    assert not list(out.parent.glob(".rpi4.*"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--target", "rpi5"], "Unknown target 'rpi5'; known: "),
+    (["--model", "vgg"], "Unknown model 'vgg'; known: "),
+    (["--method", "pca"], "Unknown method 'pca'; known: cp, slice-svd, svd, tucker2"),
+    (["--rank", "-2"], "expected a positive integer rank"),
+    (["--weights", "/nonexistent.pt"], "does not exist"),
+    (["--data", "/nonexistent"], "CIFAR-10 not found at"),
+])
+def test_bad_input_is_one_readable_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(["deploy", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
