@@ -57,7 +57,7 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "",
         f"Evaluated on {report.eval_samples} CIFAR-10 test images. Accuracy, agreement and latency were computed "
         f"on the {machine} ({next(iter(report.variants.values())).runtime}, latency at batch 1 on one thread, "
-        "median). Int8 accuracy on this host can differ from the board's: see FINDINGS on x86 saturation.",
+        "median). Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs without VNNI and not on ARM.",
         "",
         report.summary_table(),
         "",
