@@ -133,6 +133,3 @@ def _factor_one(model, name, layer, cost, method, rule, *, round_to, seed) -> La
     return LayerPlan(name, type(layer).__name__, layer_method, ranks, str(rule), cost.macs, macs_after,
                      cost.params, params_after, _relative_error(layer.weight.detach(), approx), note)
 
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.max(np.abs(a.detach().numpy() - b.detach().numpy())))
