@@ -100,7 +100,8 @@ def _install(folder: Path, cache: Path) -> None:
     os.replace(folder, cache)
 
 
-def download_official(cache: Path, *, url: str = OFFICIAL_URL, md5: str = OFFICIAL_MD5, timeout: float = 30) -> None:
+def download_official(cache: Path, *, url: str | None = None, md5: str = OFFICIAL_MD5, timeout: float = 30) -> None:
+    url = url or OFFICIAL_URL  # read at call time, so a mirror can be set on the module
     with urllib.request.urlopen(url, timeout=timeout) as response:
         blob = response.read()
     got = hashlib.md5(blob).hexdigest()

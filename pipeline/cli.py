@@ -20,6 +20,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_decompose(args) -> int:
+    from pipeline.atomic import write_text
     from pipeline.decompose import METHODS, decompose
     from pipeline.errors import unknown
     from pipeline.factored_io import save_factored
@@ -34,7 +35,7 @@ def cmd_decompose(args) -> int:
     print(plan.table())
     if args.out:
         save_factored(args.out, model, plan, model_name=spec.name)
-        Path(args.out).with_suffix(".plan.json").write_text(plan.to_json())
+        write_text(Path(args.out).with_suffix(".plan.json"), plan.to_json())
         print(f"factored model: {args.out}; plan: {Path(args.out).with_suffix('.plan.json')}")
     return 0
 

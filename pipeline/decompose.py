@@ -17,38 +17,36 @@ from pipeline import factorize
 from pipeline.errors import ConfigError, StageError, unknown
 from pipeline.macs import count
 from pipeline.plan import DecompositionPlan, LayerPlan
-from pipeline.ranks import RankRule, evbmf_rank, parse_rank, rank_for, round_up
+from pipeline.ranks import RankRule, energy_cut, evbmf_rank, parse_rank, round_up, spectral_rank
 
 METHODS = ("cp", "slice-svd", "svd", "tucker2")
 
 
 def choose_ranks(layer: nn.Module, method: str, rule: RankRule, *, round_to: int, name: str) -> tuple[int, ...]:
+    """Ranks per mode: a fixed rank or a fraction of each maximum, or read off the layer's spectrum."""
     maxima = factorize.max_ranks(layer, method)
-    if rule.kind == "fixed" and any(rule.value > m for m in maxima):
-        raise ConfigError(f"Rank {int(rule.value)} for layer {name!r} ({method}); expected at most "
-                          f"{'x'.join(map(str, maxima))} there. Use a fraction (e.g. 0.5) for nets of mixed widths")
-    matrices = factorize.unfoldings(layer, method)
-    if method == "slice-svd" and isinstance(layer, nn.Conv2d):
-        raw = [_slice_rank(matrices[0], rule, maxima[0])]
+    if rule.kind == "fixed":
+        if any(rule.value > m for m in maxima):
+            raise ConfigError(f"Rank {int(rule.value)} for layer {name!r} ({method}); expected at most "
+                              f"{'x'.join(map(str, maxima))} there. Use a fraction (e.g. 0.5) for nets of mixed widths")
+        raw = [int(rule.value)] * len(maxima)
+    elif rule.kind == "ratio":
+        raw = [max(1, round(rule.value * m)) for m in maxima]
+    elif method == "slice-svd" and isinstance(layer, nn.Conv2d):
+        raw = [_slice_rank(factorize.unfoldings(layer, method)[0], rule)]
     else:
-        raw = [rank_for(m, rule, mx) for m, mx in zip(matrices, maxima, strict=False)]
-    if method == "cp" and isinstance(layer, nn.Conv2d):
-        raw = [max(raw)]  # Lebedev et al.'s single CP rank, from the larger of the two unfolding ranks
-    if method == "tucker2" and rule.kind in ("fixed", "ratio") and isinstance(layer, nn.Conv2d):
-        raw = [rank_for(None, rule, m) for m in maxima]
+        raw = [spectral_rank(m, rule) for m in factorize.unfoldings(layer, method)]
+        if method == "cp" and isinstance(layer, nn.Conv2d):
+            raw = [max(raw)]  # Lebedev et al.'s single CP rank, from the larger of the two unfolding ranks
     return tuple(round_up(r, round_to, m) for r, m in zip(raw, maxima, strict=True))
 
 
-def _slice_rank(stack: np.ndarray, rule: RankRule, maximum: int) -> int:
+def _slice_rank(stack: np.ndarray, rule: RankRule) -> int:
     """One rank for every kxk slice (the grouped convs need one): EVBMF on the slices' stacked rows (a
     shared noise model), or the energy kept across all slices together."""
     if rule.kind == "evbmf":
         return evbmf_rank(stack.reshape(-1, stack.shape[-1]))
-    if rule.kind == "energy":
-        s2 = (np.linalg.svd(stack, compute_uv=False) ** 2).sum(axis=0)
-        kept = np.cumsum(s2) / s2.sum() if s2.sum() else np.ones_like(s2)
-        return int(min(len(s2), np.searchsorted(kept, rule.value - 1e-12) + 1))
-    return rank_for(stack[0], rule, maximum)
+    return energy_cut((np.linalg.svd(stack, compute_uv=False) ** 2).sum(axis=0), rule.value)
 
 
 def _dense(name: str, layer: nn.Module, cost, rule: RankRule, note: str) -> LayerPlan:
@@ -69,7 +67,7 @@ def _unsupported(layer: nn.Module) -> str:
     return ""
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -128,7 +126,7 @@ def _factor_one(model, name, layer, cost, method, rule, *, round_to, seed) -> La
         approx, _ = factorize.fit(layer, "tucker2", chain, seed=seed)
         layer_method, ranks, note = "tucker2", fallback_ranks, f"{exc}; fell back to tucker2"
         macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
-    _set_submodule(model, name, chain)
+    set_submodule(model, name, chain)
     params_after = sum(p.numel() for p in chain.parameters())
     return LayerPlan(name, type(layer).__name__, layer_method, ranks, str(rule), cost.macs, macs_after,
                      cost.params, params_after, _relative_error(layer.weight.detach(), approx), note)

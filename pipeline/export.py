@@ -28,7 +28,8 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, check_inputs: np.n
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quiet = logging.getLogger("torch.onnx")
-        previous, quiet.level = quiet.level, logging.ERROR
+        previous = quiet.level
+        quiet.setLevel(logging.ERROR)  # the exporter logs every skipped torchvision op as a warning
         try:
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT_NAME],
                                         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline import factorize
 from pipeline.atomic import atomic_path
-from pipeline.decompose import _set_submodule
+from pipeline.decompose import set_submodule
 from pipeline.errors import InputError
 from pipeline.plan import DecompositionPlan, LayerPlan
 
@@ -39,7 +39,7 @@ def load_factored(path: str | os.PathLike, base: nn.Module) -> tuple[nn.Module, 
         raise InputError(f"{path}: not a factored model written by `cnn-deploy decompose` ({exc})") from exc
     for layer in plan.layers:
         if layer.method:
-            _set_submodule(base, layer.name, factorize.skeleton(base.get_submodule(layer.name), layer.method, layer.ranks))
+            set_submodule(base, layer.name, factorize.skeleton(base.get_submodule(layer.name), layer.method, layer.ranks))
     missing, unexpected = base.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise InputError(f"{path}: weights do not fit model {payload['model']!r} (missing {missing[:5]}, "

@@ -84,24 +84,23 @@ def evbmf_rank(matrix: np.ndarray) -> int:
     return max(1, int(np.sum(s > threshold)))
 
 
+def energy_cut(energies: np.ndarray, threshold: float) -> int:
+    """Smallest count of leading components (squared singular values, descending) keeping `threshold`."""
+    total = float(np.sum(energies))
+    if total == 0:
+        return 1
+    kept = np.cumsum(energies) / total
+    return int(min(len(energies), np.searchsorted(kept, threshold - 1e-12) + 1))
+
+
 def energy_rank(matrix: np.ndarray, threshold: float) -> int:
     """Smallest rank whose singular values keep `threshold` of the squared Frobenius norm."""
-    s2 = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False) ** 2
-    if s2.sum() == 0:
-        return 1
-    kept = np.cumsum(s2) / s2.sum()
-    return int(min(len(s2), np.searchsorted(kept, threshold - 1e-12) + 1))
+    return energy_cut(np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False) ** 2, threshold)
 
 
-def rank_for(matrix: np.ndarray, rule: RankRule, maximum: int) -> int:
-    """One rank for one matrix under `rule`, before rounding; a fixed rank is checked against `maximum`."""
-    if rule.kind == "evbmf":
-        return evbmf_rank(matrix)
-    if rule.kind == "energy":
-        return energy_rank(matrix, rule.value)
-    if rule.kind == "ratio":
-        return max(1, round(rule.value * maximum))
-    return int(rule.value)
+def spectral_rank(matrix: np.ndarray, rule: RankRule) -> int:
+    """The rank an 'evbmf' or 'energy' rule reads off one matrix's spectrum."""
+    return evbmf_rank(matrix) if rule.kind == "evbmf" else energy_rank(matrix, rule.value)
 
 
 def round_up(rank: int, multiple: int, maximum: int) -> int:
