@@ -17,15 +17,18 @@ import torch
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.decompose import METHODS, decompose
 from pipeline.emit import emit_onnxruntime
-from pipeline.errors import ConfigError, InputError, unknown
+from pipeline.emit_mcu import arena_with_margin, emit_mcu
+from pipeline.errors import ConfigError, InputError, StageError, unknown
 from pipeline.export import export_onnx
 from pipeline.manifest import write_manifest
 from pipeline.measure import measure_onnx
+from pipeline.measure_tflm import measure_tflite
 from pipeline.quantize import quantize_onnx
 from pipeline.ranks import parse_rank
 from pipeline.report import DeployReport, write_reports
 from pipeline.simplify import simplify_onnx
 from pipeline.targets import load_target
+from pipeline.tflite_convert import convert_to_tflite
 from pipeline.zoo import load_model
 
 SEED = 0
@@ -54,6 +57,91 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(staging, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+MEASURE_ORDER = ("dense_fp32", "dense_int8", "factored_fp32", "factored_int8")
+
+
+def _measure_fp32(files: dict, name: str, profile, eval_x, eval_y, class_names, reference):
+    return measure_onnx(files[name], eval_x=eval_x, eval_y=eval_y, class_names=class_names, reference=reference,
+                        latency_runs=profile.evaluation.latency_runs, latency_warmup=profile.evaluation.latency_warmup,
+                        label=name)
+
+
+def _emit_and_measure_ort(staging, files, profile, eval_x, eval_y, class_names):
+    _stage("emit onnxruntime artefacts")
+    emitted = emit_onnxruntime(staging, int8_onnx=files["factored_int8"], fp32_onnx=files["factored_fp32"])
+    for name in ("factored_fp32", "factored_int8"):
+        files[name].unlink()
+    files["factored_fp32"], files["factored_int8"] = emitted["fp32_onnx"], emitted["int8_onnx"]
+    _stage(f"measure four variants on {len(eval_y)} test images (onnxruntime)")
+    variants, reference = {}, None
+    for name in MEASURE_ORDER:
+        variants[name], logits = _measure_fp32(files, name, profile, eval_x, eval_y, class_names, reference)
+        reference = logits if reference is None else reference
+    return variants, emitted
+
+
+def _emit_and_measure_mcu(staging, files, profile, eval_x, eval_y, class_names):
+    _stage("convert int8 ONNX to TFLite (dense and factored)")
+    tflite = {name: convert_to_tflite(files[f"{name}_int8"], staging / "baseline" / f"{name}.int8.tflite")
+              for name in ("dense", "factored")}
+    _stage(f"measure four variants on {len(eval_y)} test images (fp32: onnxruntime, int8: tflite-micro)")
+    variants, reference = {}, None
+    for name in MEASURE_ORDER:
+        if name.endswith("fp32"):
+            variants[name], logits = _measure_fp32(files, name, profile, eval_x, eval_y, class_names, reference)
+        else:
+            base = name.removesuffix("_int8")
+            variants[name], logits = measure_tflite(
+                tflite[base], quantized_onnx=files[name], eval_x=eval_x, eval_y=eval_y, class_names=class_names,
+                reference=reference, latency_runs=profile.evaluation.latency_runs,
+                latency_warmup=profile.evaluation.latency_warmup, label=name)
+        reference = logits if reference is None else reference
+    details = variants["factored_int8"].details
+    arena = arena_with_margin(details["arena_bytes"], profile.budget.arena_margin)
+    check_budget(profile.budget, arena=arena, flash=details["flash_bytes"], largest=details["largest_tensors"],
+                 target=profile.name)
+    _stage("emit firmware sources")
+    emitted = emit_mcu(staging, tflite=tflite["factored"], arena_bytes=arena,
+                       io={"input_scale": details["input_quantization"]["scale"],
+                           "input_zero_point": details["input_quantization"]["zero_point"],
+                           "output_scale": details["output_quantization"]["scale"],
+                           "output_zero_point": details["output_quantization"]["zero_point"]})
+    tflite["factored"].unlink()
+    return variants, emitted
+
+
+def check_budget(budget, *, arena: int, flash: int, largest, target: str) -> None:
+    """A model that does not fit the part is an error, with what it needs against what there is."""
+    problems = []
+    ram = budget.ram_bytes - budget.ram_reserve_bytes
+    if budget.ram_bytes and arena > ram:
+        biggest = ", ".join(f"{name} {size:,} B" for name, size in largest)
+        problems.append(f"arena needs {arena:,} bytes but {ram:,} are free ({budget.ram_bytes:,} RAM - "
+                        f"{budget.ram_reserve_bytes:,} reserved); biggest tensors: {biggest}")
+    room = budget.flash_bytes - budget.flash_reserve_bytes
+    if budget.flash_bytes and flash > room:
+        problems.append(f"model needs {flash:,} bytes of flash but {room:,} are free ({budget.flash_bytes:,} flash - "
+                        f"{budget.flash_reserve_bytes:,} reserved)")
+    if problems:
+        raise StageError(f"Model does not fit target {target!r}: " + "; ".join(problems))
+
+
+def _threshold_failures(profile, variants, drop: float) -> list[str]:
+    t = profile.thresholds
+    failures = []
+    if drop > t.max_top1_drop + 1e-12:
+        failures.append(f"threshold missed: top-1 drop {drop * 100:.2f} points > {t.max_top1_drop * 100:.2f} allowed")
+    details = variants["factored_int8"].details
+    if "ort_agreement" in details:
+        if details["ort_agreement"] < t.min_ort_agreement:
+            failures.append(f"threshold missed: TFLM agrees with ONNX Runtime int8 on {details['ort_agreement']:.2%} "
+                            f"of images < {t.min_ort_agreement:.2%}")
+        if details["max_output_diff_steps"] > t.max_output_diff_steps:
+            failures.append(f"threshold missed: TFLM output differs from ONNX Runtime int8 by "
+                            f"{details['max_output_diff_steps']} steps > {t.max_output_diff_steps}")
+    return failures
 
 
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
@@ -109,28 +197,20 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
             onnx_files[f"{name}_fp32"] = simple
             onnx_files[f"{name}_int8"] = quantize_onnx(simple, work / f"{name}.int8.onnx", calibration=calibration,
                                                        settings=profile.quantization)
-        _stage("emit onnxruntime artefacts")
-        emitted = emit_onnxruntime(staging, int8_onnx=onnx_files["factored_int8"], fp32_onnx=onnx_files["factored_fp32"])
-        for name in ("factored_fp32", "factored_int8"):
-            onnx_files[name].unlink()
-        onnx_files["factored_fp32"], onnx_files["factored_int8"] = emitted["fp32_onnx"], emitted["int8_onnx"]
-
-        _stage(f"measure four variants on {len(eval_y)} test images")
-        variants, reference = {}, None
-        for name in ("dense_fp32", "dense_int8", "factored_fp32", "factored_int8"):
-            variants[name], logits = measure_onnx(onnx_files[name], eval_x=eval_x, eval_y=eval_y,
-                                                  class_names=spec.class_names, reference=reference,
-                                                  latency_runs=profile.evaluation.latency_runs,
-                                                  latency_warmup=profile.evaluation.latency_warmup, label=name)
-            reference = logits if reference is None else reference
+        if profile.runtime == "onnxruntime":
+            variants, emitted = _emit_and_measure_ort(staging, onnx_files, profile, eval_x, eval_y, spec.class_names)
+        else:
+            variants, emitted = _emit_and_measure_mcu(staging, onnx_files, profile, eval_x, eval_y, spec.class_names)
         drop = variants["dense_fp32"].top1 - variants["factored_int8"].top1
-        passed = bool(drop <= profile.thresholds.max_top1_drop + 1e-12)
-        report = DeployReport(target=target, model=model, variants=variants, decomposition=plan.to_dict(),
+        failures = _threshold_failures(profile, variants, drop)
+        passed = not failures
+        report = DeployReport(target=profile.name, model=model, variants=variants, decomposition=plan.to_dict(),
                               eval_samples=int(len(eval_y)), thresholds=dataclasses.asdict(profile.thresholds),
                               passed=passed, top1_drop=round(float(drop), 6), notes=tuple(notes),
+                              failures=tuple(failures),
                               wall_seconds=round(time.perf_counter() - started, 1))
         written = write_reports(staging, report, plan.table())
-        artefacts = [*emitted.values(), *written, *(staging / "baseline").glob("*.onnx")]
+        artefacts = [*emitted.values(), *written, *(staging / "baseline").iterdir()]
         write_manifest(staging, artefacts=artefacts, checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256,
                        profile=profile.to_dict(),
                        settings={"model": model, "eval_samples": int(len(eval_y)), "data": str(data) if data else None,

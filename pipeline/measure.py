@@ -38,6 +38,7 @@ class VariantReport:
     machine: str
     per_class: dict[str, float] = field(default_factory=dict)
     layers: tuple[dict, ...] = ()
+    details: dict = field(default_factory=dict)  # runtime-specific figures (TFLM arena, ORT agreement, ...)
 
 
 def latency_ms(path, *, sample: np.ndarray, runs: int, warmup: int) -> float:

@@ -23,11 +23,12 @@ class DeployReport:
     passed: bool
     top1_drop: float
     notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()  # every threshold missed, in words
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["notes"] = list(self.notes)
+        data["notes"], data["failures"] = list(self.notes), list(self.failures)
         return data
 
     def summary_table(self) -> str:
@@ -38,9 +39,22 @@ class DeployReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        micro = {n: v.details for n, v in self.variants.items() if "arena_bytes" in v.details}
+        if micro:
+            lines.append("")
+            head = ("int8 in TFLM", "flash B", "arena B", "smallest arena B", "LiteRT top-1", "ORT int8 top-1",
+                    "agreement w/ ORT", "max diff (steps)")
+            rows = [head] + [(n, f"{d['flash_bytes']:,}", f"{d['arena_bytes']:,}", f"{d['smallest_arena_bytes']:,}",
+                              f"{d['litert_top1']:.2%}", f"{d['ort_int8_top1']:.2%}", f"{d['ort_agreement']:.2%}",
+                              f"{d['max_output_diff_steps']:g}") for n, d in micro.items()]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+            table = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+            table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            lines.extend(table)
         verdict = "PASSED" if self.passed else "FAILED"
         lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
                      f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
+        lines.extend(f"  - {failure}" for failure in self.failures)
         return "\n".join(lines)
 
 
@@ -48,6 +62,7 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
     json_path = write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     plot_path = _plot(out_dir / PLOT, report)
     machine = next(iter(report.variants.values())).machine
+    runtimes = ", ".join(sorted({v.runtime for v in report.variants.values()}))
     per_class_rows = ["| class | " + " | ".join(report.variants) + " |", "|---" * (len(report.variants) + 1) + "|"]
     classes = next(iter(report.variants.values())).per_class
     for name in classes:
@@ -56,7 +71,7 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         f"# {report.model} on {report.target}",
         "",
         f"Evaluated on {report.eval_samples} CIFAR-10 test images. Accuracy, agreement and latency were computed "
-        f"on the {machine} ({next(iter(report.variants.values())).runtime}, latency at batch 1 on one thread, "
+        f"on the {machine} ({runtimes}; latency at batch 1 on one thread, "
         "median). Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs without VNNI and not on ARM.",
         "",
         report.summary_table(),

@@ -37,6 +37,20 @@ class Decomposition:
 @dataclass(frozen=True)
 class Thresholds:
     max_top1_drop: float = 0.03
+    # microcontroller targets: how closely TFLite Micro must follow the ONNX Runtime int8 model
+    min_ort_agreement: float = 0.98
+    max_output_diff_steps: float = 8.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory of a microcontroller; 0 means unchecked (boards with an OS)."""
+
+    ram_bytes: int = 0
+    flash_bytes: int = 0
+    ram_reserve_bytes: int = 0
+    flash_reserve_bytes: int = 0
+    arena_margin: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,13 +69,14 @@ class TargetProfile:
     decomposition: Decomposition = field(default_factory=Decomposition)
     thresholds: Thresholds = field(default_factory=Thresholds)
     evaluation: Evaluation = field(default_factory=Evaluation)
+    budget: Budget = field(default_factory=Budget)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 CHOICES = {
-    "runtime": ("onnxruntime",),
+    "runtime": ("onnxruntime", "tflite-micro"),
     "format": ("qdq", "qoperator"),
     "activation_type": ("int8", "uint8"),
     "weight_type": ("int8", "uint8"),
@@ -87,7 +102,8 @@ def _build(cls, data: dict, where: str):
 
 
 def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
-    path = folder / f"{name}.toml"
+    """A target by name (`targets/<name>.toml`), or a board of the user's own as a path to a .toml file."""
+    path = Path(name) if name.endswith(".toml") else folder / f"{name}.toml"
     if not path.is_file():
         raise unknown("target", name, sorted(p.stem for p in folder.glob("*.toml")))
     try:
@@ -95,7 +111,7 @@ def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     sections = {"quantization": Quantization, "decomposition": Decomposition, "thresholds": Thresholds,
-                "evaluation": Evaluation}
+                "evaluation": Evaluation, "budget": Budget}
     top = {k: v for k, v in data.items() if k not in sections}
-    profile = _build(TargetProfile, top, name)
-    return dataclasses.replace(profile, **{k: _build(cls, data.get(k, {}), f"{name}.{k}") for k, cls in sections.items()})
+    profile = _build(TargetProfile, top, path.stem)
+    return dataclasses.replace(profile, **{k: _build(cls, data.get(k, {}), f"{path.stem}.{k}") for k, cls in sections.items()})
