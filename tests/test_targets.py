@@ -3,7 +3,7 @@ import re
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.targets import TARGETS_DIR, load_target
+from pipeline.targets import TARGETS_DIR, known_targets, load_target
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -24,11 +24,25 @@ def test_a_bad_choice_names_the_allowed_values(tmp_path):
         load_target("board", folder=tmp_path)
 
 
-def test_rpi4_keeps_arm_int8_range_and_every_value_has_a_reason():
+def test_rpi4_keeps_arm_int8_range():
     profile = load_target("rpi4")
     assert profile.quantization.reduce_range is False
     assert profile.quantization.activation_type == "uint8"
-    lines = (TARGETS_DIR / "rpi4.toml").read_text().splitlines()
+
+
+def test_microcontrollers_are_full_int8_with_budgets():
+    for name in ("cortex-m4", "cortex-m7"):
+        profile = load_target(name)
+        assert profile.runtime == "tflite-micro" and profile.quantization.activation_type == "int8"
+        assert 0 < profile.budget.ram_reserve_bytes < profile.budget.ram_bytes
+    assert load_target("cortex-m4").budget.ram_bytes == 256 * 1024
+    assert load_target("cortex-m7").budget.flash_bytes == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", known_targets())
+def test_every_profile_value_has_a_reason(name):
+    assert load_target(name).name == name
+    lines = (TARGETS_DIR / f"{name}.toml").read_text().splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^\w+\s*=", line):
             assert lines[i - 1].startswith("#"), f"no reason given above {line!r}"

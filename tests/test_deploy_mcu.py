@@ -1,0 +1,51 @@
+"""A whole deploy of seednet to a microcontroller target, and a budget it cannot meet."""
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.targets import TARGETS_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, cifar_dir):
+    out = tmp_path_factory.mktemp("mcu") / "cortex-m4"
+    code = main(["deploy", "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "200",
+                 "--out", str(out), "--quiet"])
+    return out, code
+
+
+def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
+    out, code = build
+    report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["passed"] else 1)
+    for name in ("model.tflite", "model_data.cc", "model_data.h", "model_settings.h", "manifest.json", "report.md"):
+        assert (out / name).is_file(), name
+    assert report["target"] == "cortex-m4" and report["eval_samples"] == 200
+    int8 = report["variants"]["factored_int8"]
+    assert int8["runtime"].startswith("tflite-micro") and report["variants"]["factored_fp32"]["runtime"].startswith("onnxruntime")
+    assert int8["bytes"] == (out / "model.tflite").stat().st_size
+    details = int8["details"]
+    assert details["ort_agreement"] >= 0.97 and details["max_output_diff_steps"] <= 8
+    assert abs(details["litert_top1"] - int8["top1"]) <= 0.02
+    assert details["arena_bytes"] - 16 <= details["smallest_arena_bytes"] <= details["arena_bytes"] + 16
+    settings = (out / "model_settings.h").read_text()
+    assert f"kTensorArenaSize = {-(-int(details['arena_bytes'] * 1.1) // 16) * 16}" in settings
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "model.tflite" in manifest["artefacts"] and manifest["target_profile"]["runtime"] == "tflite-micro"
+
+
+def test_a_budget_the_model_cannot_meet_fails_with_the_figures(tmp_path, cifar_dir, capsys):
+    text = (TARGETS_DIR / "cortex-m4.toml").read_text()
+    tiny = tmp_path / "tiny-board.toml"
+    tiny.write_text(text.replace("ram_bytes = 262144", "ram_bytes = 70000").replace('name = "cortex-m4"', 'name = "tiny-board"'))
+    out = tmp_path / "out"
+    assert main(["deploy", "--target", str(tiny), "--data", str(cifar_dir), "--eval-samples", "50",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit target 'tiny-board'" in err and "are free (70,000 RAM - 65,536 reserved)" in err
+    assert "biggest tensors:" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
