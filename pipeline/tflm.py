@@ -54,11 +54,15 @@ def _captured_fd2():
             holder["text"] = sink.read().decode(errors="replace")
 
 
+HOST_ARENA = 64 << 20  # on the host the arena only has to be big enough; its use is read, not guessed
+
+
 def tflm_interpreter(model_bytes: bytes, arena_size: int | None = None):
     from tflite_micro import runtime
 
     try:
-        return runtime.Interpreter.from_bytes(model_bytes, arena_size=arena_size)
+        # the binding's default arena (10x the model) is too small for nets with small weights and big maps
+        return runtime.Interpreter.from_bytes(model_bytes, arena_size=arena_size or HOST_ARENA)
     except Exception as exc:  # the binding raises RuntimeError with the C++ message
         raise StageError(f"TFLite Micro refused the model ({str(exc).strip()[:300]})") from exc
 

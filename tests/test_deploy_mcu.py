@@ -29,7 +29,7 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
     assert int8["runtime"].startswith("tflite-micro") and report["variants"]["factored_fp32"]["runtime"].startswith("onnxruntime")
     assert int8["bytes"] == (out / "model.tflite").stat().st_size
     details = int8["details"]
-    assert details["ort_agreement"] >= 0.97 and details["max_output_diff_steps"] <= 8
+    assert details["ort_agreement"] >= 0.97 and details["max_output_diff_steps"] <= 16
     assert abs(details["litert_top1"] - int8["top1"]) <= 0.02
     assert details["arena_bytes"] - 16 <= details["smallest_arena_bytes"] <= details["arena_bytes"] + 16
     settings = (out / "model_settings.h").read_text()
