@@ -12,7 +12,7 @@ DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
 	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
-.PHONY: setup deploy decompose test test-fast test-network lint clean
+.PHONY: setup deploy regress setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml
 
 deploy: setup
 	$(BIN)/cnn-deploy deploy $(DEPLOY_ARGS)
+
+regress: setup
+	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \
+		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) \
+		$(if $(filter 1 yes true,$(ACCEPT)),--accept)
+
+setup-device: setup
+	$(BIN)/cnn-deploy setup-device
 
 decompose: setup
 	$(BIN)/cnn-deploy decompose --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \

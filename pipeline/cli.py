@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the factored model (.pt) and its plan (.plan.json)")
     p.set_defaults(run=cmd_decompose)
 
-    from pipeline.deploy_cli import add_deploy_parser
+    from pipeline.deploy_cli import add_deploy_parser, add_regress_parsers
 
     add_deploy_parser(sub)
+    add_regress_parsers(sub)
     return parser
 
 

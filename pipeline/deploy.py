@@ -16,6 +16,7 @@ import torch
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.decompose import METHODS, decompose
+from pipeline.device import parse_device
 from pipeline.emit import emit_onnxruntime
 from pipeline.emit_mcu import arena_with_margin, emit_mcu
 from pipeline.errors import ConfigError, InputError, StageError, unknown
@@ -25,6 +26,7 @@ from pipeline.measure import measure_onnx
 from pipeline.measure_tflm import measure_tflite
 from pipeline.quantize import quantize_onnx
 from pipeline.ranks import parse_rank
+from pipeline.regress import check_on_device
 from pipeline.report import DeployReport, write_reports
 from pipeline.simplify import simplify_onnx
 from pipeline.targets import load_target
@@ -158,6 +160,8 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
         parse_rank(rank)  # refuse a bad rank before any work
         decomposition = dataclasses.replace(decomposition, rank=str(rank))
     profile = dataclasses.replace(profile, decomposition=decomposition)
+    if profile.device.check_on_deploy:
+        parse_device(profile.device.default)  # an unknown device is refused before any work
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
     if samples < 0:
         raise ConfigError(f"EVAL_SAMPLES={samples}; expected 0 (the full test set) or a positive count")
@@ -203,18 +207,28 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
             variants, emitted = _emit_and_measure_mcu(staging, onnx_files, profile, eval_x, eval_y, spec.class_names)
         drop = variants["dense_fp32"].top1 - variants["factored_int8"].top1
         failures = _threshold_failures(profile, variants, drop)
+        device_report = None
+        if profile.device.check_on_deploy:
+            idx = balanced_subset(test_set.y, profile.device.samples or None, seed=SEED)
+            device_report = check_on_device(
+                staging, runtime=profile.runtime, target=profile.name, thresholds=dataclasses.asdict(profile.thresholds),
+                eval_x=preprocess(test_set.x[idx], mean=spec.mean, std=spec.std), eval_y=test_set.y[idx],
+                device=parse_device(profile.device.default), accept=True, log=_stage)
+            failures += [f"device check on {device_report.device}: {f}" for f in device_report.failures]
         passed = not failures
         report = DeployReport(target=profile.name, model=model, variants=variants, decomposition=plan.to_dict(),
                               eval_samples=int(len(eval_y)), thresholds=dataclasses.asdict(profile.thresholds),
                               passed=passed, top1_drop=round(float(drop), 6), notes=tuple(notes),
                               failures=tuple(failures),
+                              device=device_report.to_dict() if device_report else None,
                               wall_seconds=round(time.perf_counter() - started, 1))
         written = write_reports(staging, report, plan.table())
         artefacts = [*emitted.values(), *written, *(staging / "baseline").iterdir()]
         write_manifest(staging, artefacts=artefacts, checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256,
                        profile=profile.to_dict(),
                        settings={"model": model, "eval_samples": int(len(eval_y)), "data": str(data) if data else None,
-                                 "seed": SEED},
+                                 "seed": SEED, "input_shape": list(spec.input_shape), "mean": list(spec.mean),
+                                 "std": list(spec.std)},
                        passed=passed)
         _swap_in(staging, out)
     finally:

@@ -27,3 +27,34 @@ def add_deploy_parser(sub) -> None:
     p.add_argument("--out", help="output folder (default: build/<target>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_deploy)
+
+
+def cmd_regress(args) -> int:
+    from pipeline.regress import regress
+
+    out = Path(args.out) if args.out else Path("build") / args.target
+    report = regress(out, device=args.device, eval_samples=args.eval_samples, data=args.data, accept=args.accept)
+    print(report.table())
+    print(f"\nwritten: {out / 'regress.json'}")
+    return 0 if report.passed else 1
+
+
+def cmd_setup_device(args) -> int:
+    from pipeline import qemu
+
+    root = qemu.ensure()
+    print(f"emulated Raspberry Pi 4 ready in {root}: {qemu.check(root)}")
+    return 0
+
+
+def add_regress_parsers(sub) -> None:
+    p = sub.add_parser("regress", help="run the deployed int8 artefact on the device and check its accuracy")
+    p.add_argument("--target", default="rpi4")
+    p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
+    p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: what the deploy used)")
+    p.add_argument("--out", help="the build folder (default: build/<target>)")
+    p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
+    p.set_defaults(run=cmd_regress)
+    p = sub.add_parser("setup-device", help="build and check the emulated Raspberry Pi 4 (qemu)")
+    p.set_defaults(run=cmd_setup_device)

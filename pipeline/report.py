@@ -24,6 +24,7 @@ class DeployReport:
     top1_drop: float
     notes: tuple[str, ...] = ()
     failures: tuple[str, ...] = ()  # every threshold missed, in words
+    device: dict | None = None  # the on-device check, when the profile runs it on deploy
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -87,6 +88,10 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "```",
         plan_table,
         "```",
+        *(["", "## On-device check", "", f"{report.device['device']} ({report.device['device_about']}): "
+           f"top-1 {report.device['device_top1']:.2%} on {report.device['eval_samples']} images, agreement with "
+           f"dense_fp32 {report.device['agreement']:.2%}, with the host's int8 {report.device['host_agreement']:.2%}; "
+           f"baseline {report.device['baseline']['status']}"] if report.device else []),
         *(["", "## Notes", "", *[f"- {n}" for n in report.notes]] if report.notes else []),
         "",
     ])

@@ -37,9 +37,19 @@ class Decomposition:
 @dataclass(frozen=True)
 class Thresholds:
     max_top1_drop: float = 0.03
+    min_agreement: float = 0.85  # top-1 agreement of the deployed int8 model with dense_fp32
     # microcontroller targets: how closely TFLite Micro must follow the ONNX Runtime int8 model
     min_ort_agreement: float = 0.98
     max_output_diff_steps: float = 8.0
+
+
+@dataclass(frozen=True)
+class DeviceCheck:
+    """Where `make regress` (and the deploy's last stage, when on) runs the int8 artefact."""
+
+    default: str = "qemu"
+    check_on_deploy: bool = False
+    samples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class TargetProfile:
     thresholds: Thresholds = field(default_factory=Thresholds)
     evaluation: Evaluation = field(default_factory=Evaluation)
     budget: Budget = field(default_factory=Budget)
+    device: DeviceCheck = field(default_factory=DeviceCheck)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,7 +122,7 @@ def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     sections = {"quantization": Quantization, "decomposition": Decomposition, "thresholds": Thresholds,
-                "evaluation": Evaluation, "budget": Budget}
+                "evaluation": Evaluation, "budget": Budget, "device": DeviceCheck}
     top = {k: v for k, v in data.items() if k not in sections}
     profile = _build(TargetProfile, top, path.stem)
     return dataclasses.replace(profile, **{k: _build(cls, data.get(k, {}), f"{path.stem}.{k}") for k, cls in sections.items()})

@@ -36,6 +36,21 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
     assert f"kTensorArenaSize = {-(-int(details['arena_bytes'] * 1.1) // 16) * 16}" in settings
     manifest = json.loads((out / "manifest.json").read_text())
     assert "model.tflite" in manifest["artefacts"] and manifest["target_profile"]["runtime"] == "tflite-micro"
+    device = report["device"]  # the profile runs the TFLM device check as the deploy's last stage
+    assert device["device"] == "tflm" and device["eval_samples"] == 1000
+    assert device["baseline"]["status"].startswith("recorded") and (out / "device_baseline" / "tflm.npz").is_file()
+
+
+def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):
+    strict = tmp_path / "strict-board.toml"
+    text = (TARGETS_DIR / "cortex-m4.toml").read_text().replace('name = "cortex-m4"', 'name = "strict-board"')
+    strict.write_text(text.replace("min_agreement = 0.85", "min_agreement = 0.999").replace("samples = 1000", "samples = 100"))
+    out = tmp_path / "out"
+    assert main(["deploy", "--target", str(strict), "--data", str(cifar_dir), "--eval-samples", "100",
+                 "--out", str(out), "--quiet"]) == 1
+    assert "device check on tflm: agreement with dense_fp32" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert not report["passed"] and not report["device"]["passed"]
 
 
 def test_a_budget_the_model_cannot_meet_fails_with_the_figures(tmp_path, cifar_dir, capsys):
