@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from pipeline import qemu, tflm
-from pipeline.qemu import DeviceError
+from pipeline.errors import DeviceError
 
 RUNNER = Path(__file__).with_name("device_runner.py")
 KNOWN = ("qemu", "ssh://user@host[:port]", "tflm")

@@ -21,6 +21,10 @@ class StageError(PipelineError):
     """A stage ran but its result failed a check (tolerance, budget, threshold)."""
 
 
+class DeviceError(PipelineError):
+    """A device could not be set up, reached or run; the message says what to do."""
+
+
 def unknown(kind: str, got: str, known) -> ConfigError:
     """`Unknown target 'rpi5'; known: cortex-m7, rpi4`."""
     return ConfigError(f"Unknown {kind} {got!r}; known: {', '.join(sorted(known))}")

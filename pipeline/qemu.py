@@ -12,7 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DeviceError
 
 PACKAGES = "python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g"
 # qemu-user shows the guest the host's x86 /proc/cpuinfo and ORT's cpuinfo reader crashes on it;
@@ -20,10 +20,6 @@ PACKAGES = "python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g"
 CPUINFO = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
            "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n")
 APT_HINT = "apt-get install -y mmdebstrap qemu-user-static"
-
-
-class DeviceError(PipelineError):
-    """The device could not be set up, reached or run; the message says what to do."""
 
 
 def cache_root() -> Path:
