@@ -223,8 +223,8 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
                               device=device_report.to_dict() if device_report else None,
                               wall_seconds=round(time.perf_counter() - started, 1))
         written = write_reports(staging, report, plan.table())
-        artefacts = [*emitted.values(), *written, *(staging / "baseline").iterdir()]
-        write_manifest(staging, artefacts=artefacts, checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256,
+        artefacts = [*emitted.values(), *(staging / "baseline").iterdir()]
+        write_manifest(staging, artefacts=artefacts, reports=written, checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256,
                        profile=profile.to_dict(),
                        settings={"model": model, "eval_samples": int(len(eval_y)), "data": str(data) if data else None,
                                  "seed": SEED, "input_shape": list(spec.input_shape), "mean": list(spec.mean),

@@ -25,9 +25,15 @@ def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: 
         source.mkdir()
         shutil.copyfile(int8_onnx, source / "model.int8.onnx")
         # the converter's own CLI: its Python entry point is internal and changes between releases
-        done = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(source),
-                               "--output_dir", str(converted), "--optimization_style", "Fixed",
-                               "--enable_type_reduction"], capture_output=True, text=True, check=False)
+        # Two conversions of one model differ in bytes (not in meaning): the converter orders some tables by
+        # Python set iteration and ORT by memory address. A fixed hash seed and no address randomisation
+        # (setarch -R, where the kernel allows it) make the file reproducible.
+        argv = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(source), "--output_dir",
+                str(converted), "--optimization_style", "Fixed", "--enable_type_reduction"]
+        if shutil.which("setarch") and subprocess.run(["setarch", "-R", "true"], capture_output=True).returncode == 0:
+            argv = ["setarch", "-R", *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False,
+                              env={**os.environ, "PYTHONHASHSEED": "0"})
         ort_files = list(converted.glob("*.ort"))
         if done.returncode or not ort_files or not (converted / ORT_CONFIG).is_file():
             raise StageError(f"ORT-format conversion failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")

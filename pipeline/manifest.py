@@ -24,7 +24,7 @@ def git_commit() -> str | None:
     return done.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def write_manifest(out_dir: Path, *, artefacts: list[Path], checkpoint: str | None, checkpoint_sha256: str | None,
+def write_manifest(out_dir: Path, *, artefacts: list[Path], reports: list[Path], checkpoint: str | None, checkpoint_sha256: str | None,
                    profile: dict, settings: dict, passed: bool) -> Path:
     def version(name: str) -> str | None:
         try:
@@ -32,10 +32,15 @@ def write_manifest(out_dir: Path, *, artefacts: list[Path], checkpoint: str | No
         except metadata.PackageNotFoundError:
             return None
 
+    def listing(paths: list[Path]) -> dict:
+        return {str(p.relative_to(out_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(paths)}
+
     manifest = {
         "status": "passed" if passed else "failed",
-        "artefacts": {str(p.relative_to(out_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                      for p in sorted(artefacts)},
+        # byte-identical across runs with the same inputs on the same machine
+        "artefacts": listing(artefacts),
+        # measurements: they hold timings, so they differ from run to run
+        "reports": listing(reports),
         "checkpoint": {"path": checkpoint, "sha256": checkpoint_sha256},
         "settings": settings,
         "target_profile": profile,

@@ -44,6 +44,8 @@ class DecompositionPlan:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
+        if not self.layers:
+            return "no Conv2d or Linear layers: nothing to factor, the model stays dense"
         rows = [("layer", "method", "ranks", "MACs before", "MACs after", "params after", "rel. error", "note")]
         for p in self.layers:
             rows.append((p.name, p.method or "dense", "x".join(map(str, p.ranks)) or "-", f"{p.macs_before:,}",

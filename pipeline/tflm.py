@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import StageError
+from pipeline.errors import InputError, StageError
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,10 @@ class IoQuant:
 def io_quant(model_bytes: bytes) -> IoQuant:
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_content=model_bytes)
+    try:
+        it = Interpreter(model_content=model_bytes)
+    except ValueError as exc:
+        raise InputError(f"not a readable TFLite model ({str(exc).strip()[:200]}); expected a complete .tflite") from exc
     (in_scale, in_zp), (out_scale, out_zp) = it.get_input_details()[0]["quantization"], it.get_output_details()[0]["quantization"]
     return IoQuant(float(in_scale), int(in_zp), float(out_scale), int(out_zp))
 

@@ -48,6 +48,21 @@ def test_unhandled_layers_stay_dense_with_the_reason():
     assert model(x).shape == (2, 10)
 
 
+def test_conv3d_and_models_without_convs_are_left_dense_with_the_reason():
+    class Volumetric(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x.unsqueeze(1))
+
+    _, plan = decompose(Volumetric(), input_shape=(8, 8, 8), method="cp", rank="0.5", progress=False)
+    assert plan.layers[0].method is None and "Conv3d is not handled" in plan.layers[0].note
+    _, plan = decompose(nn.Sequential(nn.ReLU()), input_shape=(4,), method="tucker2", progress=False)
+    assert plan.layers == () and "nothing to factor" in plan.table()
+
+
 def test_a_factorisation_that_saves_no_macs_is_not_applied():
     _, plan = decompose(nn.Sequential(nn.Conv2d(4, 4, 1)), input_shape=(4, 8, 8), method="tucker2", rank=4,
                         progress=False)

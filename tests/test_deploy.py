@@ -42,8 +42,9 @@ def test_manifest_hashes_match_the_files(build):
     out, _ = build
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.int8.onnx", "model.int8.ort", "model.fp32.onnx", "required_operators_and_types.config",
-            "report.json", "report.md"} <= set(manifest["artefacts"])
-    for name, entry in manifest["artefacts"].items():
+            "baseline/dense.int8.onnx"} <= set(manifest["artefacts"])
+    assert {"report.json", "report.md", "top1_vs_macs.png"} == set(manifest["reports"])
+    for name, entry in {**manifest["artefacts"], **manifest["reports"]}.items():
         data = (out / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
     assert len(manifest["checkpoint"]["sha256"]) == 64
