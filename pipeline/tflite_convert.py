@@ -47,6 +47,13 @@ class _Onnx:
         for v in list(g.input) + list(g.output) + list(g.value_info):
             self.shapes[v.name] = tuple(d.dim_value or 1 for d in v.type.tensor_type.shape.dim)
 
+    def readers(self, name: str) -> list:
+        """The compute nodes that read a tensor, looking through its Q/DQ pairs."""
+        found = []
+        for node in self.consumers.get(name, []):
+            found += self.readers(node.output[0]) if node.op_type in QDQ else [node]
+        return found
+
     def canonical(self, name: str) -> str:
         """A Q output or DQ output of an activation stands for the float tensor it quantizes."""
         node = self.producer.get(name)
@@ -269,11 +276,8 @@ class _Converter:
         in_shape, out_shape = self.shape(x), self.shape(node.output[0])
         if len(in_shape) == 4 and len(out_shape) == 2 and in_shape[2] * in_shape[3] > 1:
             self.flattened[y] = in_shape[1:]
-            for user in self.src.consumers.get(node.output[0], []):
-                users = [user] if user.op_type not in QDQ else [
-                    u for q in self.src.consumers.get(user.output[0], []) for u in self.src.consumers.get(q.output[0], [q])]
-                if any(u.op_type not in ("Gemm", "MatMul", "QuantizeLinear", "DequantizeLinear") for u in users):
-                    raise StageError(f"Node {node.name!r} flattens a feature map for something other than a linear layer")
+            if any(reader.op_type not in ("Gemm", "MatMul") for reader in self.src.readers(node.output[0])):
+                raise StageError(f"Node {node.name!r} flattens a feature map for something other than a linear layer")
         elif len(in_shape) == 4 and len(out_shape) != 2 and in_shape != out_shape:
             raise StageError(f"Node {node.name!r} reshapes {in_shape} to {out_shape}; only flattening is layout-free")
         new_shape = np.array(self.tfl_shape(node.output[0]), np.int32)

@@ -18,17 +18,18 @@ def cifar_dir() -> Path:
     return CIFAR10
 
 
+def _checkpoint(name: str) -> Path:
+    path = RESNETS / name
+    if not path.is_file():
+        pytest.skip(f"checkpoint not at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def resnet20_weights() -> Path:
-    path = RESNETS / "resnet20-12fca82f.th"
-    if not path.is_file():
-        pytest.skip(f"ResNet-20 checkpoint not at {path}")
-    return path
+    return _checkpoint("resnet20-12fca82f.th")
 
 
 @pytest.fixture(scope="session")
 def resnet56_weights() -> Path:
-    path = RESNETS / "resnet56-4bfd9763.th"
-    if not path.is_file():
-        pytest.skip(f"ResNet-56 checkpoint not at {path}")
-    return path
+    return _checkpoint("resnet56-4bfd9763.th")
