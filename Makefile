@@ -10,9 +10,10 @@ MODEL  ?= seednet
 # Overrides passed to the CLI only when set, so the target profile's values stand otherwise.
 DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
 	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
+	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
-.PHONY: setup deploy regress setup-device decompose test test-fast test-network lint clean
+.PHONY: setup deploy bench regress setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,15 @@ $(STAMP): pyproject.toml
 
 deploy: setup
 	$(BIN)/cnn-deploy deploy $(DEPLOY_ARGS)
+
+# Benchmark (not a test): BENCH_MODELS, BUDGETS (fractions of MACs), FINETUNE_EPOCHS (one, or one per model).
+BENCH_MODELS ?= resnet20 resnet56
+BUDGETS      ?= 0.5 0.35 0.25
+bench: setup
+	CIFAR_RESNET_DIR=$${CIFAR_RESNET_DIR:-$(CURDIR)/../shared/models/cifar-resnet} \
+	$(BIN)/cnn-deploy bench --models $(BENCH_MODELS) --budgets $(BUDGETS) --target $(TARGET) \
+		$(if $(FINETUNE_EPOCHS),--epochs $(FINETUNE_EPOCHS)) $(if $(DATA),--data $(DATA)) \
+		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
 regress: setup
 	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \

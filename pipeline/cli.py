@@ -40,6 +40,21 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pipeline.bench import bench
+
+    epochs = dict(zip(args.models, args.epochs, strict=False)) if len(args.epochs) > 1 else args.epochs[0]
+    if isinstance(epochs, dict) and len(epochs) != len(args.models):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--epochs got {len(args.epochs)} counts for {len(args.models)} models; expected one, "
+                          "or one per model")
+    path = bench(models=tuple(args.models), budgets=tuple(args.budgets), epochs=epochs, target=args.target,
+                 data=args.data, eval_samples=args.eval_samples, out=args.out, latency_rounds=args.latency_rounds)
+    print(f"results: {path}; report: {path.with_name('report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnn-deploy", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -64,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the factored model (.pt) and its plan (.plan.json)")
     p.set_defaults(run=cmd_decompose)
+
+    p = sub.add_parser("bench", help="dense vs budgeted factored models, before/after fine-tuning (bench/report.md)")
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35, 0.25], help="fractions of MACs to keep")
+    p.add_argument("--epochs", nargs="+", type=int, default=[3], help="fine-tuning epochs: one count, or one per model")
+    p.add_argument("--target", default="rpi4", help="profile whose quantization and decomposition settings apply")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p.add_argument("--eval-samples", type=int, default=0, help="class-balanced test subset size (0: full test set)")
+    p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
+    p.add_argument("--out", default="bench")
+    p.set_defaults(run=cmd_bench)
 
     from pipeline.deploy_cli import add_deploy_parser, add_regress_parsers
 

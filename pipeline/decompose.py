@@ -5,6 +5,7 @@ Returns a plain `nn.Module` (every exporter takes it) and a plan saying, per lay
 
 import copy
 import time
+from collections.abc import Mapping
 from fnmatch import fnmatch
 
 import numpy as np
@@ -13,10 +14,11 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import factorize
+from pipeline import datafit, factorize
+from pipeline.datafit import layer_io
 from pipeline.errors import ConfigError, StageError, unknown
 from pipeline.macs import count
-from pipeline.plan import DecompositionPlan, LayerPlan
+from pipeline.plan import Choice, DecompositionPlan, LayerPlan
 from pipeline.ranks import RankRule, energy_cut, evbmf_rank, parse_rank, round_up, spectral_rank
 
 METHODS = ("cp", "slice-svd", "svd", "tucker2")
@@ -49,13 +51,13 @@ def _slice_rank(stack: np.ndarray, rule: RankRule) -> int:
     return energy_cut((np.linalg.svd(stack, compute_uv=False) ** 2).sum(axis=0), rule.value)
 
 
-def _dense(name: str, layer: nn.Module, cost, rule: RankRule, note: str) -> LayerPlan:
+def _dense(name: str, layer: nn.Module, cost, label: str, note: str) -> LayerPlan:
     macs = cost.macs if cost else 0
     params = sum(p.numel() for p in layer.parameters(recurse=False))
-    return LayerPlan(name, type(layer).__name__, None, (), str(rule), macs, macs, params, params, None, note)
+    return LayerPlan(name, type(layer).__name__, None, (), label, macs, macs, params, params, None, note)
 
 
-def _unsupported(layer: nn.Module) -> str:
+def unsupported_reason(layer: nn.Module) -> str:
     if isinstance(layer, nn.Linear):
         return ""
     if type(layer) is not nn.Conv2d:
@@ -79,10 +81,15 @@ def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 def decompose(module: nn.Module, *, input_shape: tuple[int, ...], method: str = "tucker2",
               rank: str | int | float | RankRule | None = "evbmf", layers: tuple[str, ...] = ("*",),
-              exclude: tuple[str, ...] = (), round_to: int = 1, seed: int = 0,
-              progress: bool = True) -> tuple[nn.Module, DecompositionPlan]:
+              exclude: tuple[str, ...] = (), round_to: int = 1, seed: int = 0, progress: bool = True,
+              calibration: np.ndarray | None = None,
+              choices: Mapping[str, Choice] | None = None) -> tuple[nn.Module, DecompositionPlan]:
     """Factor every Conv2d (with `method`) and Linear (truncated SVD) whose name matches `layers` and
-    not `exclude` (fnmatch patterns). A layer whose factorisation would not reduce MACs stays dense."""
+    not `exclude` (fnmatch patterns). A layer whose factorisation would not reduce MACs stays dense.
+
+    `calibration` (NCHW float images): fit each chain to reproduce its layer's output on them, layer by
+    layer in execution order (see datafit); without it the factors approximate the weights.
+    `choices` (from `allocate`): each layer's method and ranks, in place of `method` and `rank`."""
     if method not in METHODS:
         raise unknown("method", method, METHODS)
     if round_to < 1:
@@ -91,43 +98,76 @@ def decompose(module: nn.Module, *, input_shape: tuple[int, ...], method: str = 
     started = time.perf_counter()
     costs = count(module, input_shape)
     model = copy.deepcopy(module).eval()
-    candidates = [(n, m) for n, m in module.named_modules()
-                  if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+    order = {name: i for i, name in enumerate(costs)}  # execution order: each fit sees the layers before it
+    candidates = sorted(((n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)),
+                        key=lambda item: order.get(item[0], len(order)))
+    selected = {n for n, m in candidates
+                if any(fnmatch(n, p) for p in layers) and not any(fnmatch(n, p) for p in exclude)}
+    data = None
+    if calibration is not None:
+        x = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
+        data = (x, {n: io[1] for n, io in layer_io(module, [n for n in selected if n in costs], x).items()})
     plans = []
     with threadpool_limits(limits=1):  # BLAS threads oversubscribe on these small tensors (CP-ALS 30x slower)
-        for name, layer in tqdm(candidates, desc=f"decompose ({method})", unit="layer", disable=not progress, leave=False):
+        for name, layer in tqdm(candidates, desc=f"decompose ({'budget' if choices else method})", unit="layer",
+                                disable=not progress, leave=False):
             cost = costs.get(name)
-            if not any(fnmatch(name, p) for p in layers) or any(fnmatch(name, p) for p in exclude):
-                plans.append(_dense(name, layer, cost, rule, "not selected by the layer patterns"))
+            label = "allocated" if choices is not None else str(rule)
+            if name not in selected:
+                plans.append(_dense(name, layer, cost, label, "not selected by the layer patterns"))
                 continue
-            reason = _unsupported(layer) or ("" if cost else "not reached by the forward pass: left dense")
+            reason = unsupported_reason(layer) or ("" if cost else "not reached by the forward pass: left dense")
             if reason:
-                plans.append(_dense(name, layer, cost, rule, reason))
+                plans.append(_dense(name, layer, cost, label, reason))
                 continue
-            plans.append(_factor_one(model, name, layer, cost, method, rule, round_to=round_to, seed=seed))
-    return model, DecompositionPlan(method, str(rule), round_to, tuple(plans), time.perf_counter() - started)
+            if choices is not None:
+                choice = choices.get(name) or Choice(None, (), "not in the allocation: left dense")
+                if choice.method is None:
+                    plans.append(_dense(name, layer, cost, label, choice.reason))
+                    continue
+                layer_method, ranks, note = choice.method, choice.ranks, choice.reason
+            else:
+                layer_method = "svd" if isinstance(layer, nn.Linear) else method
+                ranks, note = choose_ranks(layer, layer_method, rule, round_to=round_to, name=name), ""
+            plans.append(_factor_one(model, name, layer, cost, layer_method, ranks, label, note, data=data, seed=seed,
+                                     fallback=(rule, round_to)))
+    requested = "budget" if choices is not None else method
+    label = "allocated" if choices is not None else str(rule)
+    return model, DecompositionPlan(requested, label, round_to, tuple(plans), time.perf_counter() - started)
 
 
-def _factor_one(model, name, layer, cost, method, rule, *, round_to, seed) -> LayerPlan:
-    layer_method = "svd" if isinstance(layer, nn.Linear) else method
-    ranks = choose_ranks(layer, layer_method, rule, round_to=round_to, name=name)
-    chain = factorize.skeleton(layer, layer_method, ranks)
+def fit_chain(layer: nn.Module, method: str, ranks: tuple[int, ...], *, x: torch.Tensor | None = None,
+              y: torch.Tensor | None = None, seed: int = 0) -> tuple[nn.Sequential, str]:
+    """A fitted chain for one layer: to its output on (x, y) where given and supported, else to its weights."""
+    chain = factorize.skeleton(layer, method, ranks)
+    if x is not None and datafit.supports(layer, method):
+        note = datafit.fit(layer, method, chain, x, y, seed=seed)
+    else:
+        _, note = factorize.fit(layer, method, chain, seed=seed)
+    return chain.eval(), note
+
+
+def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, seed, fallback) -> LayerPlan:
+    chain = factorize.skeleton(layer, method, ranks)
     macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
     if macs_after >= cost.macs:
-        return _dense(name, layer, cost, rule,
-                      f"{layer_method} at rank {'x'.join(map(str, ranks))} would not reduce MACs "
+        return _dense(name, layer, cost, label,
+                      f"{method} at rank {'x'.join(map(str, ranks))} would not reduce MACs "
                       f"({macs_after:,} >= {cost.macs:,}): left dense")
-    note = ""
+    x = datafit.layer_inputs(model, name, data[0]) if data else None
+    y = data[1][name] if data else None
     try:
-        approx, note = factorize.fit(layer, layer_method, chain, seed=seed)
+        chain, fit_note = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
     except StageError as exc:  # CP-ALS diverged from every start: Tucker-2 always converges
-        fallback_ranks = choose_ranks(layer, "tucker2", rule, round_to=round_to, name=name)
-        chain = factorize.skeleton(layer, "tucker2", fallback_ranks)
-        approx, _ = factorize.fit(layer, "tucker2", chain, seed=seed)
-        layer_method, ranks, note = "tucker2", fallback_ranks, f"{exc}; fell back to tucker2"
+        rule, round_to = fallback
+        method, ranks = "tucker2", choose_ranks(layer, "tucker2", rule, round_to=round_to, name=name)
+        chain, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
+        fit_note = f"{exc}; fell back to tucker2"
         macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
     set_submodule(model, name, chain)
     params_after = sum(p.numel() for p in chain.parameters())
-    return LayerPlan(name, type(layer).__name__, layer_method, ranks, str(rule), cost.macs, macs_after,
-                     cost.params, params_after, _relative_error(layer.weight.detach(), approx), note)
-
+    approx = (factorize.effective_weight(chain, method, layer) if method != "slice-svd"
+              else factorize.fit(layer, method, factorize.skeleton(layer, method, ranks), seed=seed)[0])
+    return LayerPlan(name, type(layer).__name__, method, ranks, label, cost.macs, macs_after, cost.params,
+                     params_after, _relative_error(layer.weight.detach(), approx), "; ".join(filter(None, (note, fit_note))),
+                     None if x is None else round(datafit.output_error(chain, x, y), 6))

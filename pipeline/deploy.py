@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from calib import balanced_subset, load_dataset, preprocess
-from pipeline.decompose import METHODS, decompose
+from pipeline.compress import check_settings, compress, with_overrides
+from pipeline.decompose import METHODS
 from pipeline.device import parse_device
 from pipeline.emit import emit_onnxruntime
 from pipeline.emit_mcu import arena_with_margin, emit_mcu
@@ -147,7 +148,8 @@ def _threshold_failures(profile, variants, drop: float) -> list[str]:
 
 
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
-           rank: str | None = None, data: str | None = None, eval_samples: int | None = None,
+           rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
+           data: str | None = None, eval_samples: int | None = None,
            out: str | os.PathLike | None = None, progress: bool = True) -> DeployReport:
     started = time.perf_counter()
     profile = load_target(target)
@@ -159,7 +161,9 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     if rank is not None:
         parse_rank(rank)  # refuse a bad rank before any work
         decomposition = dataclasses.replace(decomposition, rank=str(rank))
-    profile = dataclasses.replace(profile, decomposition=decomposition)
+    decomposition, tuning = with_overrides(decomposition, profile.finetune, budget=budget, finetune_epochs=finetune_epochs)
+    check_settings(decomposition, tuning)  # a bad budget or epoch count is refused before any work
+    profile = dataclasses.replace(profile, decomposition=decomposition, finetune=tuning)
     if profile.device.check_on_deploy:
         parse_device(profile.device.default)  # an unknown device is refused before any work
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
@@ -182,10 +186,13 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
 
     staging = _prepare_output(out)
     try:
-        _stage(f"decompose {model} ({decomposition.method}, rank {decomposition.rank})")
-        factored, plan = decompose(spec.module, input_shape=spec.input_shape, method=decomposition.method,
-                                   rank=decomposition.rank, layers=decomposition.layers, exclude=decomposition.exclude,
-                                   round_to=decomposition.round_to, seed=SEED, progress=progress)
+        how = (f"budget {decomposition.budget}" if decomposition.budget
+               else f"{decomposition.method}, rank {decomposition.rank}")
+        fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
+        _stage(f"decompose {model} ({how}{fine})")
+        compressed = compress(spec, train_set, settings=decomposition, tuning=tuning, seed=SEED, progress=progress,
+                              log=_stage)
+        factored, plan = compressed.model, compressed.plan
         print(plan.table(), flush=True)
         work = staging / "baseline"
         work.mkdir()
@@ -216,7 +223,7 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
                 device=parse_device(profile.device.default), accept=True, log=_stage)
             failures += [f"device check on {device_report.device}: {f}" for f in device_report.failures]
         passed = not failures
-        report = DeployReport(target=profile.name, model=model, variants=variants, decomposition=plan.to_dict(),
+        report = DeployReport(target=profile.name, model=model, variants=variants, decomposition=compressed.record(),
                               eval_samples=int(len(eval_y)), thresholds=dataclasses.asdict(profile.thresholds),
                               passed=passed, top1_drop=round(float(drop), 6), notes=tuple(notes),
                               failures=tuple(failures),

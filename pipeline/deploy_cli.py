@@ -7,7 +7,7 @@ def cmd_deploy(args) -> int:
     from pipeline.deploy import deploy
 
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
-                    data=args.data, eval_samples=args.eval_samples, out=args.out, progress=not args.quiet)
+                    budget=args.budget, finetune_epochs=args.finetune_epochs, data=args.data, eval_samples=args.eval_samples, out=args.out, progress=not args.quiet)
     out = Path(args.out) if args.out else Path("build") / args.target
     print()
     print(report.summary_table())
@@ -22,6 +22,9 @@ def add_deploy_parser(sub) -> None:
     p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
     p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
     p.add_argument("--rank", help="override the profile: evbmf, energy:0.9, an integer or a fraction")
+    p.add_argument("--budget", help="keep this fraction of the dense model's MACs (0.35, macs:0.35) or parameters "
+                                    "(params:0.5); per-layer methods and ranks are then allocated by sensitivity")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
     p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--out", help="output folder (default: build/<target>)")

@@ -184,3 +184,19 @@ def _fit_cp(w: torch.Tensor, chain: nn.Sequential, *, seed: int) -> tuple[torch.
     _set(chain[3], out_f * sign)
     note = f"CP-ALS retried ({tried[0]})" if tried else ""
     return torch.from_numpy(approx), note
+
+
+def effective_weight(chain: nn.Sequential, method: str, layer: nn.Module) -> torch.Tensor:
+    """The single weight tensor a fitted chain computes (for the plan's relative weight error)."""
+    with torch.no_grad():
+        w = [m.weight.detach().double() for m in chain if hasattr(m, "weight")]
+        if isinstance(layer, nn.Linear):
+            return (w[1] @ w[0]).float()
+        if method == "svd":
+            return torch.einsum("rci,orj->ocij", w[0][..., 0], w[1][:, :, 0, :]).float()
+        if method == "tucker2":
+            return torch.einsum("or,rskl,sc->ockl", w[2][..., 0, 0], w[1], w[0][..., 0, 0]).float()
+        if method == "cp":
+            return torch.einsum("or,ri,rj,rc->ocij", w[3][..., 0, 0], w[1][:, 0, :, 0], w[2][:, 0, 0, :],
+                                w[0][..., 0, 0]).float()
+    raise ValueError(f"no effective weight for {method!r}")

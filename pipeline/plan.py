@@ -16,7 +16,17 @@ class LayerPlan:
     params_before: int
     params_after: int
     rel_error: float | None  # ||W - W_hat|| / ||W||
-    note: str = ""  # why it was skipped, or what happened on the way (a CP retry or fallback)
+    note: str = ""  # why it was skipped or chosen, or what happened on the way (a CP retry or fallback)
+    output_error: float | None = None  # ||y - y_hat|| / ||y|| of the layer's output on calibration images
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the budget allocation picked for one layer, and why."""
+
+    method: str | None  # None: keep the layer dense
+    ranks: tuple[int, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -46,13 +56,15 @@ class DecompositionPlan:
     def table(self) -> str:
         if not self.layers:
             return "no Conv2d or Linear layers: nothing to factor, the model stays dense"
-        rows = [("layer", "method", "ranks", "MACs before", "MACs after", "params after", "rel. error", "note")]
+        rows = [("layer", "method", "ranks", "MACs before", "MACs after", "params after", "weight err.", "output err.",
+                 "note")]
         for p in self.layers:
             rows.append((p.name, p.method or "dense", "x".join(map(str, p.ranks)) or "-", f"{p.macs_before:,}",
                          f"{p.macs_after:,}", f"{p.params_after:,}",
-                         "-" if p.rel_error is None else f"{p.rel_error:.4f}", p.note))
+                         "-" if p.rel_error is None else f"{p.rel_error:.4f}",
+                         "-" if p.output_error is None else f"{p.output_error:.4f}", p.note))
         kept = self.macs_after / self.macs_before if self.macs_before else 1.0
-        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", "",
+        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", "", "",
                      f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -12,6 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.cache import cache_base
 from pipeline.errors import DeviceError
 
 PACKAGES = "python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g"
@@ -23,8 +24,7 @@ APT_HINT = "apt-get install -y mmdebstrap qemu-user-static"
 
 
 def cache_root() -> Path:
-    base = os.environ.get("CNN_DEPLOY_CACHE") or Path(__file__).resolve().parents[1] / ".cache"
-    return Path(base) / f"qemu-aarch64-ort{metadata.version('onnxruntime')}-numpy{metadata.version('numpy')}"
+    return cache_base() / f"qemu-aarch64-ort{metadata.version('onnxruntime')}-numpy{metadata.version('numpy')}"
 
 
 def _mirror() -> str:

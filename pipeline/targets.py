@@ -32,6 +32,26 @@ class Decomposition:
     layers: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     round_to: int = 1
+    # a global budget replaces `method` and `rank`: "" (off), "0.35" / "macs:0.35" or "params:0.5"
+    budget: str = ""
+    candidates: tuple[str, ...] = ("tucker2", "svd")  # methods the budget allocation may pick per conv
+    rank_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    fit_samples: int = 256  # training images the factors are fitted to (0: fit the weights instead)
+    sensitivity_samples: int = 256  # held-out training images each candidate is judged on
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Knowledge-distillation fine-tuning of the factored model (pipeline/finetune.py)."""
+
+    epochs: int = 0
+    lr: float = 1e-4
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    temperature: float = 4.0
+    alpha: float = 0.9
+    bn: str = "frozen"
+    heldout_samples: int = 2000  # training images never trained on; they pick the best epoch
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,7 @@ class TargetProfile:
     runtime: str
     quantization: Quantization = field(default_factory=Quantization)
     decomposition: Decomposition = field(default_factory=Decomposition)
+    finetune: Finetune = field(default_factory=Finetune)
     thresholds: Thresholds = field(default_factory=Thresholds)
     evaluation: Evaluation = field(default_factory=Evaluation)
     budget: Budget = field(default_factory=Budget)
@@ -92,6 +113,7 @@ CHOICES = {
     "activation_type": ("int8", "uint8"),
     "weight_type": ("int8", "uint8"),
     "calibration_method": ("entropy", "minmax", "percentile"),
+    "bn": ("frozen", "reestimate"),
 }
 
 
@@ -121,7 +143,7 @@ def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    sections = {"quantization": Quantization, "decomposition": Decomposition, "thresholds": Thresholds,
+    sections = {"quantization": Quantization, "decomposition": Decomposition, "finetune": Finetune, "thresholds": Thresholds,
                 "evaluation": Evaluation, "budget": Budget, "device": DeviceCheck}
     top = {k: v for k, v in data.items() if k not in sections}
     profile = _build(TargetProfile, top, path.stem)

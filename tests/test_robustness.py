@@ -48,6 +48,13 @@ def bad_inputs(tmp_path):
         (["--rank", "2.5"], "expected a positive integer rank"),
         (["--rank", "99"], "Rank 99 for layer 'conv2' (tucker2); expected at most 16x6"),
         (["--eval-samples", "-1"], "expected 0 (the full test set) or a positive count"),
+        (["--budget", "0"], "Budget '0'; expected the fraction of the dense model's macs to keep, in (0, 1]"),
+        (["--budget", "1.5"], "Budget '1.5'; expected the fraction"),
+        (["--budget", "-0.2"], "Budget '-0.2'; expected the fraction"),
+        (["--budget", "half"], "Budget 'half'; expected the fraction"),
+        (["--budget", "flops:0.5"], "unknown resource 'flops'; known: macs, params"),
+        (["--budget", "0.01"], "Budget macs:0.01 is out of reach"),
+        (["--finetune-epochs", "-1"], "FINETUNE_EPOCHS=-1; expected 0 (no fine-tuning) or a positive count"),
         (["--data", str(tmp_path / "nowhere")], "CIFAR-10 not found at"),
         (["--data", npz(tmp_path, "nchw", np.zeros((20, 3, 32, 32), np.uint8), labels)], "expected N x H x W x 3"),
         (["--data", npz(tmp_path, "gray", np.zeros((20, 32, 32, 1), np.uint8), labels)], "expected N x H x W x 3"),
@@ -90,7 +97,7 @@ def test_a_corrupt_model_handed_to_a_later_stage_is_refused(victim, words, tmp_p
     assert words in err and "Traceback" not in err
 
 
-RPI4_STAGES = ["decompose", "export_onnx", "simplify_onnx", "quantize_onnx", "emit_onnxruntime", "measure_onnx",
+RPI4_STAGES = ["compress", "export_onnx", "simplify_onnx", "quantize_onnx", "emit_onnxruntime", "measure_onnx",
                "write_reports", "write_manifest"]
 MCU_STAGES = ["convert_to_tflite", "measure_tflite", "emit_mcu", "check_on_device"]
 

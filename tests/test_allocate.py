@@ -1,0 +1,101 @@
+"""Budget allocation: meets the budget, picks the cheapest loss, explains itself; sensitivities are cached."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.allocate import CostBudget, allocate, parse_budget
+from pipeline.errors import ConfigError
+from pipeline.sensitivity import Candidate, candidate_ranks, sensitivities
+
+
+def cand(layer, method, macs, kl):
+    return Candidate(layer, method, (1,) if method else (), macs, macs // 10, kl, 1.0 - kl)
+
+
+# two layers of 100 MACs each plus 20 MACs that are never factored (total 220)
+TABLE = [cand("a", None, 100, 0.0), cand("a", "svd", 60, 0.01), cand("a", "tucker2", 30, 0.2),
+         cand("b", None, 100, 0.0), cand("b", "svd", 50, 0.05), cand("b", "tucker2", 20, 0.06)]
+
+
+def brute_force(table, limit):
+    layers = sorted({c.layer for c in table})
+    best = None
+    for combo in itertools.product(*[[c for c in table if c.layer == name] for name in layers]):
+        if 20 + sum(c.macs for c in combo) <= limit:
+            kl = sum(c.kl for c in combo)
+            best = kl if best is None else min(best, kl)
+    return best
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.32])
+def test_allocation_meets_the_budget_at_the_least_summed_kl(fraction):
+    choices, summary = allocate(TABLE, budget=CostBudget("macs", fraction), total=220)
+    by_name = {(c.layer, c.method): c for c in TABLE}
+    picked = [by_name[(layer, choice.method)] for layer, choice in choices.items()]
+    assert 20 + sum(c.macs for c in picked) <= fraction * 220
+    assert sum(c.kl for c in picked) == pytest.approx(brute_force(TABLE, fraction * 220))
+    assert all(choice.reason.startswith(f"budget macs:{fraction:g}") for choice in choices.values())
+
+
+def test_hand_checked_choice_and_its_reason():
+    choices, summary = allocate(TABLE, budget=CostBudget("macs", 0.5), total=220)  # at most 110 MACs
+    # a:svd + b:tucker2 = 20 + 60 + 20 = 100 MACs at KL 0.07 beats a:tucker2 + b:svd (100 MACs, KL 0.25)
+    assert (choices["a"].method, choices["b"].method) == ("svd", "tucker2")
+    assert summary["predicted_kl"] == pytest.approx(0.07)
+    assert "KL 0.0100" in choices["a"].reason and "costs KL 0.2000" in choices["a"].reason
+
+
+def test_an_unreachable_budget_names_the_floor():
+    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.318 of the macs \(70 of 220; 20 in layers"):
+        allocate(TABLE, budget=CostBudget("macs", 0.3), total=220)
+
+
+def test_parameter_budget_counts_parameters():
+    choices, _ = allocate(TABLE, budget=CostBudget("params", 0.5), total=22)
+    kept = sum(next(c.params for c in TABLE if c.layer == k and c.method == v.method) for k, v in choices.items())
+    assert 2 + kept <= 11
+
+
+@pytest.mark.parametrize("text,error", [("0", "in (0, 1]"), ("1.01", "in (0, 1]"), ("-0.5", "in (0, 1]"),
+                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params")])
+def test_bad_budgets_are_refused(text, error):
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        parse_budget(text)
+
+
+def test_budget_forms():
+    assert parse_budget("0.35") == CostBudget("macs", 0.35)
+    assert parse_budget("params:0.5") == CostBudget("params", 0.5)
+    assert parse_budget(1) == CostBudget("macs", 1.0)
+
+
+def test_candidate_ranks_are_rounded_and_deduplicated():
+    conv = nn.Conv2d(16, 64, 3)
+    assert candidate_ranks(conv, "tucker2", fractions=(0.1, 0.25, 0.5, 1.0), round_to=8) == [(8, 8), (16, 8), (32, 8), (64, 16)]
+    assert candidate_ranks(conv, "svd", fractions=(0.01, 0.5), round_to=1) == [(1,), (24,)]
+
+
+def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    rng = np.random.default_rng(0)
+    fit_x, held_x = (rng.normal(size=(32, 3, 8, 8)).astype(np.float32) for _ in range(2))
+    kwargs = dict(input_shape=(3, 8, 8), fit_x=fit_x, heldout_x=held_x, methods=("tucker2", "svd"),
+                  fractions=(0.25, 0.5), round_to=4, exclude=("0", "6"), progress=False)
+    first, facts = sensitivities(net, **kwargs)
+    assert not facts["cached"]
+    assert {c.layer for c in first} == {"2"}
+    # svd at rank 24 costs 24 * (16*3 + 16*3) = 2,304 MACs per pixel, the dense layer's 16*16*9: not a candidate
+    assert {(c.method, c.ranks) for c in first} == {(None, ()), ("tucker2", (4, 4)), ("tucker2", (8, 8)), ("svd", (12,))}
+    assert all(c.kl >= 0 for c in first) and next(c for c in first if c.method is None).kl == 0
+    again, facts = sensitivities(net, **kwargs)
+    assert facts["cached"] and again == first
+    with torch.no_grad():
+        net[2].weight.mul_(1.01)  # other weights: measured afresh
+    assert not sensitivities(net, **kwargs)[1]["cached"]

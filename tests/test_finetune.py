@@ -1,0 +1,79 @@
+"""Distillation fine-tuning: the loss is the textbook one, BatchNorm is handled as asked, the best epoch is kept."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calib import Dataset
+from pipeline.errors import ConfigError
+from pipeline.finetune import distillation_loss, finetune
+
+
+def test_distillation_loss_by_hand():
+    teacher = torch.tensor([[math.log(3.0), 0.0]])  # softmax: 0.75, 0.25
+    student = torch.zeros(1, 2)  # softmax: 0.5, 0.5
+    label = torch.tensor([0])
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert distillation_loss(student, teacher, label, temperature=1.0, alpha=1.0).item() == pytest.approx(kl, rel=1e-6)
+    # identical logits: only the label term is left, weighted 1 - alpha
+    assert distillation_loss(teacher, teacher, label, temperature=4.0, alpha=0.9).item() == pytest.approx(
+        0.1 * -math.log(0.75), rel=1e-6)
+
+
+def colour_data(n: int, seed: int) -> Dataset:
+    """Class c (0..2) is the image whose channel c is brightest: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 100, (n, 8, 8, 3)).astype(np.uint8)
+    x[np.arange(n), :, :, y] += 120
+    return Dataset(x, y.astype(np.int64), "colours")
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    net = tiny_net()
+    data = colour_data(512, 1)
+    x = torch.from_numpy((data.x / 255.0 - 0.5).transpose(0, 3, 1, 2).astype(np.float32))
+    optimiser = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(net(x), torch.from_numpy(data.y))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return net.eval()
+
+
+@pytest.mark.parametrize("bn", ["frozen", "reestimate"])
+def test_finetune_improves_a_damaged_student_and_handles_batchnorm(teacher, bn):
+    torch.manual_seed(1)
+    student = tiny_net()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        student[0].weight.add_(0.5 * torch.randn_like(student[0].weight))  # what a harsh factorisation does
+        student[5].bias[0] += 3 * student[5].weight.norm()  # and a classifier biased to class 0
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    tuned, history = finetune(student, teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
+                              std=(1.0,) * 3, epochs=2, lr=1e-2, batch_size=32, bn=bn, progress=False)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items()), "the student was modified in place"
+    assert history["best_heldout_top1"] >= history["start_heldout_top1"]
+    assert history["best_heldout_top1"] > 0.9 and len(history["epochs"]) == 2
+    assert history["seconds_per_epoch"] > 0 and not tuned.training
+    stats_kept = torch.equal(tuned[1].running_mean, before["1.running_mean"])
+    assert stats_kept == (bn == "frozen")
+
+
+def test_bad_settings_are_refused(teacher):
+    data = colour_data(64, 0)
+    with pytest.raises(ConfigError, match="BatchNorm mode 'fold'; known: frozen, reestimate"):
+        finetune(teacher, teacher, data, data, mean=(0,) * 3, std=(1,) * 3, epochs=1, bn="fold")
+    with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-2"):
+        finetune(teacher, teacher, data, data, mean=(0,) * 3, std=(1,) * 3, epochs=-2)
