@@ -58,7 +58,8 @@ def _compressed(spec, weights, train_set, profile, budget: float, epochs: int, w
         meta = json.loads(meta_path.read_text())
         models = {k: load_factored(p, load_model(spec.name, weights).module)[0] for k, p in files.items() if p.is_file()}
         return {**meta, "models": models}
-    result = compress(spec, train_set, settings=settings, tuning=tuning, seed=SEED, log=log)
+    result = compress(spec, train_set, settings=settings, tuning=tuning, quantization=profile.quantization, seed=SEED,
+                      log=log)
     models = {"oneshot": result.one_shot}
     if epochs:
         models["finetuned"] = result.model
@@ -70,10 +71,11 @@ def _compressed(spec, weights, train_set, profile, budget: float, epochs: int, w
 
 
 def _onnx_pair(module, stem: Path, *, check_x, calibration, quantization) -> dict[str, Path]:
-    raw, _ = export_onnx(module, stem.with_suffix(".raw.onnx"), check_inputs=check_x)
-    fp32, _ = simplify_onnx(raw, stem.with_suffix(".fp32.onnx"), check_inputs=check_x)
+    named = lambda kind: stem.parent / f"{stem.name}.{kind}.onnx"  # noqa: E731 (stems hold dots: b0.35)
+    raw, _ = export_onnx(module, named("raw"), check_inputs=check_x)
+    fp32, _ = simplify_onnx(raw, named("fp32"), check_inputs=check_x)
     raw.unlink()
-    int8 = quantize_onnx(fp32, stem.with_suffix(".int8.onnx"), calibration=calibration, settings=quantization)
+    int8 = quantize_onnx(fp32, named("int8"), calibration=calibration, settings=quantization)
     return {"fp32": fp32, "int8": int8}
 
 

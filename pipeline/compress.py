@@ -23,7 +23,7 @@ from pipeline.finetune import finetune
 from pipeline.macs import totals
 from pipeline.plan import DecompositionPlan
 from pipeline.sensitivity import sensitivities
-from pipeline.targets import Decomposition, Finetune
+from pipeline.targets import Decomposition, Finetune, Quantization
 from pipeline.zoo import ModelSpec
 
 
@@ -50,6 +50,8 @@ def check_settings(settings: Decomposition, tuning: Finetune) -> None:
                 raise unknown("candidate method", method, METHODS)
         if not settings.rank_fractions or not all(0 < f <= 1 for f in settings.rank_fractions):
             raise ConfigError(f"rank_fractions {settings.rank_fractions}; expected fractions in (0, 1]")
+    if settings.latency_weight < 0:
+        raise ConfigError(f"latency_weight={settings.latency_weight}; expected 0 (off) or a positive weight")
     if settings.fit_samples < 0 or settings.sensitivity_samples < 1:
         raise ConfigError(f"fit_samples={settings.fit_samples}, sensitivity_samples={settings.sensitivity_samples}; "
                           "expected fit_samples >= 0 and sensitivity_samples >= 1")
@@ -67,8 +69,10 @@ def split_training(labels: np.ndarray, *, heldout: int, fit: int, sensitivity: i
             "sensitivity": held[balanced_subset(labels[held], sensitivity, seed=seed)] if len(held) else held}
 
 
-def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune, seed: int = 0,
-             use_cache: bool = True, progress: bool = True, log=print) -> Compressed:
+def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
+             quantization: Quantization | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
+             log=print) -> Compressed:
+    """`quantization`: the target's int8 settings, needed when the allocation weighs host latency."""
     check_settings(settings, tuning)
     needs_heldout = bool(settings.budget or tuning.epochs)
     splits = split_training(train_set.y, heldout=tuning.heldout_samples if needs_heldout else 0, fit=settings.fit_samples,
@@ -84,9 +88,10 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             spec.module, input_shape=spec.input_shape, fit_x=calibration,
             heldout_x=images["sensitivity"], methods=settings.candidates, fractions=settings.rank_fractions,
             round_to=settings.round_to, layers=settings.layers, exclude=settings.exclude, seed=seed,
-            use_cache=use_cache, progress=progress)
+            quantization=quantization if settings.latency_weight else None, use_cache=use_cache, progress=progress)
         macs, params = totals(spec.module, spec.input_shape)
-        choices, allocation = allocate(candidates, budget=budget, total=macs if budget.resource == "macs" else params)
+        choices, allocation = allocate(candidates, budget=budget, total=macs if budget.resource == "macs" else params,
+                                       latency_weight=settings.latency_weight)
         allocation.update(sensitivity=facts, candidates=len(candidates))
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"

@@ -190,8 +190,8 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
                else f"{decomposition.method}, rank {decomposition.rank}")
         fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
         _stage(f"decompose {model} ({how}{fine})")
-        compressed = compress(spec, train_set, settings=decomposition, tuning=tuning, seed=SEED, progress=progress,
-                              log=_stage)
+        compressed = compress(spec, train_set, settings=decomposition, tuning=tuning, quantization=profile.quantization,
+                              seed=SEED, progress=progress, log=_stage)
         factored, plan = compressed.model, compressed.plan
         print(plan.table(), flush=True)
         work = staging / "baseline"

@@ -53,7 +53,7 @@ def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int
 
 
 def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout: Dataset, *, mean, std,
-             epochs: int, lr: float = 1e-4, batch_size: int = 128, weight_decay: float = 0.0,
+             epochs: int, lr: float = 1e-3, batch_size: int = 128, weight_decay: float = 0.0,
              temperature: float = 4.0, alpha: float = 0.9, bn: str = "frozen", seed: int = 0,
              progress: bool = True) -> tuple[nn.Module, dict]:
     """Fine-tune `student` (a copy is returned) on `train_set`; returns it and a history with per-epoch

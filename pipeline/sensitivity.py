@@ -25,10 +25,12 @@ from pipeline.atomic import write_text
 from pipeline.cache import cache_base
 from pipeline.decompose import fit_chain, set_submodule, unsupported_reason
 from pipeline.errors import StageError
+from pipeline.layer_latency import latency_ms
 from pipeline.macs import count
+from pipeline.measure import host_machine
 from pipeline.ranks import round_up
 
-VERSION = 1  # bump when what a table means changes, so stale caches are not reused
+VERSION = 2  # bump when what a table means changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Candidate:
     params: int
     kl: float  # mean KL(dense || this) over the held-out images, in nats
     agreement: float  # top-1 agreement with the dense model on them
-    seconds: float = 0.0  # host latency of the layer alone (batch 1, one thread), filled in by `latency`
+    latency_ms: float | None = None  # host int8 latency of the layer or chain alone (batch 1, one thread)
 
 
 def candidate_ranks(layer: nn.Module, method: str, *, fractions: tuple[float, ...], round_to: int) -> list[tuple[int, ...]]:
@@ -71,11 +73,13 @@ def _kl(dense: torch.Tensor, logits: torch.Tensor) -> float:
 def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.ndarray | None, heldout_x: np.ndarray,
                   methods: tuple[str, ...], fractions: tuple[float, ...], round_to: int,
                   layers: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = (), seed: int = 0,
-                  use_cache: bool = True, progress: bool = True) -> tuple[list[Candidate], dict]:
+                  quantization=None, use_cache: bool = True, progress: bool = True) -> tuple[list[Candidate], dict]:
     """Every candidate of every selected layer (a dense entry per layer included), and facts about the
-    run: whether the cache answered, its path, the seconds spent. Without `fit_x` the factors fit the weights."""
+    run: whether the cache answered, its path, the seconds spent. Without `fit_x` the factors fit the weights.
+    With `quantization` (a targets.Quantization) each candidate's int8 latency on this host is measured too."""
     settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to, "layers": list(layers),
-                "exclude": list(exclude), "seed": seed, "input_shape": list(input_shape)}
+                "exclude": list(exclude), "seed": seed, "input_shape": list(input_shape),
+                "latency": None if quantization is None else {**asdict(quantization), "host": host_machine()}}
     key = _fingerprint(module, *([] if fit_x is None else [fit_x]), heldout_x, settings={**settings, "data_aware": fit_x is not None})
     path = cache_base() / "sensitivity" / f"{key[:24]}.json"
     if use_cache and path.is_file():
@@ -93,13 +97,26 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
         dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
     with torch.inference_mode():
         reference = dense_model(held_t)
+    timed: dict[tuple, float | None] = {}  # by shape: ResNets repeat each block's shapes many times
+
+    def latency(module: nn.Module, shape: tuple[int, ...]) -> float | None:
+        if quantization is None:
+            return None
+        key = (shape, tuple((type(m).__name__, tuple(m.weight.shape), str(getattr(m, "stride", "")),
+                             str(getattr(m, "padding", "")), str(getattr(m, "dilation", "")), getattr(m, "groups", 1))
+                            for m in (module if isinstance(module, nn.Sequential) else [module])))
+        if key not in timed:
+            timed[key] = latency_ms(module, shape, quantization=quantization)
+        return timed[key]
+
     found = []
     jobs = [(n, m, r) for n in names for m in _methods_for(module.get_submodule(n), methods)
             for r in candidate_ranks(module.get_submodule(n), m, fractions=fractions, round_to=round_to)]
     bar = tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress, leave=False)
     for name in names:
         layer = module.get_submodule(name)
-        found.append(Candidate(name, None, (), costs[name].macs, costs[name].params, 0.0, 1.0))
+        shape = costs[name].input_shape
+        found.append(Candidate(name, None, (), costs[name].macs, costs[name].params, 0.0, 1.0, latency(layer, shape)))
         for method, ranks in ((m, r) for n, m, r in jobs if n == name):
             bar.update()
             chain = factorize.skeleton(layer, method, ranks)
@@ -118,7 +135,8 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             set_submodule(work, name, layer)
             found.append(Candidate(name, method, ranks, macs, sum(p.numel() for p in chain.parameters()),
                                    round(_kl(reference, logits), 8),
-                                   round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)))
+                                   round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6),
+                                   latency(chain, shape)))
     bar.close()
     seconds = round(time.perf_counter() - started, 2)
     write_text(path, json.dumps({"settings": settings, "seconds": seconds,

@@ -38,6 +38,8 @@ class Decomposition:
     rank_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     fit_samples: int = 256  # training images the factors are fitted to (0: fit the weights instead)
     sensitivity_samples: int = 256  # held-out training images each candidate is judged on
+    # second cost of the allocation: KL nats that the dense layers' summed host int8 latency is worth (0: off)
+    latency_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Finetune:
     """Knowledge-distillation fine-tuning of the factored model (pipeline/finetune.py)."""
 
     epochs: int = 0
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 0.0
     temperature: float = 4.0
