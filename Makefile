@@ -44,7 +44,9 @@ setup-device: setup
 
 decompose: setup
 	$(BIN)/cnn-deploy decompose --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
-		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT))
+		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) \
+		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
+		$(if $(DATA),--data $(DATA))
 
 test: setup
 	$(BIN)/python -m pytest

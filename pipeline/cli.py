@@ -20,6 +20,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_decompose(args) -> int:
+    import dataclasses
+
     from pipeline.atomic import write_text
     from pipeline.decompose import METHODS, decompose
     from pipeline.errors import unknown
@@ -29,9 +31,21 @@ def cmd_decompose(args) -> int:
     if args.method not in METHODS:
         raise unknown("method", args.method, METHODS)
     spec = load_model(args.model, args.weights)
-    model, plan = decompose(spec.module, input_shape=spec.input_shape, method=args.method, rank=args.rank,
-                            layers=tuple(args.layers), exclude=tuple(args.exclude), round_to=args.round_to,
-                            seed=args.seed)
+    if args.budget or args.fit_samples or args.finetune_epochs:  # these need training images
+        from calib import load_dataset
+        from pipeline.compress import compress
+        from pipeline.targets import Decomposition, Finetune
+
+        settings = Decomposition(method=args.method, rank=args.rank, layers=tuple(args.layers),
+                                 exclude=tuple(args.exclude), round_to=args.round_to, budget=args.budget or "",
+                                 fit_samples=args.fit_samples if args.fit_samples is not None else Decomposition.fit_samples)
+        tuning = dataclasses.replace(Finetune(), epochs=args.finetune_epochs or 0)
+        result = compress(spec, load_dataset("train", args.data), settings=settings, tuning=tuning, seed=args.seed)
+        model, plan = result.model, result.plan
+    else:
+        model, plan = decompose(spec.module, input_shape=spec.input_shape, method=args.method, rank=args.rank,
+                                layers=tuple(args.layers), exclude=tuple(args.exclude), round_to=args.round_to,
+                                seed=args.seed)
     print(plan.table())
     if args.out:
         save_factored(args.out, model, plan, model_name=spec.name)
@@ -76,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="*", default=["*"], help="fnmatch patterns of layer names to factor")
     p.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of layer names to leave dense")
     p.add_argument("--round-to", type=int, default=1, help="round ranks up to a multiple of this")
+    p.add_argument("--budget", help="fraction of MACs (0.35) or params (params:0.5) to keep: ranks by sensitivity")
+    p.add_argument("--fit-samples", type=int, help="fit factors to this many training images' activations "
+                                                   "(default: 256 with --budget, else fit the weights)")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz, for --budget, --fit-samples, --finetune-epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the factored model (.pt) and its plan (.plan.json)")
     p.set_defaults(run=cmd_decompose)

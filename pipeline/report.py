@@ -59,6 +59,24 @@ class DeployReport:
         return "\n".join(lines)
 
 
+def _compression_lines(record: dict) -> list[str]:
+    """How the plan was reached: the budget allocation and the fine-tuning, when there were any."""
+    lines = []
+    allocation, tuned = record.get("allocation"), record.get("finetune")
+    if allocation:
+        source = "read from the cache" if allocation["sensitivity"]["cached"] else \
+            f"measured in {allocation['sensitivity']['seconds']:.0f} s"
+        lines.append(f"Budget {allocation['budget']}: {allocation['kept']:.1%} kept; {allocation['candidates']} "
+                     f"candidates ({source}); summed KL of the choices {allocation['predicted_kl']:.4f}; latency "
+                     f"weight {allocation['latency_weight']:g}.")
+    if tuned:
+        lines.append(f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per "
+                     f"epoch on this host, BatchNorm {tuned['bn']}): held-out top-1 {tuned['start_heldout_top1']:.2%} "
+                     f"-> {tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, "
+                     f"{tuned['heldout_samples']:,} training images never trained on).")
+    return [*lines, ""] if lines else []
+
+
 def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[Path]:
     json_path = write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     plot_path = _plot(out_dir / PLOT, report)
@@ -85,6 +103,7 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "",
         "## Decomposition plan",
         "",
+        *_compression_lines(report.decomposition),
         "```",
         plan_table,
         "```",
