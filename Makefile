@@ -27,7 +27,7 @@ deploy: setup
 
 # Benchmark (not a test): BENCH_MODELS, BUDGETS (fractions of MACs), FINETUNE_EPOCHS (one, or one per model).
 BENCH_MODELS ?= resnet20 resnet56
-BUDGETS      ?= 0.5 0.35 0.25
+BUDGETS      ?= 0.75 0.5 0.35 0.25
 bench: setup
 	CIFAR_RESNET_DIR=$${CIFAR_RESNET_DIR:-$(CURDIR)/../shared/models/cifar-resnet} \
 	$(BIN)/cnn-deploy bench --models $(BENCH_MODELS) --budgets $(BUDGETS) --target $(TARGET) \

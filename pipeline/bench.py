@@ -32,7 +32,7 @@ from pipeline.simplify import simplify_onnx
 from pipeline.targets import load_target
 from pipeline.zoo import load_model
 
-BUDGETS = (0.5, 0.35, 0.25)
+BUDGETS = (0.75, 0.5, 0.35, 0.25)
 SEED = 0
 # Published CIFAR-10 ResNet-20 low-rank results (dense 91.73%), all with full retraining on GPUs.
 PUBLISHED = {"resnet20": [

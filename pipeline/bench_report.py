@@ -1,6 +1,7 @@
 """bench/report.md and bench/pareto.png from bench/results.json: the rows side by side, ratios, a top-1 vs
 MACs Pareto plot with the published results, and per-budget plans."""
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +29,26 @@ def _table(rows: list[dict], dense_top1: float) -> list[str]:
                  "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.1f}", ft)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+TIMING = re.compile(r"([0-9.]+) ms on this host vs ([0-9.]+) dense")
+
+
+def _latency_lines(plan: dict) -> list[str]:
+    """Which factored layers run slower than the dense layer they replace (host int8, layer alone)."""
+    allocation = plan.get("allocation") or {}
+    summed = allocation.get("layer_latency_ms")
+    if not summed:
+        return []
+    slower = []
+    for layer in plan["layers"]:
+        found = TIMING.search(layer["note"])
+        if found and float(found[1]) > float(found[2]):
+            slower.append(f"{layer['name']} ({layer['method']} {'x'.join(map(str, layer['ranks']))}: "
+                          f"{found[1]} vs {found[2]} ms)")
+    return [f"Summed layer latency (int8, each layer alone, this host): {summed['chosen']:.3f} ms chosen vs "
+            f"{summed['dense']:.3f} ms dense, latency weight {allocation['latency_weight']:g}. "
+            f"Factored layers slower than their dense conv: {', '.join(slower) or 'none'}."]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -80,7 +101,7 @@ def write_report(results: dict, out: Path) -> Path:
         for budget, plan in entry["plans"].items():
             chosen = [f"{layer['name']} {layer['method'] or 'dense'} {'x'.join(map(str, layer['ranks']))}".rstrip()
                       for layer in plan["layers"]]
-            lines += [f"Budget {budget}: " + ", ".join(chosen), ""]
+            lines += [f"Budget {budget}: " + ", ".join(chosen), "", *_latency_lines(plan), ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="dense vs budgeted factored models, before/after fine-tuning (bench/report.md)")
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.35, 0.25], help="fractions of MACs to keep")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25], help="fractions of MACs to keep")
     p.add_argument("--epochs", nargs="+", type=int, default=[3], help="fine-tuning epochs: one count, or one per model")
     p.add_argument("--target", default="rpi4", help="profile whose quantization and decomposition settings apply")
     p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")

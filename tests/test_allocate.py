@@ -99,3 +99,37 @@ def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, 
     with torch.no_grad():
         net[2].weight.mul_(1.01)  # other weights: measured afresh
     assert not sensitivities(net, **kwargs)[1]["cached"]
+
+
+def test_hand_built_layer_graphs_compute_what_torch_computes(tmp_path):
+    import onnx
+
+    from pipeline.factorize import skeleton
+    from pipeline.layer_latency import latency_ms, layer_graph
+    from pipeline.onnx_run import run, session
+    from pipeline.targets import Quantization
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(1, 16, 12, 12)
+    for module in (conv, skeleton(conv, "tucker2", (8, 8)), skeleton(conv, "svd", (8,)), skeleton(conv, "cp", (8,)),
+                   nn.Sequential(nn.Linear(20, 6), nn.Linear(6, 5))):
+        shape = (20,) if isinstance(module, nn.Sequential) and isinstance(module[0], nn.Linear) else (16, 12, 12)
+        sample = torch.randn(1, *shape) if shape == (20,) else x
+        onnx.save(layer_graph(module, shape), tmp_path / "g.onnx")
+        with torch.no_grad():
+            assert np.allclose(run(session(tmp_path / "g.onnx"), sample.numpy()), module(sample).numpy(), atol=1e-5)
+    assert latency_ms(conv, (16, 12, 12), quantization=Quantization(), runs=5, warmup=1) > 0
+    assert latency_ms(skeleton(conv, "slice-svd", (1,)), (16, 12, 12), quantization=Quantization()) is None
+
+
+def test_latency_weight_steers_the_allocation_away_from_slow_shapes():
+    # a: svd saves more MACs but runs slower than dense; b: tucker2 is slightly worse in KL but fast
+    table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("a", "svd", (1,), 40, 4, 0.01, 1.0, 3.0),
+             Candidate("b", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("b", "tucker2", (1,), 40, 4, 0.02, 1.0, 0.5)]
+    plain, _ = allocate(table, budget=CostBudget("macs", 0.7), total=200)
+    assert (plain["a"].method, plain["b"].method) == ("svd", None)
+    steered, summary = allocate(table, budget=CostBudget("macs", 0.7), total=200, latency_weight=1.0)
+    assert (steered["a"].method, steered["b"].method) == (None, "tucker2")
+    assert summary["layer_latency_ms"] == {"dense": 2.0, "chosen": 1.5}
+    assert "0.500 ms on this host vs 1.000 dense" in steered["b"].reason
