@@ -20,8 +20,10 @@ import torch
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.accuracy import top1
+from pipeline.allocate import parse_budget
 from pipeline.atomic import write_text
 from pipeline.compress import compress
+from pipeline.errors import ConfigError
 from pipeline.export import export_onnx
 from pipeline.factored_io import load_factored, save_factored
 from pipeline.measure import host_machine
@@ -150,6 +152,11 @@ def bench_model(model: str, *, budgets=BUDGETS, epochs: int, target: str, data, 
 
 def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str, int] | int = 3, target: str = "rpi4",
           data=None, eval_samples: int = 0, out: str = "bench", latency_rounds: int = 10, log=print) -> Path:
+    counts = [epochs] if isinstance(epochs, int) else list(epochs.values())
+    for budget in budgets:
+        parse_budget(budget)  # a bad budget or epoch count is refused before any work
+    if any(n < 0 for n in counts):
+        raise ConfigError(f"FINETUNE_EPOCHS={' '.join(map(str, counts))}; expected 0 or positive counts")
     torch.manual_seed(SEED)
     out = Path(out)
     started = time.perf_counter()

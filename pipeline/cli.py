@@ -56,13 +56,12 @@ def cmd_decompose(args) -> int:
 
 def cmd_bench(args) -> int:
     from pipeline.bench import bench
+    from pipeline.errors import ConfigError
 
-    epochs = dict(zip(args.models, args.epochs, strict=False)) if len(args.epochs) > 1 else args.epochs[0]
-    if isinstance(epochs, dict) and len(epochs) != len(args.models):
-        from pipeline.errors import ConfigError
-
+    if len(args.epochs) not in (1, len(args.models)):
         raise ConfigError(f"--epochs got {len(args.epochs)} counts for {len(args.models)} models; expected one, "
                           "or one per model")
+    epochs = args.epochs[0] if len(args.epochs) == 1 else dict(zip(args.models, args.epochs, strict=True))
     path = bench(models=tuple(args.models), budgets=tuple(args.budgets), epochs=epochs, target=args.target,
                  data=args.data, eval_samples=args.eval_samples, out=args.out, latency_rounds=args.latency_rounds)
     print(f"results: {path}; report: {path.with_name('report.md')}")

@@ -107,12 +107,12 @@ def decompose(module: nn.Module, *, input_shape: tuple[int, ...], method: str = 
     if calibration is not None:
         x = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
         data = (x, {n: io[1] for n, io in layer_io(module, [n for n in selected if n in costs], x).items()})
+    label = "allocated" if choices is not None else str(rule)
     plans = []
     with threadpool_limits(limits=1):  # BLAS threads oversubscribe on these small tensors (CP-ALS 30x slower)
         for name, layer in tqdm(candidates, desc=f"decompose ({'budget' if choices else method})", unit="layer",
                                 disable=not progress, leave=False):
             cost = costs.get(name)
-            label = "allocated" if choices is not None else str(rule)
             if name not in selected:
                 plans.append(_dense(name, layer, cost, label, "not selected by the layer patterns"))
                 continue
@@ -132,19 +132,20 @@ def decompose(module: nn.Module, *, input_shape: tuple[int, ...], method: str = 
             plans.append(_factor_one(model, name, layer, cost, layer_method, ranks, label, note, data=data, seed=seed,
                                      fallback=(rule, round_to)))
     requested = "budget" if choices is not None else method
-    label = "allocated" if choices is not None else str(rule)
     return model, DecompositionPlan(requested, label, round_to, tuple(plans), time.perf_counter() - started)
 
 
 def fit_chain(layer: nn.Module, method: str, ranks: tuple[int, ...], *, x: torch.Tensor | None = None,
-              y: torch.Tensor | None = None, seed: int = 0) -> tuple[nn.Sequential, str]:
-    """A fitted chain for one layer: to its output on (x, y) where given and supported, else to its weights."""
+              y: torch.Tensor | None = None, seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, str]:
+    """A fitted chain for one layer: to its output on (x, y) where given and supported, else to its weights.
+    Returns it with the weight it computes and a note."""
     chain = factorize.skeleton(layer, method, ranks)
     if x is not None and datafit.supports(layer, method):
         note = datafit.fit(layer, method, chain, x, y, seed=seed)
+        approx = factorize.effective_weight(chain, method, layer)
     else:
-        _, note = factorize.fit(layer, method, chain, seed=seed)
-    return chain.eval(), note
+        approx, note = factorize.fit(layer, method, chain, seed=seed)
+    return chain.eval(), approx, note
 
 
 def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, seed, fallback) -> LayerPlan:
@@ -157,17 +158,15 @@ def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, s
     x = datafit.layer_inputs(model, name, data[0]) if data else None
     y = data[1][name] if data else None
     try:
-        chain, fit_note = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
+        chain, approx, fit_note = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
     except StageError as exc:  # CP-ALS diverged from every start: Tucker-2 always converges
         rule, round_to = fallback
         method, ranks = "tucker2", choose_ranks(layer, "tucker2", rule, round_to=round_to, name=name)
-        chain, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
+        chain, approx, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
         fit_note = f"{exc}; fell back to tucker2"
         macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
     set_submodule(model, name, chain)
     params_after = sum(p.numel() for p in chain.parameters())
-    approx = (factorize.effective_weight(chain, method, layer) if method != "slice-svd"
-              else factorize.fit(layer, method, factorize.skeleton(layer, method, ranks), seed=seed)[0])
     return LayerPlan(name, type(layer).__name__, method, ranks, label, cost.macs, macs_after, cost.params,
                      params_after, _relative_error(layer.weight.detach(), approx), "; ".join(filter(None, (note, fit_note))),
                      None if x is None else round(datafit.output_error(chain, x, y), 6))

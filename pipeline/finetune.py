@@ -107,12 +107,12 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
         held_top1 = top1(torch_logits(model, held_x), heldout.y)
         seconds = time.perf_counter() - started
         history["epochs"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5),
-                                  "heldout_top1": held_top1, "seconds": round(seconds, 1)})
+                                  "heldout_top1": held_top1, "seconds": round(seconds, 3)})
         tqdm.write(f"fine-tune epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, held-out top-1 "
                    f"{held_top1:.2%} (start {start_top1:.2%}), {seconds:.0f} s")
         if held_top1 > best[0]:
             best = (held_top1, copy.deepcopy(model.state_dict()), epoch + 1)
     model.load_state_dict(best[1])
     history.update(best_epoch=best[2], best_heldout_top1=best[0],
-                   seconds_per_epoch=round(float(np.mean([e["seconds"] for e in history["epochs"]])), 1) if epochs else 0.0)
+                   seconds_per_epoch=round(float(np.mean([e["seconds"] for e in history["epochs"]])), 3) if epochs else 0.0)
     return model.eval(), history

@@ -6,9 +6,7 @@ second cost. Each layer is built as a one-node ONNX graph by hand (the exporter 
 this takes milliseconds), quantized with the target's settings and timed at batch 1 on one thread.
 """
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +14,28 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from pipeline.onnx_run import session
+from pipeline.measure import latency_ms
 from pipeline.quantize import quantize_onnx
 
 
-def _conv_node(conv: nn.Conv2d, name: str, source: str, inits: list) -> onnx.NodeProto:
-    inits.append(numpy_helper.from_array(conv.weight.detach().numpy(), f"{name}.w"))
-    inputs = [source, f"{name}.w"]
-    if conv.bias is not None:
-        inits.append(numpy_helper.from_array(conv.bias.detach().numpy(), f"{name}.b"))
-        inputs.append(f"{name}.b")
-    (ph, pw) = conv.padding
-    return helper.make_node("Conv", inputs, [f"{name}.out"], name=name, kernel_shape=list(conv.kernel_size),
-                            strides=list(conv.stride), dilations=list(conv.dilation), pads=[ph, pw, ph, pw],
-                            group=conv.groups)
+def _inputs(layer: nn.Module, name: str, source: str, inits: list) -> list[str]:
+    """The node's input names; its weight (and bias) become initializers."""
+    inputs = [source]
+    for kind, tensor in (("w", layer.weight), ("b", layer.bias)):
+        if tensor is not None:
+            inits.append(numpy_helper.from_array(tensor.detach().numpy(), f"{name}.{kind}"))
+            inputs.append(f"{name}.{kind}")
+    return inputs
 
 
-def _gemm_node(fc: nn.Linear, name: str, source: str, inits: list) -> onnx.NodeProto:
-    inits.append(numpy_helper.from_array(fc.weight.detach().numpy(), f"{name}.w"))
-    inputs = [source, f"{name}.w"]
-    if fc.bias is not None:
-        inits.append(numpy_helper.from_array(fc.bias.detach().numpy(), f"{name}.b"))
-        inputs.append(f"{name}.b")
-    return helper.make_node("Gemm", inputs, [f"{name}.out"], name=name, transB=1)
+def _node(layer: nn.Module, name: str, source: str, inits: list) -> onnx.NodeProto:
+    inputs = _inputs(layer, name, source, inits)
+    if isinstance(layer, nn.Linear):
+        return helper.make_node("Gemm", inputs, [f"{name}.out"], name=name, transB=1)
+    (ph, pw) = layer.padding
+    return helper.make_node("Conv", inputs, [f"{name}.out"], name=name, kernel_shape=list(layer.kernel_size),
+                            strides=list(layer.stride), dilations=list(layer.dilation), pads=[ph, pw, ph, pw],
+                            group=layer.groups)
 
 
 def layer_graph(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto | None:
@@ -46,20 +43,17 @@ def layer_graph(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelPr
     layers = list(module) if isinstance(module, nn.Sequential) else [module]
     nodes, inits, source = [], [], "input"
     for i, layer in enumerate(layers):
-        if type(layer) is nn.Conv2d and not isinstance(layer.padding, str):
-            nodes.append(_conv_node(layer, f"l{i}", source, inits))
-        elif type(layer) is nn.Linear:
-            nodes.append(_gemm_node(layer, f"l{i}", source, inits))
-        else:
+        if not (type(layer) is nn.Linear or (type(layer) is nn.Conv2d and not isinstance(layer.padding, str))):
             return None
+        nodes.append(_node(layer, f"l{i}", source, inits))
         source = nodes[-1].output[0]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *input_shape])],
                               [helper.make_tensor_value_info(source, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization, runs: int = 60,
-               warmup: int = 10, seed: int = 0) -> float | None:
+def layer_latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization, runs: int = 60,
+                     warmup: int = 10, seed: int = 0) -> float | None:
     """Median single-thread latency of `module` quantized with `quantization` (a targets.Quantization)."""
     graph = layer_graph(module, input_shape)
     if graph is None:
@@ -71,13 +65,4 @@ def latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization,
         fp32 = Path(tmp) / "layer.onnx"
         onnx.save(graph, fp32)
         int8 = quantize_onnx(fp32, Path(tmp) / "layer.int8.onnx", calibration=calibration, settings=quantization)
-        sess = session(int8, threads=1)
-        feed = {"input": calibration[:1]}
-        for _ in range(warmup):
-            sess.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return latency_ms(int8, sample=calibration[0], runs=runs, warmup=warmup)

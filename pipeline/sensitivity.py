@@ -25,7 +25,7 @@ from pipeline.atomic import write_text
 from pipeline.cache import cache_base
 from pipeline.decompose import fit_chain, set_submodule, unsupported_reason
 from pipeline.errors import StageError
-from pipeline.layer_latency import latency_ms
+from pipeline.layer_latency import layer_latency_ms
 from pipeline.macs import count
 from pipeline.measure import host_machine
 from pipeline.ranks import round_up
@@ -106,7 +106,7 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
                              str(getattr(m, "padding", "")), str(getattr(m, "dilation", "")), getattr(m, "groups", 1))
                             for m in (module if isinstance(module, nn.Sequential) else [module])))
         if key not in timed:
-            timed[key] = latency_ms(module, shape, quantization=quantization)
+            timed[key] = layer_latency_ms(module, shape, quantization=quantization)
         return timed[key]
 
     found = []
@@ -126,7 +126,7 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             try:
                 with threadpool_limits(limits=1):
                     x, y = io.get(name, (None, None))
-                    chain, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
+                    chain, _, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
             except StageError:  # CP-ALS that diverged is simply not a candidate
                 continue
             set_submodule(work, name, chain)

@@ -105,7 +105,7 @@ def test_hand_built_layer_graphs_compute_what_torch_computes(tmp_path):
     import onnx
 
     from pipeline.factorize import skeleton
-    from pipeline.layer_latency import latency_ms, layer_graph
+    from pipeline.layer_latency import layer_graph, layer_latency_ms
     from pipeline.onnx_run import run, session
     from pipeline.targets import Quantization
 
@@ -119,8 +119,8 @@ def test_hand_built_layer_graphs_compute_what_torch_computes(tmp_path):
         onnx.save(layer_graph(module, shape), tmp_path / "g.onnx")
         with torch.no_grad():
             assert np.allclose(run(session(tmp_path / "g.onnx"), sample.numpy()), module(sample).numpy(), atol=1e-5)
-    assert latency_ms(conv, (16, 12, 12), quantization=Quantization(), runs=5, warmup=1) > 0
-    assert latency_ms(skeleton(conv, "slice-svd", (1,)), (16, 12, 12), quantization=Quantization()) is None
+    assert layer_latency_ms(conv, (16, 12, 12), quantization=Quantization(), runs=5, warmup=1) > 0
+    assert layer_latency_ms(skeleton(conv, "slice-svd", (1,)), (16, 12, 12), quantization=Quantization()) is None
 
 
 def test_latency_weight_steers_the_allocation_away_from_slow_shapes():

@@ -70,3 +70,13 @@ def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "| b0.85_finetuned_int8 |" in report and "speedup / MAC red." in report
     assert (tmp_path / "bench" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv,words", [(["--budgets", "0.5", "1.5"], "Budget 1.5; expected the fraction"),
+                                        (["--epochs", "3", "1", "1"], "--epochs got 3 counts for 2 models"),
+                                        (["--epochs", "-1"], "FINETUNE_EPOCHS=-1; expected 0 or positive counts")])
+def test_bench_refuses_bad_settings_before_any_work(argv, words, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and not out.exists()
