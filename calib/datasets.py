@@ -67,27 +67,6 @@ def _load_npz(path: Path) -> Dataset:
     return check(x, y, source=str(path))
 
 
-def balanced_subset(labels: np.ndarray, n: int | None, *, seed: int = 0) -> np.ndarray:
-    """Indices of `n` samples, as equal per class as possible, chosen by a seeded shuffle; sorted."""
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    if n < 1:
-        raise InputError(f"Subset size {n}; expected at least 1")
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    quota = np.full(len(classes), n // len(classes))
-    quota[: n % len(classes)] += 1
-    # a class with too few samples hands its leftover quota to the others, in class order
-    taken = [p[: min(q, len(p))] for p, q in zip(per_class, quota, strict=True)]
-    short = n - sum(len(t) for t in taken)
-    for i, p in enumerate(per_class):
-        extra = min(short, len(p) - len(taken[i]))
-        taken[i] = p[: len(taken[i]) + extra]
-        short -= extra
-    return np.sort(np.concatenate(taken))
-
-
 def preprocess(x: np.ndarray, *, mean, std) -> np.ndarray:
     """NHWC uint8 (or float 0..1) to the NCHW float32 a model takes, normalised per channel."""
     scaled = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)

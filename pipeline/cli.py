@@ -1,4 +1,5 @@
-"""Command line: `cnn-deploy {deploy,decompose,train}`; errors print one readable line (traceback with --debug)."""
+"""Command line: `cnn-deploy {deploy,regress,setup-device,decompose,bench,train}`; errors print one readable line
+(traceback with --debug), exit 2."""
 
 import argparse
 import sys
@@ -9,8 +10,8 @@ from pipeline.errors import PipelineError
 
 def cmd_train(args) -> int:
     from calib import load_dataset
-    from pipeline.train import train
     from pipeline.zoo import load_model
+    from pipeline.zoo.train import train
 
     spec = load_model(args.model, pretrained=False)
     result = train(spec, load_dataset("train", args.data), test_set=load_dataset("test", args.data),
@@ -20,32 +21,29 @@ def cmd_train(args) -> int:
 
 
 def cmd_decompose(args) -> int:
-    import dataclasses
-
-    from pipeline.atomic import write_text
-    from pipeline.decompose import METHODS, decompose
-    from pipeline.errors import unknown
-    from pipeline.factored_io import save_factored
+    from pipeline.compress.store import save_factored
+    from pipeline.util import write_text
     from pipeline.zoo import load_model
+    from targets import load_target
 
-    if args.method not in METHODS:
-        raise unknown("method", args.method, METHODS)
+    profile = load_target(args.target).override(
+        decomposition={"method": args.method, "rank": args.rank, "layers": args.layers, "exclude": args.exclude,
+                       "round_to": args.round_to, "budget": args.budget, "fit_samples": args.fit_samples},
+        finetune={"epochs": args.finetune_epochs})
+    settings, tuning = profile.decomposition, profile.finetune
     spec = load_model(args.model, args.weights)
-    if args.budget or args.fit_samples or args.finetune_epochs:  # these need training images
+    if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
         from calib import load_dataset
-        from pipeline.compress import compress
-        from pipeline.targets import Decomposition, Finetune
+        from pipeline.compress.stage import compress
+        from pipeline.ort.layer_latency import OrtLayerLatency
 
-        settings = Decomposition(method=args.method, rank=args.rank, layers=tuple(args.layers),
-                                 exclude=tuple(args.exclude), round_to=args.round_to, budget=args.budget or "",
-                                 fit_samples=args.fit_samples if args.fit_samples is not None else Decomposition.fit_samples)
-        tuning = dataclasses.replace(Finetune(), epochs=args.finetune_epochs or 0)
-        result = compress(spec, load_dataset("train", args.data), settings=settings, tuning=tuning, seed=args.seed)
+        result = compress(spec, load_dataset("train", args.data), settings=settings, tuning=tuning,
+                          layer_latency=OrtLayerLatency(profile.quantization), seed=args.seed)
         model, plan = result.model, result.plan
     else:
-        model, plan = decompose(spec.module, input_shape=spec.input_shape, method=args.method, rank=args.rank,
-                                layers=tuple(args.layers), exclude=tuple(args.exclude), round_to=args.round_to,
-                                seed=args.seed)
+        from pipeline.compress.decompose import decompose
+
+        model, plan = decompose(spec.module, input_shape=spec.input_shape, settings=settings, seed=args.seed)
     print(plan.table())
     if args.out:
         save_factored(args.out, model, plan, model_name=spec.name)
@@ -55,7 +53,7 @@ def cmd_decompose(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipeline.bench import bench
+    from pipeline.bench.run import bench
     from pipeline.errors import ConfigError
 
     if len(args.epochs) not in (1, len(args.models)):
@@ -66,6 +64,71 @@ def cmd_bench(args) -> int:
                  data=args.data, eval_samples=args.eval_samples, out=args.out, latency_rounds=args.latency_rounds)
     print(f"results: {path}; report: {path.with_name('report.md')}")
     return 0
+
+
+def _add_compression_flags(p) -> None:
+    """The compression settings deploy and decompose share; each overrides the target profile only when given."""
+    p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
+    p.add_argument("--rank", help="override the profile: evbmf, energy:0.9, an integer or a fraction")
+    p.add_argument("--budget", help="keep this fraction of the dense model's MACs (0.35, macs:0.35) or parameters "
+                                    "(params:0.5); per-layer methods and ranks are then allocated by sensitivity")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
+
+
+def cmd_deploy(args) -> int:
+    from pipeline.deploy import deploy
+
+    report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
+                    budget=args.budget, finetune_epochs=args.finetune_epochs, data=args.data, eval_samples=args.eval_samples, out=args.out, progress=not args.quiet)
+    out = Path(args.out) if args.out else Path("build") / args.target
+    print()
+    print(report.summary_table())
+    print(f"\nartefacts in {out}/ (report.md, manifest.json); {report.wall_seconds:.0f} s in all")
+    return 0 if report.passed else 1
+
+
+def add_deploy_parser(sub) -> None:
+    p = sub.add_parser("deploy", help="decompose, export, quantize, emit and measure for a target")
+    p.add_argument("--target", default="rpi4")
+    p.add_argument("--model", default="seednet", help="zoo name or package.module:callable")
+    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+    _add_compression_flags(p)
+    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
+    p.add_argument("--out", help="output folder (default: build/<target>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_deploy)
+
+
+def cmd_regress(args) -> int:
+    from pipeline.device.regress import regress
+
+    out = Path(args.out) if args.out else Path("build") / args.target
+    report = regress(out, device=args.device, eval_samples=args.eval_samples, data=args.data, accept=args.accept)
+    print(report.table())
+    print(f"\nwritten: {out / 'regress.json'}")
+    return 0 if report.passed else 1
+
+
+def cmd_setup_device(args) -> int:
+    from pipeline.device import qemu
+
+    root = qemu.ensure()
+    print(f"emulated Raspberry Pi 4 ready in {root}: {qemu.check(root)}")
+    return 0
+
+
+def add_regress_parsers(sub) -> None:
+    p = sub.add_parser("regress", help="run the deployed int8 artefact on the device and check its accuracy")
+    p.add_argument("--target", default="rpi4")
+    p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
+    p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: what the deploy used)")
+    p.add_argument("--out", help="the build folder (default: build/<target>)")
+    p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
+    p.set_defaults(run=cmd_regress)
+    p = sub.add_parser("setup-device", help="build and check the emulated Raspberry Pi 4 (qemu)")
+    p.set_defaults(run=cmd_setup_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,18 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("decompose", help="factor a model's conv and linear layers; print and save the plan")
+    p.add_argument("--target", default="rpi4", help="profile whose decomposition settings apply (flags override)")
     p.add_argument("--model", default="seednet", help="zoo name or package.module:callable")
     p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
-    p.add_argument("--method", default="tucker2", help="svd, slice-svd, cp or tucker2")
-    p.add_argument("--rank", default="evbmf", help="evbmf, energy:0.9, an integer, or a fraction of the maximum")
-    p.add_argument("--layers", nargs="*", default=["*"], help="fnmatch patterns of layer names to factor")
-    p.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of layer names to leave dense")
-    p.add_argument("--round-to", type=int, default=1, help="round ranks up to a multiple of this")
-    p.add_argument("--budget", help="fraction of MACs (0.35) or params (params:0.5) to keep: ranks by sensitivity")
+    _add_compression_flags(p)
+    p.add_argument("--layers", nargs="*", help="fnmatch patterns of layer names to factor")
+    p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layer names to leave dense")
+    p.add_argument("--round-to", type=int, help="round ranks up to a multiple of this")
     p.add_argument("--fit-samples", type=int, help="fit factors to this many training images' activations "
-                                                   "(default: 256 with --budget, else fit the weights)")
-    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model")
-    p.add_argument("--data", help="CIFAR-10 folder or .npz, for --budget, --fit-samples, --finetune-epochs")
+                                                   "(0: fit the weights, no data needed)")
+    p.add_argument("--data", help="CIFAR-10 folder or .npz, for fitting, --budget and --finetune-epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the factored model (.pt) and its plan (.plan.json)")
     p.set_defaults(run=cmd_decompose)
@@ -108,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
     p.add_argument("--out", default="bench")
     p.set_defaults(run=cmd_bench)
-
-    from pipeline.deploy_cli import add_deploy_parser, add_regress_parsers
 
     add_deploy_parser(sub)
     add_regress_parsers(sub)

@@ -1,46 +1,246 @@
-"""Deploy orchestration: the only place that knows the order of the stages.
+"""Deploy orchestration: the only place that knows the order of the stages (`STAGES`).
 
-decompose -> export -> simplify -> quantize -> emit, for the dense and the factored model, then measure
-all four variants and write the reports. The build is assembled in a staging folder beside the output
-and swapped in only when complete, so a failure or Ctrl-C leaves the previous build intact.
+compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> emit ->
+device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
+assembled in a staging folder beside the output and swapped in only when complete, so a failure or Ctrl-C
+leaves the previous build intact.
 """
 
-import dataclasses
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from calib import balanced_subset, load_dataset, preprocess
-from pipeline.compress import check_settings, compress, with_overrides
-from pipeline.decompose import METHODS
-from pipeline.device import parse_device
-from pipeline.emit import emit_onnxruntime
-from pipeline.emit_mcu import arena_with_margin, emit_mcu
-from pipeline.errors import ConfigError, InputError, StageError, unknown
-from pipeline.export import export_onnx
-from pipeline.manifest import write_manifest
-from pipeline.measure import measure_onnx
-from pipeline.measure_tflm import measure_tflite
-from pipeline.quantize import quantize_onnx
-from pipeline.ranks import parse_rank
-from pipeline.regress import check_on_device
-from pipeline.report import DeployReport, write_reports
-from pipeline.simplify import simplify_onnx
-from pipeline.targets import load_target
-from pipeline.tflite_convert import convert_to_tflite
-from pipeline.zoo import load_model
+from calib import Dataset, balanced_subset, load_dataset, preprocess
+from pipeline.compress.stage import Compressed, compress
+from pipeline.device.regress import check_on_device
+from pipeline.device.transports import parse_device
+from pipeline.errors import ConfigError, InputError, StageError
+from pipeline.metrics import VariantReport
+from pipeline.onnx.chain import to_onnx
+from pipeline.ort.emit import emit_onnxruntime
+from pipeline.ort.layer_latency import OrtLayerLatency
+from pipeline.ort.measure import measure_onnx
+from pipeline.report.deploy_report import DeployReport, write_reports
+from pipeline.report.manifest import write_manifest
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.firmware import arena_with_margin, emit_mcu
+from pipeline.tflm.measure import measure_tflite
+from pipeline.zoo import ModelSpec, load_model
+from targets import Memory, TargetProfile, load_target
 
 SEED = 0
 CHECK_SAMPLES = 64  # real test images used to check export and simplification
+VARIANTS = ("dense_fp32", "dense_int8", "factored_fp32", "factored_int8")  # measured in this order
 
 
 def _stage(message: str) -> None:
     print(f"[deploy] {message}", flush=True)
 
+
+@dataclass
+class Build:
+    """What the stages hand each other: the inputs, then the files and figures each stage adds."""
+
+    profile: TargetProfile
+    spec: ModelSpec
+    train_set: Dataset
+    test_set: Dataset
+    eval_x: np.ndarray
+    eval_y: np.ndarray
+    staging: Path
+    data: str | None  # as the user gave it, recorded in the manifest for `make regress`
+    progress: bool
+    started: float = field(default_factory=time.perf_counter)
+    compressed: Compressed | None = None
+    onnx: dict[str, Path] = field(default_factory=dict)  # by variant name
+    tflite: dict[str, Path] = field(default_factory=dict)  # dense, factored (microcontrollers)
+    variants: dict[str, VariantReport] = field(default_factory=dict)
+    emitted: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    device: dict | None = None
+    report: DeployReport | None = None
+    reports: list[Path] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> Path:
+        return self.staging / "baseline"
+
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        return preprocess(x, mean=self.spec.mean, std=self.spec.std)
+
+
+# ---- the stages, in order ---------------------------------------------------------------------------------
+
+def compress_model(build: Build) -> None:
+    settings, tuning = build.profile.decomposition, build.profile.finetune
+    how = f"budget {settings.budget}" if settings.budget else f"{settings.method}, rank {settings.rank}"
+    fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
+    _stage(f"decompose {build.spec.name} ({how}{fine})")
+    build.compressed = compress(build.spec, build.train_set, settings=settings, tuning=tuning,
+                                layer_latency=OrtLayerLatency(build.profile.quantization), seed=SEED,
+                                progress=build.progress, log=_stage)
+    print(build.compressed.plan.table(), flush=True)
+
+
+def export_models(build: Build) -> None:
+    build.baseline.mkdir()
+    train = build.train_set
+    calibration = build.preprocess(train.x[balanced_subset(train.y, build.profile.quantization.calibration_samples,
+                                                           seed=SEED)])
+    for name, module in (("dense", build.spec.module), ("factored", build.compressed.model)):
+        _stage(f"export + simplify + quantize ({name})")
+        pair = to_onnx(module, build.baseline, name, check_inputs=build.eval_x[:CHECK_SAMPLES],
+                       calibration=calibration, quantization=build.profile.quantization)
+        build.onnx.update({f"{name}_fp32": pair.fp32, f"{name}_int8": pair.int8})
+        build.notes += [f"{name}: {note}" for note in pair.notes]
+
+
+def convert_models(build: Build) -> None:
+    RUNTIMES[build.profile.runtime].convert(build)
+
+
+def measure_variants(build: Build) -> None:
+    runtime = RUNTIMES[build.profile.runtime]
+    _stage(f"measure four variants on {len(build.eval_y)} test images ({runtime.about})")
+    reference = None
+    for name in VARIANTS:
+        measure = runtime.measure_int8 if name.endswith("int8") else _measure_ort
+        build.variants[name], logits = measure(build, name, reference)
+        reference = logits if reference is None else reference
+    details = build.variants["factored_int8"].details
+    drop = build.variants["dense_fp32"].top1 - build.variants["factored_int8"].top1
+    build.failures += [f"threshold missed: {f}" for f in build.profile.thresholds.failures(
+        top1_drop=drop, ort_agreement=details.get("ort_agreement"),
+        max_output_diff_steps=details.get("max_output_diff_steps"))]
+    if "arena_bytes" in details:
+        check_memory(build.profile.memory, arena=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
+                     flash=details["flash_bytes"], largest=details["largest_tensors"], target=build.profile.name)
+
+
+def emit_artefacts(build: Build) -> None:
+    RUNTIMES[build.profile.runtime].emit(build)
+
+
+def check_device(build: Build) -> None:
+    device = build.profile.device
+    if not device.check_on_deploy:
+        return
+    test = build.test_set
+    idx = balanced_subset(test.y, device.samples or None, seed=SEED)
+    report = check_on_device(build.staging, runtime=build.profile.runtime, target=build.profile.name,
+                             thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
+                             eval_y=test.y[idx], device=parse_device(device.default), accept=True, log=_stage)
+    build.failures += [f"device check on {report.device}: {f}" for f in report.failures]
+    build.device = report.to_dict()
+
+
+def write_report(build: Build) -> None:
+    drop = build.variants["dense_fp32"].top1 - build.variants["factored_int8"].top1
+    report = DeployReport(target=build.profile.name, model=build.spec.name, variants=build.variants,
+                          decomposition=build.compressed.record(), eval_samples=int(len(build.eval_y)),
+                          thresholds=build.profile.to_dict()["thresholds"], passed=not build.failures,
+                          top1_drop=round(float(drop), 6), notes=tuple(build.notes), failures=tuple(build.failures),
+                          device=build.device, wall_seconds=round(time.perf_counter() - build.started, 1))
+    build.report, build.reports = report, write_reports(build.staging, report, build.compressed.plan.table())
+
+
+def write_build_manifest(build: Build) -> None:
+    spec = build.spec
+    write_manifest(build.staging, artefacts=[*build.emitted.values(), *build.baseline.iterdir()], reports=build.reports,
+                   checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256, profile=build.profile.to_dict(),
+                   settings={"model": spec.name, "eval_samples": int(len(build.eval_y)),
+                             "data": build.data, "seed": SEED, "input_shape": list(spec.input_shape),
+                             "mean": list(spec.mean), "std": list(spec.std)},
+                   passed=not build.failures)
+
+
+STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, convert_models, measure_variants,
+                                               emit_artefacts, check_device, write_report, write_build_manifest)
+
+
+# ---- what differs between runtimes ------------------------------------------------------------------------
+
+def _measure_ort(build: Build, name: str, reference) -> tuple[VariantReport, np.ndarray]:
+    evaluation = build.profile.evaluation
+    return measure_onnx(build.onnx[name], eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
+                        reference=reference, latency_runs=evaluation.latency_runs,
+                        latency_warmup=evaluation.latency_warmup, label=name)
+
+
+def _emit_ort(build: Build) -> None:
+    _stage("emit onnxruntime artefacts")
+    build.emitted = emit_onnxruntime(build.staging, int8_onnx=build.onnx["factored_int8"],
+                                     fp32_onnx=build.onnx["factored_fp32"])
+    for name in ("factored_fp32", "factored_int8"):  # emitted under their deployed names: not kept twice
+        build.onnx.pop(name).unlink()
+
+
+def _convert_tflite(build: Build) -> None:
+    _stage("convert int8 ONNX to TFLite (dense and factored)")
+    build.tflite = {name: convert_to_tflite(build.onnx[f"{name}_int8"], build.baseline / f"{name}.int8.tflite")
+                    for name in ("dense", "factored")}
+
+
+def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, np.ndarray]:
+    evaluation = build.profile.evaluation
+    return measure_tflite(build.tflite[name.removesuffix("_int8")], quantized_onnx=build.onnx[name],
+                          eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
+                          reference=reference, latency_runs=evaluation.latency_runs,
+                          latency_warmup=evaluation.latency_warmup, label=name)
+
+
+def _emit_firmware_sources(build: Build) -> None:
+    _stage("emit firmware sources")
+    details = build.variants["factored_int8"].details
+    build.emitted = emit_mcu(build.staging, tflite=build.tflite["factored"],
+                             arena_bytes=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
+                             io={"input_scale": details["input_quantization"]["scale"],
+                                 "input_zero_point": details["input_quantization"]["zero_point"],
+                                 "output_scale": details["output_quantization"]["scale"],
+                                 "output_zero_point": details["output_quantization"]["zero_point"]})
+    build.tflite.pop("factored").unlink()  # emitted as model.tflite
+
+
+@dataclass(frozen=True)
+class Runtime:
+    about: str  # which runtime measures what, for the log
+    convert: Callable[[Build], None]  # the int8 ONNX model to the runtime's own format
+    measure_int8: Callable[[Build, str, np.ndarray | None], tuple[VariantReport, np.ndarray]]
+    emit: Callable[[Build], None]  # the files the board loads
+
+
+RUNTIMES = {
+    "onnxruntime": Runtime("onnxruntime", lambda build: None, _measure_ort, _emit_ort),
+    "tflite-micro": Runtime("fp32: onnxruntime, int8: tflite-micro", _convert_tflite, _measure_tflite,
+                            _emit_firmware_sources),
+}
+
+
+def check_memory(memory: Memory, *, arena: int, flash: int, largest, target: str) -> None:
+    """A model that does not fit the part is an error, with what it needs against what there is."""
+    problems = []
+    ram = memory.ram_bytes - memory.ram_reserve_bytes
+    if memory.ram_bytes and arena > ram:
+        biggest = ", ".join(f"{name} {size:,} B" for name, size in largest)
+        problems.append(f"arena needs {arena:,} bytes but {ram:,} are free ({memory.ram_bytes:,} RAM - "
+                        f"{memory.ram_reserve_bytes:,} reserved); biggest tensors: {biggest}")
+    room = memory.flash_bytes - memory.flash_reserve_bytes
+    if memory.flash_bytes and flash > room:
+        problems.append(f"model needs {flash:,} bytes of flash but {room:,} are free ({memory.flash_bytes:,} flash - "
+                        f"{memory.flash_reserve_bytes:,} reserved)")
+    if problems:
+        raise StageError(f"Model does not fit target {target!r}: " + "; ".join(problems))
+
+
+# ---- the whole run ----------------------------------------------------------------------------------------
 
 def _prepare_output(out: Path) -> Path:
     """A fresh staging folder beside `out` (same filesystem, so the final swap is a rename)."""
@@ -62,108 +262,20 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-MEASURE_ORDER = ("dense_fp32", "dense_int8", "factored_fp32", "factored_int8")
-
-
-def _measure_fp32(files: dict, name: str, profile, eval_x, eval_y, class_names, reference):
-    return measure_onnx(files[name], eval_x=eval_x, eval_y=eval_y, class_names=class_names, reference=reference,
-                        latency_runs=profile.evaluation.latency_runs, latency_warmup=profile.evaluation.latency_warmup,
-                        label=name)
-
-
-def _emit_and_measure_ort(staging, files, profile, eval_x, eval_y, class_names):
-    _stage("emit onnxruntime artefacts")
-    emitted = emit_onnxruntime(staging, int8_onnx=files["factored_int8"], fp32_onnx=files["factored_fp32"])
-    for name in ("factored_fp32", "factored_int8"):
-        files[name].unlink()
-    files["factored_fp32"], files["factored_int8"] = emitted["fp32_onnx"], emitted["int8_onnx"]
-    _stage(f"measure four variants on {len(eval_y)} test images (onnxruntime)")
-    variants, reference = {}, None
-    for name in MEASURE_ORDER:
-        variants[name], logits = _measure_fp32(files, name, profile, eval_x, eval_y, class_names, reference)
-        reference = logits if reference is None else reference
-    return variants, emitted
-
-
-def _emit_and_measure_mcu(staging, files, profile, eval_x, eval_y, class_names):
-    _stage("convert int8 ONNX to TFLite (dense and factored)")
-    tflite = {name: convert_to_tflite(files[f"{name}_int8"], staging / "baseline" / f"{name}.int8.tflite")
-              for name in ("dense", "factored")}
-    _stage(f"measure four variants on {len(eval_y)} test images (fp32: onnxruntime, int8: tflite-micro)")
-    variants, reference = {}, None
-    for name in MEASURE_ORDER:
-        if name.endswith("fp32"):
-            variants[name], logits = _measure_fp32(files, name, profile, eval_x, eval_y, class_names, reference)
-        else:
-            base = name.removesuffix("_int8")
-            variants[name], logits = measure_tflite(
-                tflite[base], quantized_onnx=files[name], eval_x=eval_x, eval_y=eval_y, class_names=class_names,
-                reference=reference, latency_runs=profile.evaluation.latency_runs,
-                latency_warmup=profile.evaluation.latency_warmup, label=name)
-        reference = logits if reference is None else reference
-    details = variants["factored_int8"].details
-    arena = arena_with_margin(details["arena_bytes"], profile.budget.arena_margin)
-    check_budget(profile.budget, arena=arena, flash=details["flash_bytes"], largest=details["largest_tensors"],
-                 target=profile.name)
-    _stage("emit firmware sources")
-    emitted = emit_mcu(staging, tflite=tflite["factored"], arena_bytes=arena,
-                       io={"input_scale": details["input_quantization"]["scale"],
-                           "input_zero_point": details["input_quantization"]["zero_point"],
-                           "output_scale": details["output_quantization"]["scale"],
-                           "output_zero_point": details["output_quantization"]["zero_point"]})
-    tflite["factored"].unlink()
-    return variants, emitted
-
-
-def check_budget(budget, *, arena: int, flash: int, largest, target: str) -> None:
-    """A model that does not fit the part is an error, with what it needs against what there is."""
-    problems = []
-    ram = budget.ram_bytes - budget.ram_reserve_bytes
-    if budget.ram_bytes and arena > ram:
-        biggest = ", ".join(f"{name} {size:,} B" for name, size in largest)
-        problems.append(f"arena needs {arena:,} bytes but {ram:,} are free ({budget.ram_bytes:,} RAM - "
-                        f"{budget.ram_reserve_bytes:,} reserved); biggest tensors: {biggest}")
-    room = budget.flash_bytes - budget.flash_reserve_bytes
-    if budget.flash_bytes and flash > room:
-        problems.append(f"model needs {flash:,} bytes of flash but {room:,} are free ({budget.flash_bytes:,} flash - "
-                        f"{budget.flash_reserve_bytes:,} reserved)")
-    if problems:
-        raise StageError(f"Model does not fit target {target!r}: " + "; ".join(problems))
-
-
-def _threshold_failures(profile, variants, drop: float) -> list[str]:
-    t = profile.thresholds
-    failures = []
-    if drop > t.max_top1_drop + 1e-12:
-        failures.append(f"threshold missed: top-1 drop {drop * 100:.2f} points > {t.max_top1_drop * 100:.2f} allowed")
-    details = variants["factored_int8"].details
-    if "ort_agreement" in details:
-        if details["ort_agreement"] < t.min_ort_agreement:
-            failures.append(f"threshold missed: TFLM agrees with ONNX Runtime int8 on {details['ort_agreement']:.2%} "
-                            f"of images < {t.min_ort_agreement:.2%}")
-        if details["max_output_diff_steps"] > t.max_output_diff_steps:
-            failures.append(f"threshold missed: TFLM output differs from ONNX Runtime int8 by "
-                            f"{details['max_output_diff_steps']} steps > {t.max_output_diff_steps}")
-    return failures
-
-
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            data: str | None = None, eval_samples: int | None = None,
            out: str | os.PathLike | None = None, progress: bool = True) -> DeployReport:
+    """Compress `model` (a zoo name or `package.module:callable`, weights from `weights`), export, quantize and
+    emit it for `target` (a profile name or a path to a .toml), measure the dense and factored variants on
+    `eval_samples` test images from `data`, and write the build to `out` (default `build/<target>`).
+
+    `method`, `rank`, `budget` and `finetune_epochs` override the profile's settings; every setting is checked
+    before any work. Returns the report; `report.passed` says whether every threshold was met. Raises a
+    `PipelineError` on bad input, leaving any previous build in `out` as it was."""
     started = time.perf_counter()
-    profile = load_target(target)
-    decomposition = profile.decomposition
-    if method is not None:
-        if method not in METHODS:
-            raise unknown("method", method, METHODS)
-        decomposition = dataclasses.replace(decomposition, method=method)
-    if rank is not None:
-        parse_rank(rank)  # refuse a bad rank before any work
-        decomposition = dataclasses.replace(decomposition, rank=str(rank))
-    decomposition, tuning = with_overrides(decomposition, profile.finetune, budget=budget, finetune_epochs=finetune_epochs)
-    check_settings(decomposition, tuning)  # a bad budget or epoch count is refused before any work
-    profile = dataclasses.replace(profile, decomposition=decomposition, finetune=tuning)
+    profile = load_target(target).override(decomposition={"method": method, "rank": rank, "budget": budget},
+                                           finetune={"epochs": finetune_epochs})
     if profile.device.check_on_deploy:
         parse_device(profile.device.default)  # an unknown device is refused before any work
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
@@ -177,69 +289,14 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     if train_set.x.shape[1:3] != spec.input_shape[1:]:
         raise InputError(f"Images of {train_set.x.shape[1]}x{train_set.x.shape[2]} pixels; model {model!r} "
                          f"expects {spec.input_shape[1]}x{spec.input_shape[2]}")
-    calibration = preprocess(train_set.x[balanced_subset(train_set.y, profile.quantization.calibration_samples, seed=SEED)],
-                             mean=spec.mean, std=spec.std)
     eval_idx = balanced_subset(test_set.y, samples or None, seed=SEED)
-    eval_x = preprocess(test_set.x[eval_idx], mean=spec.mean, std=spec.std)
-    eval_y = test_set.y[eval_idx]
-    check_x = eval_x[:CHECK_SAMPLES]
-
     staging = _prepare_output(out)
     try:
-        how = (f"budget {decomposition.budget}" if decomposition.budget
-               else f"{decomposition.method}, rank {decomposition.rank}")
-        fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
-        _stage(f"decompose {model} ({how}{fine})")
-        compressed = compress(spec, train_set, settings=decomposition, tuning=tuning, quantization=profile.quantization,
-                              seed=SEED, progress=progress, log=_stage)
-        factored, plan = compressed.model, compressed.plan
-        print(plan.table(), flush=True)
-        work = staging / "baseline"
-        work.mkdir()
-        onnx_files, notes = {}, []
-        for name, module in (("dense", spec.module), ("factored", factored)):
-            _stage(f"export + simplify + quantize ({name})")
-            raw, diff = export_onnx(module, work / f"{name}.raw.onnx", check_inputs=check_x)
-            notes.append(f"{name}: exported ONNX matches torch to {diff:.2g} (max abs) on {len(check_x)} test images")
-            simple, note = simplify_onnx(raw, work / f"{name}.fp32.onnx", check_inputs=check_x)
-            raw.unlink()
-            if note:
-                notes.append(f"{name}: {note}")
-            onnx_files[f"{name}_fp32"] = simple
-            onnx_files[f"{name}_int8"] = quantize_onnx(simple, work / f"{name}.int8.onnx", calibration=calibration,
-                                                       settings=profile.quantization)
-        if profile.runtime == "onnxruntime":
-            variants, emitted = _emit_and_measure_ort(staging, onnx_files, profile, eval_x, eval_y, spec.class_names)
-        else:
-            variants, emitted = _emit_and_measure_mcu(staging, onnx_files, profile, eval_x, eval_y, spec.class_names)
-        drop = variants["dense_fp32"].top1 - variants["factored_int8"].top1
-        failures = _threshold_failures(profile, variants, drop)
-        device_report = None
-        if profile.device.check_on_deploy:
-            idx = balanced_subset(test_set.y, profile.device.samples or None, seed=SEED)
-            device_report = check_on_device(
-                staging, runtime=profile.runtime, target=profile.name, thresholds=dataclasses.asdict(profile.thresholds),
-                eval_x=preprocess(test_set.x[idx], mean=spec.mean, std=spec.std), eval_y=test_set.y[idx],
-                device=parse_device(profile.device.default), accept=True, log=_stage)
-            failures += [f"device check on {device_report.device}: {f}" for f in device_report.failures]
-        passed = not failures
-        report = DeployReport(target=profile.name, model=model, variants=variants, decomposition=compressed.record(),
-                              eval_samples=int(len(eval_y)), thresholds=dataclasses.asdict(profile.thresholds),
-                              passed=passed, top1_drop=round(float(drop), 6), notes=tuple(notes),
-                              failures=tuple(failures),
-                              device=device_report.to_dict() if device_report else None,
-                              wall_seconds=round(time.perf_counter() - started, 1))
-        written = write_reports(staging, report, plan.table())
-        artefacts = [*emitted.values(), *(staging / "baseline").iterdir()]
-        write_manifest(staging, artefacts=artefacts, reports=written, checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256,
-                       profile=profile.to_dict(),
-                       settings={"model": model, "eval_samples": int(len(eval_y)), "data": str(data) if data else None,
-                                 "seed": SEED, "input_shape": list(spec.input_shape), "mean": list(spec.mean),
-                                 "std": list(spec.std)},
-                       passed=passed)
+        build = Build(profile, spec, train_set, test_set, preprocess(test_set.x[eval_idx], mean=spec.mean, std=spec.std),
+                      test_set.y[eval_idx], staging, str(data) if data else None, progress, started=started)
+        for stage in STAGES:
+            stage(build)
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return report
-
-
+    return build.report

@@ -1,0 +1,19 @@
+"""Target profiles: the schema (`targets.schema`), the shared bases (`targets/base/`) and one TOML file per
+board, stating only what differs from its base, each value with its reason."""
+
+from targets.schema import (
+    TARGETS_DIR,
+    Decomposition,
+    DeviceCheck,
+    Evaluation,
+    Finetune,
+    Memory,
+    Quantization,
+    TargetProfile,
+    Thresholds,
+    known_targets,
+    load_target,
+)
+
+__all__ = ["TARGETS_DIR", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Memory", "Quantization",
+           "TargetProfile", "Thresholds", "known_targets", "load_target"]

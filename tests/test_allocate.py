@@ -5,11 +5,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import plain
 from torch import nn
 
-from pipeline.allocate import CostBudget, allocate, parse_budget
+from pipeline.compress.budget.allocate import CostBudget, allocate, parse_budget
+from pipeline.compress.budget.sensitivity import Candidate, candidate_ranks, sensitivities
+from pipeline.compress.methods import METHODS
 from pipeline.errors import ConfigError
-from pipeline.sensitivity import Candidate, candidate_ranks, sensitivities
 
 
 def cand(layer, method, macs, kl):
@@ -75,8 +77,8 @@ def test_budget_forms():
 
 def test_candidate_ranks_are_rounded_and_deduplicated():
     conv = nn.Conv2d(16, 64, 3)
-    assert candidate_ranks(conv, "tucker2", fractions=(0.1, 0.25, 0.5, 1.0), round_to=8) == [(8, 8), (16, 8), (32, 8), (64, 16)]
-    assert candidate_ranks(conv, "svd", fractions=(0.01, 0.5), round_to=1) == [(1,), (24,)]
+    assert candidate_ranks(conv, METHODS["tucker2"], fractions=(0.1, 0.25, 0.5, 1.0), round_to=8) == [(8, 8), (16, 8), (32, 8), (64, 16)]
+    assert candidate_ranks(conv, METHODS["svd"], fractions=(0.01, 0.5), round_to=1) == [(1,), (24,)]
 
 
 def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
@@ -86,8 +88,8 @@ def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, 
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
     rng = np.random.default_rng(0)
     fit_x, held_x = (rng.normal(size=(32, 3, 8, 8)).astype(np.float32) for _ in range(2))
-    kwargs = dict(input_shape=(3, 8, 8), fit_x=fit_x, heldout_x=held_x, methods=("tucker2", "svd"),
-                  fractions=(0.25, 0.5), round_to=4, exclude=("0", "6"), progress=False)
+    settings = plain(candidates=("tucker2", "svd"), rank_fractions=(0.25, 0.5), round_to=4, exclude=("0", "6"))
+    kwargs = dict(input_shape=(3, 8, 8), fit_x=fit_x, heldout_x=held_x, settings=settings, progress=False)
     first, facts = sensitivities(net, **kwargs)
     assert not facts["cached"]
     assert {c.layer for c in first} == {"2"}
@@ -104,15 +106,14 @@ def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, 
 def test_hand_built_layer_graphs_compute_what_torch_computes(tmp_path):
     import onnx
 
-    from pipeline.factorize import skeleton
-    from pipeline.layer_latency import layer_graph, layer_latency_ms
-    from pipeline.onnx_run import run, session
-    from pipeline.targets import Quantization
+    from pipeline.onnx.run import run, session
+    from pipeline.ort.layer_latency import layer_graph, layer_latency_ms
+    from targets import Quantization
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, dilation=1)
     x = torch.randn(1, 16, 12, 12)
-    for module in (conv, skeleton(conv, "tucker2", (8, 8)), skeleton(conv, "svd", (8,)), skeleton(conv, "cp", (8,)),
+    for module in (conv, *(METHODS[m].skeleton(conv, r) for m, r in (("tucker2", (8, 8)), ("svd", (8,)), ("cp", (8,)))),
                    nn.Sequential(nn.Linear(20, 6), nn.Linear(6, 5))):
         shape = (20,) if isinstance(module, nn.Sequential) and isinstance(module[0], nn.Linear) else (16, 12, 12)
         sample = torch.randn(1, *shape) if shape == (20,) else x
@@ -120,15 +121,15 @@ def test_hand_built_layer_graphs_compute_what_torch_computes(tmp_path):
         with torch.no_grad():
             assert np.allclose(run(session(tmp_path / "g.onnx"), sample.numpy()), module(sample).numpy(), atol=1e-5)
     assert layer_latency_ms(conv, (16, 12, 12), quantization=Quantization(), runs=5, warmup=1) > 0
-    assert layer_latency_ms(skeleton(conv, "slice-svd", (1,)), (16, 12, 12), quantization=Quantization()) is None
+    assert layer_latency_ms(METHODS["slice-svd"].skeleton(conv, (1,)), (16, 12, 12), quantization=Quantization()) is None
 
 
 def test_latency_weight_steers_the_allocation_away_from_slow_shapes():
     # a: svd saves more MACs but runs slower than dense; b: tucker2 is slightly worse in KL but fast
     table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("a", "svd", (1,), 40, 4, 0.01, 1.0, 3.0),
              Candidate("b", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("b", "tucker2", (1,), 40, 4, 0.02, 1.0, 0.5)]
-    plain, _ = allocate(table, budget=CostBudget("macs", 0.7), total=200)
-    assert (plain["a"].method, plain["b"].method) == ("svd", None)
+    unweighted, _ = allocate(table, budget=CostBudget("macs", 0.7), total=200)
+    assert (unweighted["a"].method, unweighted["b"].method) == ("svd", None)
     steered, summary = allocate(table, budget=CostBudget("macs", 0.7), total=200, latency_weight=1.0)
     assert (steered["a"].method, steered["b"].method) == (None, "tucker2")
     assert summary["layer_latency_ms"] == {"dense": 2.0, "chosen": 1.5}

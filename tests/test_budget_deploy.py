@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipeline.bench import bench
+from pipeline.bench.run import bench
 from pipeline.cli import main
-from pipeline.factorize import max_ranks
+from pipeline.compress.methods import METHODS
 from pipeline.zoo import load_model
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def test_the_budget_is_met_and_every_choice_explained(budgeted):
     assert variants["factored_int8"]["macs"] <= 0.8 * variants["dense_fp32"]["macs"]
     assert plan["requested_method"] == "budget" and plan["allocation"]["budget"] == "macs:0.8"
     layers = {layer["name"]: layer for layer in plan["layers"]}
-    assert layers["conv1"]["note"] == "not selected by the layer patterns"  # the rpi4 profile excludes the stem
+    assert layers["conv1"]["note"] == "the model's first compute layer (its stem): kept dense"
     chosen = [layer for layer in plan["layers"] if layer["method"]]
     assert chosen, "a budget of 0.8 must factor something"
     for layer in plan["layers"]:
@@ -36,7 +36,7 @@ def test_the_budget_is_met_and_every_choice_explained(budgeted):
     net = load_model("seednet").module
     for layer in chosen:
         assert layer["output_error"] is not None  # fitted to data, not weights
-        caps = max_ranks(net.get_submodule(layer["name"]), layer["method"])
+        caps = METHODS[layer["method"]].max_ranks(net.get_submodule(layer["name"]))
         assert all(r % 8 == 0 or r == cap for r, cap in zip(layer["ranks"], caps, strict=True)), layer
 
 

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from helpers import plain
 from torch import nn
 
-from pipeline import datafit, factorize
-from pipeline.decompose import decompose, fit_chain
+from pipeline.compress import datafit
+from pipeline.compress.decompose import decompose, fit_chain
+from pipeline.compress.methods import METHODS
 
 
 def low_dim_inputs(channels: int, dims: int, n: int = 64, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -26,7 +28,7 @@ def test_full_rank_data_aware_chains_reproduce_the_layer(method, ranks):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1, stride=(1, 2))
     x = torch.randn(32, 16, 10, 10)
-    chain, _, _ = fit_chain(conv, method, ranks, x=x, y=outputs(conv, x))
+    chain, _, _ = fit_chain(conv, METHODS[method], ranks, x=x, y=outputs(conv, x))
     assert datafit.output_error(chain, x, outputs(conv, x)) < 1e-4
 
 
@@ -35,8 +37,8 @@ def test_inputs_in_a_subspace_are_reproduced_exactly_at_that_rank_where_weight_t
     conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
     x = low_dim_inputs(32, 6)
     y = outputs(conv, x)
-    data_aware, _, _ = fit_chain(conv, "tucker2", (32, 8), x=x, y=y)  # 8 >= the 6 input dimensions in use
-    weight_space, _, _ = fit_chain(conv, "tucker2", (32, 8))
+    data_aware, _, _ = fit_chain(conv, METHODS["tucker2"], (32, 8), x=x, y=y)  # 8 >= the 6 input dimensions in use
+    weight_space, _, _ = fit_chain(conv, METHODS["tucker2"], (32, 8))
     assert datafit.output_error(data_aware, x, y) < 1e-4
     assert datafit.output_error(weight_space, x, y) > 0.3
 
@@ -46,8 +48,8 @@ def test_linear_and_svd_data_aware_beat_weight_space_on_correlated_inputs():
     fc = nn.Linear(40, 30)
     x = torch.randn(500, 5) @ torch.randn(5, 40) + 0.05 * torch.randn(500, 40)
     y = outputs(fc, x)
-    da, _, _ = fit_chain(fc, "svd", (6,), x=x, y=y)
-    ws, _, _ = fit_chain(fc, "svd", (6,))
+    da, _, _ = fit_chain(fc, METHODS["linear-svd"], (6,), x=x, y=y)
+    ws, _, _ = fit_chain(fc, METHODS["linear-svd"], (6,))
     assert datafit.output_error(da, x, y) < 0.05 < datafit.output_error(ws, x, y)
 
 
@@ -69,8 +71,8 @@ def test_effective_weight_is_what_the_chain_computes():
     conv = nn.Conv2d(6, 7, 3, padding=1, bias=False)
     x = torch.randn(4, 6, 9, 9)
     for method, ranks in (("tucker2", (3, 4)), ("svd", (5,)), ("cp", (4,))):
-        chain, fitted, _ = fit_chain(conv, method, ranks)
-        w = factorize.effective_weight(chain, method, conv)
+        chain, fitted, _ = fit_chain(conv, METHODS[method], ranks)
+        w = METHODS[method].effective_weight(chain, conv)
         assert torch.allclose(chain(x), nn.functional.conv2d(x, w, padding=1), atol=1e-4), method
         assert torch.allclose(w, fitted, atol=1e-4), method  # the weight the fit reports is the chain's
 
@@ -80,9 +82,8 @@ def test_decompose_with_calibration_records_output_errors_and_fits_layer_by_laye
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
     x = torch.randn(64, 3, 8, 8)
-    weight_model, _ = decompose(net, input_shape=(3, 8, 8), rank=0.5, exclude=("0", "6"), progress=False)
-    data_model, plan = decompose(net, input_shape=(3, 8, 8), rank=0.5, exclude=("0", "6"), progress=False,
-                                 calibration=x.numpy())
+    weight_model, _ = decompose(net, settings=plain(rank=0.5, exclude=("0", "6")), input_shape=(3, 8, 8), progress=False)
+    data_model, plan = decompose(net, settings=plain(rank=0.5, exclude=("0", "6")), input_shape=(3, 8, 8), progress=False, calibration=x.numpy())
     errors = {p.name: p.output_error for p in plan.layers}
     assert errors["0"] is None and errors["2"] is not None and errors["4"] is not None
     with torch.no_grad():

@@ -3,14 +3,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import plain
 from torch import nn
 
 from calib import balanced_subset, load_dataset, preprocess
-from pipeline.accuracy import top1, torch_logits
 from pipeline.cli import main
-from pipeline.decompose import decompose
+from pipeline.compress.decompose import decompose
+from pipeline.compress.store import load_factored, save_factored
 from pipeline.errors import ConfigError
-from pipeline.factored_io import load_factored, save_factored
+from pipeline.metrics import top1, torch_logits
 from pipeline.zoo import load_model
 from pipeline.zoo.nets import CifarResNet, SeedNet
 
@@ -34,7 +35,7 @@ class Mixed(nn.Module):
 
 
 def test_unhandled_layers_stay_dense_with_the_reason():
-    model, plan = decompose(Mixed(), input_shape=(3, 16, 16), method="tucker2", rank="0.5", progress=False)
+    model, plan = decompose(Mixed(), settings=plain(method="tucker2", rank="0.5"), input_shape=(3, 16, 16), progress=False)
     notes = {p.name: p for p in plan.layers}
     assert "groups=16" in notes["depthwise"].note and notes["depthwise"].method is None
     assert "padding_mode='reflect'" in notes["reflect"].note
@@ -42,7 +43,7 @@ def test_unhandled_layers_stay_dense_with_the_reason():
     assert "Conv1d is not handled" in notes["line"].note
     assert notes["tiny"].ranks == (1, 1)
     assert notes["body"].method == "tucker2" and notes["body"].ranks == (16, 8)
-    assert notes["head"].method == "svd"
+    assert notes["head"].method == "linear-svd"
     assert plan.macs_after < plan.macs_before
     x = torch.randn(2, 3, 16, 16)
     assert model(x).shape == (2, 10)
@@ -57,22 +58,20 @@ def test_conv3d_and_models_without_convs_are_left_dense_with_the_reason():
         def forward(self, x):
             return self.conv(x.unsqueeze(1))
 
-    _, plan = decompose(Volumetric(), input_shape=(8, 8, 8), method="cp", rank="0.5", progress=False)
+    _, plan = decompose(Volumetric(), settings=plain(method="cp", rank="0.5"), input_shape=(8, 8, 8), progress=False)
     assert plan.layers[0].method is None and "Conv3d is not handled" in plan.layers[0].note
-    _, plan = decompose(nn.Sequential(nn.ReLU()), input_shape=(4,), method="tucker2", progress=False)
+    _, plan = decompose(nn.Sequential(nn.ReLU()), settings=plain(method="tucker2"), input_shape=(4,), progress=False)
     assert plan.layers == () and "nothing to factor" in plan.table()
 
 
 def test_a_factorisation_that_saves_no_macs_is_not_applied():
-    _, plan = decompose(nn.Sequential(nn.Conv2d(4, 4, 1)), input_shape=(4, 8, 8), method="tucker2", rank=4,
-                        progress=False)
+    _, plan = decompose(nn.Sequential(nn.Conv2d(4, 4, 1)), settings=plain(method="tucker2", rank=4), input_shape=(4, 8, 8), progress=False)
     assert plan.layers[0].method is None
     assert plan.layers[0].note == "tucker2 at rank 4x4 would not reduce MACs (3,072 >= 1,024): left dense"
 
 
 def test_layer_patterns_choose_what_is_factored():
-    _, plan = decompose(CifarResNet(20), input_shape=(3, 32, 32), method="svd", rank="0.25",
-                        layers=("layer3.*",), exclude=("*.conv2",), progress=False)
+    _, plan = decompose(CifarResNet(20), settings=plain(method="svd", rank="0.25", layers=("layer3.*",), exclude=("*.conv2",)), input_shape=(3, 32, 32), progress=False)
     factored = [p.name for p in plan.layers if p.method]
     assert factored == ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]
 
@@ -83,28 +82,27 @@ def test_full_rank_decomposition_of_a_whole_network_changes_nothing():
     x = torch.randn(4, 3, 32, 32)
     # energy 1.0 keeps every singular value; layers that would not save MACs at that rank stay dense
     for method in ("svd", "tucker2", "slice-svd"):
-        model, plan = decompose(net, input_shape=(3, 32, 32), method=method, rank="energy:1.0", progress=False)
+        model, plan = decompose(net, settings=plain(method=method, rank="energy:1.0"), input_shape=(3, 32, 32), progress=False)
         with torch.no_grad():
             assert torch.allclose(model(x), net(x), atol=1e-4), method
 
 
 def test_rank_above_a_layers_maximum_is_an_error_naming_the_layer():
     with pytest.raises(ConfigError, match=r"Rank 7 for layer 'conv1' \(slice-svd\); expected at most 5"):
-        decompose(SeedNet(), input_shape=(3, 32, 32), method="slice-svd", rank=7, progress=False)
+        decompose(SeedNet(), settings=plain(method="slice-svd", rank=7), input_shape=(3, 32, 32), progress=False)
 
 
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ConfigError, match="Unknown method 'pca'; known: cp, slice-svd, svd, tucker2"):
-        decompose(SeedNet(), input_shape=(3, 32, 32), method="pca")
+        decompose(SeedNet(), settings=plain(method="pca"), input_shape=(3, 32, 32))
 
 
 def test_failed_cp_falls_back_to_tucker2_and_says_so(monkeypatch):
     def diverge(tensor, rank, **kwargs):
         return np.ones(rank), [np.full((d, rank), np.nan) for d in tensor.shape]
 
-    monkeypatch.setattr("pipeline.factorize.parafac", diverge)
-    model, plan = decompose(CifarResNet(20), input_shape=(3, 32, 32), method="cp", rank="0.25",
-                            layers=("layer3.0.conv2",), progress=False)
+    monkeypatch.setattr("pipeline.compress.methods.parafac", diverge)
+    model, plan = decompose(CifarResNet(20), settings=plain(method="cp", rank="0.25", layers=("layer3.0.conv2",)), input_shape=(3, 32, 32), progress=False)
     layer = next(p for p in plan.layers if p.name == "layer3.0.conv2")
     assert layer.method == "tucker2" and "fell back to tucker2" in layer.note and "NaN/inf" in layer.note
     assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
@@ -112,7 +110,7 @@ def test_failed_cp_falls_back_to_tucker2_and_says_so(monkeypatch):
 
 def test_factored_model_round_trips_through_a_weights_only_file(tmp_path):
     net = CifarResNet(20).eval()
-    model, plan = decompose(net, input_shape=(3, 32, 32), method="cp", rank="0.25", layers=("layer2.*",), progress=False)
+    model, plan = decompose(net, settings=plain(method="cp", rank="0.25", layers=("layer2.*",)), input_shape=(3, 32, 32), progress=False)
     save_factored(tmp_path / "f.pt", model, plan, model_name="resnet20")
     loaded, loaded_plan, name = load_factored(tmp_path / "f.pt", CifarResNet(20))
     x = torch.randn(2, 3, 32, 32)
@@ -131,8 +129,7 @@ def test_seednet_and_resnet20_decompose_run_and_are_measured(cifar_dir, resnet20
         spec = load_model(name, weights)
         x = preprocess(test.x[idx], mean=spec.mean, std=spec.std)
         dense = top1(torch_logits(spec.module, x), test.y[idx])
-        model, plan = decompose(spec.module, input_shape=spec.input_shape, method=method, rank=rank,
-                                exclude=("conv1",), progress=False)
+        model, plan = decompose(spec.module, settings=plain(method=method, rank=rank, exclude=("conv1",)), input_shape=spec.input_shape, progress=False)
         results[name] = (dense, top1(torch_logits(model, x), test.y[idx]), plan.macs_after / plan.macs_before)
     assert results["resnet20"][0] == pytest.approx(0.92, abs=0.02)
     for dense, factored, kept in results.values():

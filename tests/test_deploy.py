@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.onnx_run import run, session
+from pipeline.onnx.run import run, session
 
 pytestmark = pytest.mark.slow
 VARIANT_KEYS = {"macs", "params", "bytes", "peak_activation_bytes", "top1", "agreement", "latency_ms", "runtime"}

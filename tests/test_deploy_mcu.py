@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline.cli import main
-from pipeline.targets import TARGETS_DIR
+from targets import TARGETS_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.cli import main
-from pipeline.device import parse_device
+from pipeline.device.transports import parse_device
 from pipeline.errors import PipelineError
 
 pytestmark = [pytest.mark.slow, pytest.mark.device]

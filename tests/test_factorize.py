@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipeline import factorize
+from pipeline.compress.methods import METHODS
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,8 +38,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @given(case=convs())
 def test_full_rank_factorisation_reproduces_the_conv(method, case):
     conv, x = case
-    chain = factorize.skeleton(conv, method, factorize.max_ranks(conv, method))
-    approx, _ = factorize.fit(conv, method, chain)
+    chain = METHODS[method].skeleton(conv, METHODS[method].max_ranks(conv))
+    approx, _ = METHODS[method].fit_weights(conv, chain)
     with torch.no_grad():
         assert relative(chain(x), conv(x)) < 1e-4
     assert relative(approx, conv.weight.detach()) < 1e-5
@@ -50,8 +50,8 @@ def test_full_rank_factorisation_reproduces_the_conv(method, case):
 def test_cp_chain_computes_the_conv_of_its_reconstructed_weight(case, rank):
     conv, x = case
     assume(rank <= min(conv.weight.shape))  # a larger CP rank is degenerate for ALS (decompose falls back)
-    chain = factorize.skeleton(conv, "cp", (rank,))
-    approx, _ = factorize.fit(conv, "cp", chain)
+    chain = METHODS["cp"].skeleton(conv, (rank,))
+    approx, _ = METHODS["cp"].fit_weights(conv, chain)
     with torch.no_grad():
         expected = F.conv2d(x, approx, conv.bias, conv.stride, conv.padding, conv.dilation)
         assert relative(chain(x), expected) < 1e-4
@@ -63,8 +63,8 @@ def test_cp_recovers_a_conv_of_exactly_that_cp_rank(shape, rank, seed):
     weight = tl.cp_to_tensor((np.ones(rank), [rng.normal(size=(d, rank)) for d in shape]))
     conv = nn.Conv2d(shape[1], shape[0], shape[2:], padding=1, bias=True)
     conv.weight.data = torch.tensor(weight, dtype=torch.float32)
-    chain = factorize.skeleton(conv, "cp", (rank,))
-    factorize.fit(conv, "cp", chain)
+    chain = METHODS["cp"].skeleton(conv, (rank,))
+    METHODS["cp"].fit_weights(conv, chain)
     x = torch.randn(2, shape[1], 9, 9)
     with torch.no_grad():
         assert relative(chain(x), conv(x)) < 1e-4
@@ -74,8 +74,9 @@ def test_cp_recovers_a_conv_of_exactly_that_cp_rank(shape, rank, seed):
 @FAST
 def test_full_rank_linear_svd_reproduces_the_layer(inp, out, bias):
     layer = nn.Linear(inp, out, bias=bias)
-    chain = factorize.skeleton(layer, "svd", factorize.max_ranks(layer, "svd"))
-    factorize.fit(layer, "svd", chain)
+    svd = METHODS["linear-svd"]
+    chain = svd.skeleton(layer, svd.max_ranks(layer))
+    svd.fit_weights(layer, chain)
     x = torch.randn(5, inp)
     with torch.no_grad():
         assert relative(chain(x), layer(x)) < 1e-4
@@ -85,7 +86,7 @@ def test_truncation_error_is_the_discarded_spectrum():
     layer = nn.Linear(6, 6, bias=False)
     u, _, vt = torch.linalg.svd(torch.randn(6, 6))
     layer.weight.data = u @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.1])) @ vt
-    chain = factorize.skeleton(layer, "svd", (3,))
-    approx, _ = factorize.fit(layer, "svd", chain)
+    chain = METHODS["linear-svd"].skeleton(layer, (3,))
+    approx, _ = METHODS["linear-svd"].fit_weights(layer, chain)
     expected = np.sqrt(1 + 0.25 + 0.01) / np.sqrt(16 + 9 + 4 + 1 + 0.25 + 0.01)
     assert relative(approx, layer.weight.detach()) == pytest.approx(expected, rel=1e-4)

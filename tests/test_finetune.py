@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from calib import Dataset
+from pipeline.compress.finetune import distillation_loss, finetune
 from pipeline.errors import ConfigError
-from pipeline.finetune import distillation_loss, finetune
+from targets import Finetune
 
 
 def test_distillation_loss_by_hand():
@@ -62,7 +63,7 @@ def test_finetune_improves_a_damaged_student_and_handles_batchnorm(teacher, bn):
         student[5].bias[0] += 3 * student[5].weight.norm()  # and a classifier biased to class 0
     before = {k: v.clone() for k, v in student.state_dict().items()}
     tuned, history = finetune(student, teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
-                              std=(1.0,) * 3, epochs=2, lr=1e-2, batch_size=32, bn=bn, progress=False)
+                              std=(1.0,) * 3, settings=Finetune(epochs=2, lr=1e-2, batch_size=32, bn=bn), progress=False)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items()), "the student was modified in place"
     assert history["best_heldout_top1"] >= history["start_heldout_top1"]
     assert history["best_heldout_top1"] > 0.9 and len(history["epochs"]) == 2
@@ -71,9 +72,8 @@ def test_finetune_improves_a_damaged_student_and_handles_batchnorm(teacher, bn):
     assert stats_kept == (bn == "frozen")
 
 
-def test_bad_settings_are_refused(teacher):
-    data = colour_data(64, 0)
-    with pytest.raises(ConfigError, match="BatchNorm mode 'fold'; known: frozen, reestimate"):
-        finetune(teacher, teacher, data, data, mean=(0,) * 3, std=(1,) * 3, epochs=1, bn="fold")
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="Unknown bn value 'fold'; known: frozen, reestimate"):
+        Finetune(epochs=1, bn="fold")
     with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-2"):
-        finetune(teacher, teacher, data, data, mean=(0,) * 3, std=(1,) * 3, epochs=-2)
+        Finetune(epochs=-2)

@@ -1,6 +1,6 @@
 from torch import nn
 
-from pipeline.macs import count, totals
+from pipeline.compress.budget.macs import count, totals
 from pipeline.zoo import load_model
 from pipeline.zoo.nets import CifarResNet, SeedNet
 

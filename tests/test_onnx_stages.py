@@ -6,19 +6,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import plain
 from torch import nn
 
-from pipeline.decompose import decompose
-from pipeline.emit import emit_onnxruntime
+from pipeline.compress.budget.macs import count
+from pipeline.compress.decompose import decompose
 from pipeline.errors import InputError, StageError
-from pipeline.export import export_onnx
-from pipeline.macs import count
-from pipeline.onnx_cost import onnx_cost
-from pipeline.onnx_run import run, session
-from pipeline.quantize import quantize_onnx
-from pipeline.simplify import simplify_onnx
-from pipeline.targets import Quantization
+from pipeline.onnx.cost import onnx_cost
+from pipeline.onnx.export import export_onnx
+from pipeline.onnx.quantize import quantize_onnx
+from pipeline.onnx.run import run, session
+from pipeline.onnx.simplify import simplify_onnx
+from pipeline.ort.emit import emit_onnxruntime
 from pipeline.zoo.nets import CifarResNet, SeedNet
+from targets import Quantization
 
 pytestmark = pytest.mark.runtime
 
@@ -35,7 +36,7 @@ def ops(path):
 def factored_resnet():
     torch.manual_seed(0)
     net = CifarResNet(20).eval()
-    return decompose(net, input_shape=(3, 32, 32), method="tucker2", rank="0.5", layers=("layer2.*",), progress=False)
+    return decompose(net, settings=plain(method="tucker2", rank="0.5", layers=("layer2.*",)), input_shape=(3, 32, 32), progress=False)
 
 
 def test_export_matches_torch_and_onnx_macs_match_the_torch_count(tmp_path, factored_resnet):

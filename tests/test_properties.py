@@ -4,19 +4,20 @@ writer's int8 model matches ONNX Runtime's within one quantization step."""
 import numpy as np
 import pytest
 import torch
+from helpers import plain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipeline import tflm
-from pipeline.decompose import decompose
-from pipeline.export import export_onnx
-from pipeline.macs import count
-from pipeline.onnx_cost import onnx_cost
-from pipeline.onnx_run import run, session
-from pipeline.quantize import quantize_onnx
-from pipeline.targets import Quantization
-from pipeline.tflite_convert import convert_to_tflite
+from pipeline.compress.budget.macs import count
+from pipeline.compress.decompose import decompose
+from pipeline.onnx.cost import onnx_cost
+from pipeline.onnx.export import export_onnx
+from pipeline.onnx.quantize import quantize_onnx
+from pipeline.onnx.run import run, session
+from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.convert import convert_to_tflite
+from targets import Quantization
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -45,7 +46,7 @@ def conv_nets(draw):
 def test_onnx_graph_macs_equal_the_torch_count(case, factor, tmp_path):
     net, shape = case
     if factor and net[0].groups == 1:
-        net, _ = decompose(net, input_shape=shape, method=factor, rank="0.5", progress=False)
+        net, _ = decompose(net, settings=plain(method=factor, rank="0.5"), input_shape=shape, progress=False)
     x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
     path, _ = export_onnx(net, tmp_path / "m.onnx", check_inputs=x)
     assert onnx_cost(path).macs == sum(c.macs for c in count(net, shape).values())

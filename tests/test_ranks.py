@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from pipeline.compress.ranks import RankRule, energy_rank, evbmf_rank, parse_rank, round_up
 from pipeline.errors import ConfigError
-from pipeline.ranks import RankRule, energy_rank, evbmf_rank, parse_rank, round_up
 
 
 def planted(rows, cols, rank, scale, seed=0):

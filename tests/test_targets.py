@@ -3,7 +3,7 @@ import re
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.targets import TARGETS_DIR, known_targets, load_target
+from targets import TARGETS_DIR, known_targets, load_target
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -34,9 +34,9 @@ def test_microcontrollers_are_full_int8_with_budgets():
     for name in ("cortex-m4", "cortex-m7"):
         profile = load_target(name)
         assert profile.runtime == "tflite-micro" and profile.quantization.activation_type == "int8"
-        assert 0 < profile.budget.ram_reserve_bytes < profile.budget.ram_bytes
-    assert load_target("cortex-m4").budget.ram_bytes == 256 * 1024
-    assert load_target("cortex-m7").budget.flash_bytes == 2 * 1024 * 1024
+        assert 0 < profile.memory.ram_reserve_bytes < profile.memory.ram_bytes
+    assert load_target("cortex-m4").memory.ram_bytes == 256 * 1024
+    assert load_target("cortex-m7").memory.flash_bytes == 2 * 1024 * 1024
 
 
 @pytest.mark.parametrize("name", known_targets())

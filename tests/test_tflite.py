@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import tflm
-from pipeline.emit_mcu import emit_mcu, model_ops
 from pipeline.errors import StageError
-from pipeline.export import export_onnx
-from pipeline.onnx_run import run, session
-from pipeline.quantize import quantize_onnx
-from pipeline.simplify import simplify_onnx
-from pipeline.targets import Quantization
-from pipeline.tflite_convert import convert_to_tflite
+from pipeline.onnx.export import export_onnx
+from pipeline.onnx.quantize import quantize_onnx
+from pipeline.onnx.run import run, session
+from pipeline.onnx.simplify import simplify_onnx
+from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.firmware import emit_mcu, model_ops
 from pipeline.zoo.nets import OptionAShortcut
+from targets import Quantization
 
 pytestmark = pytest.mark.runtime
 INT8 = Quantization(activation_type="int8")

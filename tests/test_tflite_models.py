@@ -2,18 +2,19 @@
 
 import numpy as np
 import pytest
+from helpers import plain
 
 from calib import balanced_subset, load_dataset, preprocess
-from pipeline import tflm
-from pipeline.decompose import decompose
-from pipeline.emit_mcu import model_ops
-from pipeline.export import export_onnx
-from pipeline.onnx_run import run, session
-from pipeline.quantize import quantize_onnx
-from pipeline.simplify import simplify_onnx
-from pipeline.targets import Quantization
-from pipeline.tflite_convert import convert_to_tflite
+from pipeline.compress.decompose import decompose
+from pipeline.onnx.export import export_onnx
+from pipeline.onnx.quantize import quantize_onnx
+from pipeline.onnx.run import run, session
+from pipeline.onnx.simplify import simplify_onnx
+from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.firmware import model_ops
 from pipeline.zoo import load_model
+from targets import Quantization
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +29,7 @@ def test_model_converts_and_tflm_follows_onnxruntime(model, method, cifar_dir, r
     x = preprocess(test.x[idx], mean=spec.mean, std=spec.std)
     module = spec.module
     if method:
-        module, plan = decompose(module, input_shape=spec.input_shape, method=method,
-                                 rank="energy:0.9" if method == "cp" else "0.25",
-                                 exclude=("conv1",) if model == "resnet20" else (), progress=False)
+        module, plan = decompose(module, settings=plain(method=method, rank="energy:0.9" if method == "cp" else "0.25", exclude=("conv1",) if model == "resnet20" else ()), input_shape=spec.input_shape, progress=False)
         assert any(p.method == method for p in plan.layers)
     raw, _ = export_onnx(module, tmp_path / "m.onnx", check_inputs=x[:8])
     simple, _ = simplify_onnx(raw, tmp_path / "s.onnx", check_inputs=x[:8])

@@ -5,7 +5,6 @@ checkpoint. Checkpoints are untrusted input: they load with `torch.load(..., wei
 """
 
 import glob
-import hashlib
 import importlib
 import os
 import pickle
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError, unknown
+from pipeline.util import sha256_file
 from pipeline.zoo.nets import CifarResNet, SeedNet
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -64,14 +64,6 @@ ZOO: dict[str, _ZooEntry] = {
         for d in (20, 32, 44, 56)
     },
 }
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

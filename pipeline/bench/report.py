@@ -1,0 +1,101 @@
+"""bench/report.md and bench/pareto.png from bench/results.json: the rows side by side, ratios, a top-1 vs
+MACs Pareto plot with the published results, and per-budget plans."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a build machine
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.util import atomic_path, markdown_table, write_text  # noqa: E402
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _table(rows: list[dict], dense_top1: float) -> str:
+    head = ("variant", "MACs", "kept", "params", "bytes", "top-1", "vs dense fp32", "latency ms", "speedup",
+            "MAC reduction", "speedup / MAC red.", "decompose s", "sensitivity s", "fine-tune s (per epoch)")
+    cells = []
+    for r in rows:
+        ft = "-" if r["finetune_s"] is None else f"{r['finetune_s']:.0f} ({r['finetune_s_per_epoch']:.0f})"
+        cells.append((r["variant"], f"{r['macs']:,}", f"{r['macs_kept']:.3f}", f"{r['params']:,}", f"{r['bytes']:,}",
+                      _pct(r["top1"]), f"{(r['top1'] - dense_top1) * 100:+.2f} pt", f"{r['latency_ms']:.3f}",
+                      f"{r['speedup']:.2f}x", f"{r['mac_reduction']:.2f}x", f"{r['speedup'] / r['mac_reduction']:.2f}",
+                      "-" if r["decompose_s"] is None else f"{r['decompose_s']:.1f}",
+                      "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.1f}", ft))
+    return markdown_table(head, cells)
+
+
+def _latency_lines(plan: dict) -> list[str]:
+    """Which factored layers run slower than the dense layer they replace (host int8, layer alone)."""
+    allocation = plan.get("allocation") or {}
+    summed = allocation.get("layer_latency_ms")
+    if not summed:
+        return []
+    slower = [f"{layer['name']} ({layer['method']} {'x'.join(map(str, layer['ranks']))}: "
+              f"{layer['latency_ms']:.3f} vs {layer['dense_latency_ms']:.3f} ms)"
+              for layer in plan["layers"]
+              if layer.get("method") and layer.get("latency_ms") is not None and layer.get("dense_latency_ms")
+              and layer["latency_ms"] > layer["dense_latency_ms"]]
+    return [f"Summed layer latency (int8, each layer alone, this host): {summed['chosen']:.3f} ms chosen vs "
+            f"{summed['dense']:.3f} ms dense, latency weight {allocation['latency_weight']:g}. "
+            f"Factored layers slower than their dense conv: {', '.join(slower) or 'none'}."]
+
+
+def plot(results: dict, path: Path) -> None:
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, entry in zip(axes[0], models, strict=True):
+        rows = entry["rows"]
+        dense = next(r for r in rows if r["variant"] == "dense_fp32")
+        styles = {(False, "fp32"): ("o", "one-shot fp32"), (False, "int8"): ("s", "one-shot int8"),
+                  (True, "fp32"): ("^", "fine-tuned fp32"), (True, "int8"): ("D", "fine-tuned int8")}
+        for (tuned, precision), (marker, label) in styles.items():
+            pts = [r for r in rows if r["budget"] is not None and r["finetuned"] == tuned and r["precision"] == precision]
+            if pts:
+                pts.sort(key=lambda r: r["macs"])
+                ax.plot([r["macs"] / 1e6 for r in pts], [r["top1"] * 100 for r in pts], marker=marker, label=label)
+        for r in rows:
+            if r["budget"] is None:
+                ax.scatter([r["macs"] / 1e6], [r["top1"] * 100], marker="*", s=160, zorder=5,
+                           label=r["variant"].replace("_", " "))
+        for p in entry["published"]:
+            ax.scatter([dense["macs"] * (1 - p["macs_removed"]) / 1e6], [p["top1"] * 100], marker="x", color="k")
+            ax.annotate(p["method"].split(" (")[0], (dense["macs"] * (1 - p["macs_removed"]) / 1e6, p["top1"] * 100),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{entry['model']}: top-1 vs MACs ({entry['eval_samples']:,} test images)")
+        ax.set_xlabel("MACs (millions)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> Path:
+    plot(results, out / "pareto.png")
+    lines = ["# Benchmark: budgeted low-rank compression", "",
+             f"Host: {results['host']}; latency at batch 1 on one thread, medians of interleaved runs; "
+             f"ratios against the dense model of the same precision. Target profile: `{results['target']}`. "
+             f"Wall time {results['wall_seconds']:.0f} s.", "", "![top-1 vs MACs](pareto.png)", ""]
+    for entry in results["models"]:
+        rows = entry["rows"]
+        dense_top1 = next(r for r in rows if r["variant"] == "dense_fp32")["top1"]
+        lines += [f"## {entry['model']}", "",
+                  f"{entry['eval_samples']:,} test images; fine-tuning: {entry['finetune_epochs']} epochs of "
+                  "distillation from the dense model.", "", _table(rows, dense_top1), ""]
+        if entry["published"]:
+            lines += ["Published (full retraining on GPUs): " + "; ".join(
+                f"{p['method']}: {p['macs_removed']:.0%} fewer MACs at {p['top1']:.2%}" for p in entry["published"]), ""]
+        for budget, plan in entry["plans"].items():
+            chosen = [f"{layer['name']} {layer['method'] or 'dense'} {'x'.join(map(str, layer['ranks']))}".rstrip()
+                      for layer in plan["layers"]]
+            lines += [f"Budget {budget}: " + ", ".join(chosen), "", *_latency_lines(plan), ""]
+    path = out / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path

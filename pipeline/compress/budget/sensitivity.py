@@ -1,0 +1,151 @@
+"""Per-layer sensitivity: what each candidate factorisation of each layer costs in accuracy, measured.
+
+For every selected layer and candidate (method x ranks), the layer alone is replaced by its data-aware
+chain and the network's logits on held-out training images are compared with the dense ones (mean
+KL divergence, plus top-1 agreement for the reader). The table is the input of `allocate`; it is
+cached under the hashes of the weights, the images and the settings, so another budget costs nothing.
+"""
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.compress import datafit
+from pipeline.compress.budget.macs import count
+from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
+from pipeline.compress.methods import Method, methods_for
+from pipeline.compress.ranks import round_up
+from pipeline.errors import StageError
+from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
+from targets import Decomposition
+
+VERSION = 3  # 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: str
+    method: str | None  # None: the layer kept dense
+    ranks: tuple[int, ...]
+    macs: int
+    params: int
+    kl: float  # mean KL(dense || this) over the held-out images, in nats
+    agreement: float  # top-1 agreement with the dense model on them
+    latency_ms: float | None = None  # host int8 latency of the layer or chain alone (batch 1, one thread)
+
+
+class LayerLatency(Protocol):
+    """What the allocation's second cost looks like: the host latency (ms) of a layer or chain at an input
+    shape, or None where it cannot be timed. `fingerprint` keys the sensitivity cache. The orchestrator hands
+    one in (an ONNX Runtime timer lives in a later stage), so this stage never imports a runtime."""
+
+    fingerprint: dict
+
+    def __call__(self, module: nn.Module, input_shape: tuple[int, ...]) -> float | None: ...
+
+
+def candidate_ranks(layer: nn.Module, method: Method, *, fractions: tuple[float, ...], round_to: int) -> list[tuple[int, ...]]:
+    """Ranks at each fraction of every mode's maximum, rounded to the target's multiple, deduplicated."""
+    maxima = method.max_ranks(layer)
+    found = []
+    for fraction in fractions:
+        ranks = tuple(round_up(max(1, round(fraction * m)), round_to, m) for m in maxima)
+        if ranks not in found:
+            found.append(ranks)
+    return found
+
+
+def _fingerprint(module: nn.Module, *arrays: np.ndarray, settings: dict) -> str:
+    chunks = [sha256_json({**settings, "version": VERSION}).encode()]
+    for name, tensor in sorted(module.state_dict().items()):
+        chunks += [name.encode(), tensor.detach().cpu().contiguous().numpy().tobytes()]
+    return sha256_bytes(*chunks, *(np.ascontiguousarray(array).tobytes() for array in arrays))
+
+
+def _kl(dense: torch.Tensor, logits: torch.Tensor) -> float:
+    return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense, 1), log_target=True, reduction="batchmean"))
+
+
+def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.ndarray | None, heldout_x: np.ndarray,
+                  settings: Decomposition, seed: int = 0, latency: LayerLatency | None = None, use_cache: bool = True,
+                  progress: bool = True) -> tuple[list[Candidate], dict]:
+    """Every candidate (`settings.candidates` x `settings.rank_fractions`) of every layer `layer_selection`
+    picks, a dense entry per layer included, and facts about the run: whether the cache answered, its path,
+    the seconds spent. Without `fit_x` the factors fit the weights. With `latency` each candidate's host
+    latency is measured too."""
+    methods, fractions, round_to = settings.candidates, settings.rank_fractions, settings.round_to
+    key_settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to,
+                    "layers": list(settings.layers), "exclude": list(settings.exclude),
+                    "keep_first_and_last": settings.keep_first_and_last, "seed": seed, "input_shape": list(input_shape),
+                    "latency": None if latency is None else latency.fingerprint}
+    key = _fingerprint(module, *([] if fit_x is None else [fit_x]), heldout_x,
+                       settings={**key_settings, "data_aware": fit_x is not None})
+    path = cache_dir("sensitivity", f"{key[:24]}.json")
+    if use_cache and path.is_file():
+        data = json.loads(path.read_text())
+        return [Candidate(**{**c, "ranks": tuple(c["ranks"])}) for c in data["candidates"]], \
+            {"cached": True, "path": str(path), "seconds": data["seconds"]}
+    started = time.perf_counter()
+    costs = count(module, input_shape)
+    dense_model = module.eval()
+    work = copy.deepcopy(module).eval()
+    names = [n for n, reason in layer_selection(module, costs, settings).items() if not reason]
+    held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
+    io = {} if fit_x is None else datafit.layer_io(
+        dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
+    with torch.inference_mode():
+        reference = dense_model(held_t)
+    timed: dict[tuple, float | None] = {}  # by shape: ResNets repeat each block's shapes many times
+
+    def timing(module: nn.Module, shape: tuple[int, ...]) -> float | None:
+        if latency is None:
+            return None
+        key = (shape, tuple((type(m).__name__, tuple(m.weight.shape), str(getattr(m, "stride", "")),
+                             str(getattr(m, "padding", "")), str(getattr(m, "dilation", "")), getattr(m, "groups", 1))
+                            for m in (module if isinstance(module, nn.Sequential) else [module])))
+        if key not in timed:
+            timed[key] = latency(module, shape)
+        return timed[key]
+
+    found = []
+    jobs = [(n, m, r) for n in names for m in methods_for(module.get_submodule(n), methods)
+            for r in candidate_ranks(module.get_submodule(n), m, fractions=fractions, round_to=round_to)]
+    bar = tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress, leave=False)
+    for name in names:
+        layer = module.get_submodule(name)
+        shape = costs[name].input_shape
+        found.append(Candidate(name, None, (), costs[name].macs, costs[name].params, 0.0, 1.0, timing(layer, shape)))
+        for method, ranks in ((m, r) for n, m, r in jobs if n == name):
+            bar.update()
+            chain = method.skeleton(layer, ranks)
+            macs = sum(c.macs for c in count(chain, costs[name].input_shape).values())
+            if macs >= costs[name].macs:
+                continue
+            try:
+                with threadpool_limits(limits=1):
+                    x, y = io.get(name, (None, None))
+                    chain, _, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
+            except StageError:  # CP-ALS that diverged is simply not a candidate
+                continue
+            set_submodule(work, name, chain)
+            with torch.inference_mode():
+                logits = work(held_t)
+            set_submodule(work, name, layer)
+            found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()),
+                                   round(_kl(reference, logits), 8),
+                                   round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6),
+                                   timing(chain, shape)))
+    bar.close()
+    seconds = round(time.perf_counter() - started, 2)
+    write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
+                                 "candidates": [asdict(c) for c in found]}, indent=1))
+    return found, {"cached": False, "path": str(path), "seconds": seconds}

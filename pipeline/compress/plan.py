@@ -1,0 +1,89 @@
+"""The decomposition plan: what was done to each layer and why, as data (to_dict / from_dict) and as a table."""
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from pipeline.util import markdown_table
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the budget allocation picked for one layer, why, and the measurements it picked by."""
+
+    method: str | None  # None: keep the layer dense
+    ranks: tuple[int, ...]
+    reason: str
+    kl: float | None = None  # mean KL(dense || this layer factored alone) on held-out images, nats
+    agreement: float | None = None  # top-1 agreement with the dense model on them
+    latency_ms: float | None = None  # host int8 latency of the chosen layer or chain alone
+    dense_latency_ms: float | None = None  # the same for the dense layer it replaces
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: str  # Conv2d, Linear, or the type of a layer left alone
+    method: str | None  # what was applied; None when the layer stays dense
+    ranks: tuple[int, ...]
+    rank_rule: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    rel_error: float | None  # ||W - W_hat|| / ||W||
+    note: str = ""  # why it was skipped or chosen, or what happened on the way (a CP retry or fallback)
+    output_error: float | None = None  # ||y - y_hat|| / ||y|| of the layer's output on calibration images
+    # the budget allocation's measurements of the choice (None without a budget): see `Choice`
+    kl: float | None = None
+    agreement: float | None = None
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class DecompositionPlan:
+    requested_method: str
+    rank_rule: str
+    round_to: int
+    layers: tuple[LayerPlan, ...]
+    seconds: float
+
+    @property
+    def macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"requested_method": self.requested_method, "rank_rule": self.rank_rule, "round_to": self.round_to,
+                "seconds": round(self.seconds, 3), "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecompositionPlan":
+        known = {f.name for f in fields(LayerPlan)}
+        layers = tuple(LayerPlan(**{**{k: v for k, v in layer.items() if k in known}, "ranks": tuple(layer["ranks"])})
+                       for layer in data["layers"])
+        return cls(data["requested_method"], data["rank_rule"], data["round_to"], layers, data["seconds"])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        if not self.layers:
+            return "no Conv2d or Linear layers: nothing to factor, the model stays dense"
+        head = ("layer", "method", "ranks", "MACs before", "MACs after", "params after", "weight err.", "output err.",
+                "note")
+        rows = [(p.name, p.method or "dense", "x".join(map(str, p.ranks)) or "-", f"{p.macs_before:,}",
+                 f"{p.macs_after:,}", f"{p.params_after:,}", _figure(p.rel_error), _figure(p.output_error), p.note)
+                for p in self.layers]
+        kept = self.macs_after / self.macs_before if self.macs_before else 1.0
+        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", "", "",
+                     f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
+        return markdown_table(head, rows)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,71 @@
+"""Stage 1 as a whole: choose what to factor (a rank rule, or a budget met by measured sensitivity), fit the
+factors to real activations, and optionally fine-tune by distillation. The training split is cut once by
+`calib.split_training`, so nothing is judged on what it was fitted or trained on."""
+
+import time
+from dataclasses import dataclass
+
+from torch import nn
+
+from calib import Dataset, preprocess, split_training
+from pipeline.compress.budget.allocate import allocate, parse_budget
+from pipeline.compress.budget.macs import totals
+from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities
+from pipeline.compress.decompose import decompose
+from pipeline.compress.finetune import finetune
+from pipeline.compress.plan import DecompositionPlan
+from pipeline.zoo import ModelSpec
+from targets import Decomposition, Finetune
+
+
+@dataclass(frozen=True)
+class Compressed:
+    one_shot: nn.Module  # factored and fitted, before any fine-tuning
+    model: nn.Module  # what the pipeline goes on with: fine-tuned when epochs > 0, else one_shot
+    plan: DecompositionPlan
+    allocation: dict | None  # budget, lambda, predicted KL, sensitivity cache facts
+    finetune: dict | None  # per-epoch loss, held-out top-1, seconds
+    seconds: dict  # wall time of each step
+
+    def record(self) -> dict:
+        """The plan plus how it was reached, as report.json's `decomposition`."""
+        return {**self.plan.to_dict(), "allocation": self.allocation, "finetune": self.finetune, "steps_seconds": self.seconds}
+
+
+def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
+             layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
+             log=print) -> Compressed:
+    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
+    layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0."""
+    needs_heldout = bool(settings.budget or tuning.epochs)
+    splits = split_training(train_set.y, heldout=tuning.heldout_samples if needs_heldout else 0, fit=settings.fit_samples,
+                            sensitivity=settings.sensitivity_samples, seed=seed)
+    images = {k: preprocess(train_set.x[v], mean=spec.mean, std=spec.std) for k, v in splits.items()
+              if k in ("fit", "sensitivity")}
+    calibration = images["fit"] if settings.fit_samples else None
+    seconds, choices, allocation = {}, None, None
+    if settings.budget:
+        budget = parse_budget(settings.budget)
+        started = time.perf_counter()
+        candidates, facts = sensitivities(
+            spec.module, input_shape=spec.input_shape, fit_x=calibration, heldout_x=images["sensitivity"],
+            settings=settings, seed=seed, latency=layer_latency if settings.latency_weight else None,
+            use_cache=use_cache, progress=progress)
+        macs, params = totals(spec.module, spec.input_shape)
+        choices, allocation = allocate(candidates, budget=budget, total=macs if budget.resource == "macs" else params,
+                                       latency_weight=settings.latency_weight)
+        allocation.update(sensitivity=facts, candidates=len(candidates))
+        seconds["sensitivity"] = round(time.perf_counter() - started, 2)
+        source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
+        log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
+    factored, plan = decompose(spec.module, input_shape=spec.input_shape, settings=settings, seed=seed,
+                               progress=progress, calibration=calibration, choices=choices)
+    seconds["decompose"] = round(plan.seconds, 2)
+    model, history = factored, None
+    if tuning.epochs:
+        started = time.perf_counter()
+        model, history = finetune(factored, spec.module, train_set.take(splits["train"]),
+                                  train_set.take(splits["heldout"]), mean=spec.mean, std=spec.std, settings=tuning,
+                                  seed=seed, progress=progress)
+        seconds["finetune"] = round(time.perf_counter() - started, 1)
+    return Compressed(factored, model, plan, allocation, history, seconds)

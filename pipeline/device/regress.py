@@ -1,0 +1,140 @@
+"""The on-device accuracy regression test.
+
+Runs the deployed int8 artefact on the device and compares it with the dense fp32 reference (top-1 drop and
+agreement against the profile's thresholds), with the same artefact on the host (the host-vs-device int8
+gap), and with the outputs of the last accepted run on that device, which must match exactly.
+"""
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calib import balanced_subset, load_dataset, preprocess
+from pipeline.device.transports import Device, parse_device, run_on_device
+from pipeline.errors import InputError
+from pipeline.metrics import agreement, top1
+from pipeline.onnx.run import run, session
+from pipeline.util import markdown_table, sha256_bytes, sha256_file, write_bytes, write_text
+from targets import Thresholds
+
+BASELINE_DIR = "device_baseline"
+ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
+HOST_INT8 = {"onnxruntime": "model.int8.onnx", "tflite-micro": "baseline/factored.int8.onnx"}
+
+
+@dataclass(frozen=True)
+class RegressReport:
+    target: str
+    device: str
+    device_about: str
+    artefact: str
+    eval_samples: int
+    reference_top1: float  # dense_fp32 on the host: fp32 does not depend on the machine (within 1e-6)
+    device_top1: float
+    top1_drop: float
+    agreement: float  # device int8 vs dense_fp32, top-1
+    host_top1: float
+    host_agreement: float  # device int8 vs the same int8 model on the host
+    host_max_diff: float
+    baseline: dict
+    thresholds: dict
+    passed: bool
+    failures: tuple[str, ...]
+    device_seconds: float
+
+    def table(self) -> str:
+        lines = [markdown_table(("", "top-1", "agreement w/ dense_fp32"),
+                                [("dense_fp32 (host)", f"{self.reference_top1:.2%}", "100.00%"),
+                                 ("int8 on host", f"{self.host_top1:.2%}", "-"),
+                                 (f"int8 on {self.device}", f"{self.device_top1:.2%}", f"{self.agreement:.2%}")])]
+        lines += [f"\nhost vs device int8: top-1 agreement {self.host_agreement:.2%}, largest output difference "
+                  f"{self.host_max_diff:.4g}",
+                  f"device baseline: {self.baseline['status']}",
+                  f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
+                  f"\n{'PASSED' if self.passed else 'FAILED'}: top-1 drop {self.top1_drop * 100:+.2f} points "
+                  f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}), agreement {self.agreement:.2%} "
+                  f"(at least {self.thresholds['min_agreement']:.2%})"]
+        lines += [f"  - {f}" for f in self.failures]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["failures"] = list(self.failures)
+        return data
+
+
+def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str, inputs_sha: str, accept: bool) -> dict:
+    if accept or not path.is_file():
+        buffer = io.BytesIO()
+        np.savez(buffer, outputs=outputs, artefact_sha256=artefact_sha, inputs_sha256=inputs_sha)
+        write_bytes(path, buffer.getvalue())
+        return {"status": "recorded" + (" (accepted)" if accept else " (first run on this device)"), "ok": True}
+    with np.load(path, allow_pickle=False) as saved:
+        old, old_artefact, old_inputs = saved["outputs"], str(saved["artefact_sha256"]), str(saved["inputs_sha256"])
+    if old_artefact != artefact_sha:
+        return {"status": "artefact changed since the baseline was accepted: check it, then ACCEPT=1", "ok": False}
+    if old_inputs != inputs_sha or old.shape != outputs.shape:
+        return {"status": f"baseline was recorded on other inputs ({len(old)} images): use the same EVAL_SAMPLES "
+                          "or ACCEPT=1", "ok": False}
+    differs = np.any(old != outputs, axis=tuple(range(1, outputs.ndim)))
+    if not differs.any():
+        return {"status": f"matched exactly ({len(outputs)} outputs)", "ok": True}
+    change = float(np.max(np.abs(old.astype(np.float64) - outputs)))
+    flipped = int(np.sum(old.argmax(1) != outputs.argmax(1)))
+    return {"status": f"CHANGED: {int(differs.sum())} of {len(outputs)} outputs differ, by up to {change:.4g}; "
+                      f"{flipped} top-1 changes", "ok": False, "changed_outputs": int(differs.sum()),
+            "max_change": change, "top1_changes": flipped}
+
+
+def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
+                    eval_y: np.ndarray, device: Device, accept: bool, log=print) -> RegressReport:
+    artefact = folder / ARTEFACT[runtime]
+    for needed in (artefact, folder / HOST_INT8[runtime], folder / "baseline/dense.fp32.onnx"):
+        if not needed.is_file():
+            raise InputError(f"{needed} is missing; expected a complete build from `make deploy TARGET={target}`")
+    log(f"[device] running {artefact.name} on {device.spec} ({len(eval_x)} images)")
+    outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
+    reference = run(session(folder / "baseline/dense.fp32.onnx"), eval_x)
+    host = run(session(folder / HOST_INT8[runtime]), eval_x)
+    baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{device.key}.npz", outputs,
+                                      artefact_sha=sha256_file(artefact),
+                                      inputs_sha=sha256_bytes(np.ascontiguousarray(eval_x).tobytes()), accept=accept)
+    drop = top1(reference, eval_y) - top1(outputs, eval_y)
+    agree = agreement(outputs, reference)
+    failures = thresholds.failures(top1_drop=drop, agreement=agree)
+    if not baseline["ok"]:
+        failures.append(f"device outputs: {baseline['status']}")
+    return RegressReport(
+        target=target, device=device.spec, device_about=about, artefact=artefact.name, eval_samples=len(eval_x),
+        reference_top1=top1(reference, eval_y), device_top1=top1(outputs, eval_y), top1_drop=round(float(drop), 6),
+        agreement=agree, host_top1=top1(host, eval_y), host_agreement=agreement(outputs, host),
+        host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline, thresholds=asdict(thresholds),
+        passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1))
+
+
+def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: int | None = None,
+            data: str | None = None, accept: bool = False) -> RegressReport:
+    """Regression-test a deployed build (`build/<target>/`) on its device; writes `regress.json` beside it."""
+    folder = Path(build_dir)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        profile, settings = manifest["target_profile"], manifest["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder} holds no complete build ({exc}); run `make deploy` first") from exc
+    dev = parse_device(device or profile["device"]["default"])
+    if profile["runtime"] == "tflite-micro" and dev.kind != "tflm":
+        raise InputError(f"Target {profile['name']!r} runs TFLite Micro; device {dev.spec!r} runs ONNX Runtime. Use DEVICE=tflm")
+    if profile["runtime"] == "onnxruntime" and dev.kind == "tflm":
+        raise InputError(f"Target {profile['name']!r} runs ONNX Runtime; use DEVICE=qemu or DEVICE=ssh://user@host")
+    samples = profile["device"]["samples"] if eval_samples is None else eval_samples
+    test = load_dataset("test", data if data is not None else settings.get("data"))
+    idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
+    x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
+    report = check_on_device(folder, runtime=profile["runtime"], target=profile["name"],
+                             thresholds=Thresholds(**profile["thresholds"]),
+                             eval_x=x, eval_y=test.y[idx], device=dev, accept=accept)
+    write_text(folder / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

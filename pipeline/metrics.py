@@ -1,0 +1,51 @@
+"""What a model variant measures: top-1, per-class accuracy and top-1 agreement from logits of any runtime,
+and the record of one measured variant (report.json's `variants` entries)."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def torch_logits(module: nn.Module, x_nchw: np.ndarray, *, batch_size: int = 500, progress: str | None = None) -> np.ndarray:
+    module.eval()
+    out = []
+    batches = range(0, len(x_nchw), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(batches, desc=progress, disable=progress is None, leave=False, unit="batch"):
+            out.append(module(torch.from_numpy(x_nchw[start:start + batch_size])).numpy())
+    return np.concatenate(out)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def per_class(logits: np.ndarray, labels: np.ndarray, class_names) -> dict[str, float]:
+    """Accuracy of each class, as the founding document prints it ('Accuracy of cat : 45 %')."""
+    predicted = logits.argmax(1)
+    return {name: float((predicted[labels == i] == i).mean()) if (labels == i).any() else float("nan")
+            for i, name in enumerate(class_names)}
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of samples whose top-1 class matches the reference's."""
+    return float((logits.argmax(1) == reference.argmax(1)).mean())
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    macs: int
+    params: int
+    bytes: int
+    peak_activation_bytes: int
+    top1: float
+    agreement: float
+    latency_ms: float
+    runtime: str
+    machine: str
+    per_class: dict[str, float] = field(default_factory=dict)
+    layers: tuple[dict, ...] = ()
+    details: dict = field(default_factory=dict)  # runtime-specific figures (TFLM arena, ORT agreement, ...)

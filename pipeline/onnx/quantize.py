@@ -1,0 +1,55 @@
+"""The quantize stage: ONNX Runtime static int8 quantization, calibrated on training images."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from pipeline.util import atomic_path
+from targets import Quantization
+
+_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}
+_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration images one at a time; `rewind` lets the calibrator read them again."""
+
+    def __init__(self, input_name: str, x: np.ndarray):
+        self.input_name, self.x, self.position = input_name, x, 0
+
+    def get_next(self):
+        if self.position >= len(self.x):
+            return None
+        self.position += 1
+        return {self.input_name: self.x[self.position - 1:self.position]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, calibration: np.ndarray,
+                  settings: Quantization, input_name: str = "input") -> Path:
+    """Pre-process (shape inference, fusions), then quantize statically with the profile's settings."""
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as target:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=False)
+        quantize_static(
+            str(prepared), str(target), ArrayReader(input_name, calibration),
+            quant_format=_FORMATS[settings.format], per_channel=settings.per_channel,
+            activation_type=_TYPES[settings.activation_type], weight_type=_TYPES[settings.weight_type],
+            calibrate_method=_METHODS[settings.calibration_method], reduce_range=settings.reduce_range,
+            extra_options={"CalibTensorRangeSymmetric": False},
+        )
+    return Path(out)

@@ -1,0 +1,65 @@
+"""Measure a full-int8 .tflite: accuracy in TFLite Micro and ai-edge-litert, agreement with ONNX Runtime's
+int8 model on the same inputs, arena bytes (recorded and smallest that runs), flash bytes and host latency."""
+
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as tfl
+from tqdm import tqdm
+
+from pipeline.metrics import VariantReport, agreement, per_class, top1
+from pipeline.onnx.cost import onnx_cost
+from pipeline.onnx.run import run, session
+from pipeline.tflm import interpreter
+from pipeline.util import host_machine, median_ms
+
+
+def largest_tensors(model_bytes: bytes, count: int = 3) -> list[tuple[str, int]]:
+    """The biggest activation tensors (name, bytes): what to shrink when the arena does not fit."""
+    graph = tfl.ModelT.InitFromPackedBuf(model_bytes, 0).subgraphs[0]
+    sizes = [(t.name.decode() if isinstance(t.name, bytes) else t.name, int(np.prod(t.shape)))
+             for t in graph.tensors if t.buffer == 0]
+    return sorted(sizes, key=lambda item: -item[1])[:count]
+
+
+def _tflm_latency_ms(model_bytes: bytes, sample: np.ndarray, *, runs: int, warmup: int) -> float:
+    it = interpreter.tflm_interpreter(model_bytes)
+    it.set_input(sample[None], 0)
+    return median_ms(it.invoke, runs=runs, warmup=warmup)
+
+
+def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarray, eval_y: np.ndarray, class_names,
+                   reference: np.ndarray, latency_runs: int, latency_warmup: int, label: str = "") -> tuple[VariantReport, np.ndarray]:
+    model_bytes = tflite_path.read_bytes()
+    io = interpreter.io_quant(model_bytes)
+    x_int8 = interpreter.quantize_input(eval_x, io)
+    chunks = range(0, len(x_int8), 100)
+    micro = np.concatenate([interpreter.run_tflm(model_bytes, x_int8[i:i + 100])
+                            for i in tqdm(chunks, desc=f"TFLM {label}", unit="x100", leave=False)])
+    logits = interpreter.dequantize_output(micro, io)
+    lite = interpreter.dequantize_output(interpreter.run_litert(model_bytes, x_int8), io)
+    ort_int8 = run(session(quantized_onnx), eval_x)
+    recorded = interpreter.arena_bytes(model_bytes)
+    cost = onnx_cost(quantized_onnx)
+    report = VariantReport(
+        macs=cost.macs, params=cost.params, bytes=len(model_bytes), peak_activation_bytes=cost.peak_activation_bytes,
+        top1=top1(logits, eval_y), agreement=agreement(logits, reference),
+        latency_ms=round(_tflm_latency_ms(model_bytes, x_int8[0], runs=latency_runs, warmup=latency_warmup), 4),
+        runtime=f"tflite-micro {metadata.version('tflite-micro')} (reference kernels)", machine=host_machine(),
+        per_class=per_class(logits, eval_y, class_names),
+        layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params} for layer in cost.layers),
+        details={
+            "flash_bytes": len(model_bytes),
+            "arena_bytes": recorded,
+            "smallest_arena_bytes": interpreter.smallest_arena(model_bytes, x_int8[0], hint=recorded),
+            "litert_top1": top1(lite, eval_y),
+            "ort_int8_top1": top1(ort_int8, eval_y),
+            "ort_agreement": agreement(logits, ort_int8),
+            "max_output_diff_steps": round(float(np.max(np.abs(logits - ort_int8)) / io.output_scale), 3),
+            "input_quantization": {"scale": io.input_scale, "zero_point": io.input_zero_point},
+            "output_quantization": {"scale": io.output_scale, "zero_point": io.output_zero_point},
+            "largest_tensors": largest_tensors(model_bytes),
+        },
+    )
+    return report, logits

@@ -1,0 +1,111 @@
+"""Helpers every stage shares, written once: atomic writes, hashing, the cache root, the host's name, median
+timing and markdown tables."""
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ---- files ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds, so a failure
+    never leaves a half-written artefact behind."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artefacts get the usual permissions
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(final: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
+def write_text(final: str | os.PathLike, text: str) -> Path:
+    return write_bytes(final, text.encode())
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where derived, rebuildable data lives (emulator roots, sensitivity tables): $CNN_DEPLOY_CACHE or .cache/."""
+    base = Path(os.environ.get("CNN_DEPLOY_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
+    return base.joinpath(*parts)
+
+
+# ---- hashing --------------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value) -> str:
+    """A key for settings: the same values in any dictionary order give the same digest."""
+    return sha256_bytes(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+# ---- the host and its clock -----------------------------------------------------------------------------
+
+def host_machine() -> str:
+    """Which machine computed host figures: architecture and CPU model (int8 results depend on it)."""
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{platform.machine()} host, {model}".rstrip(", ")
+
+
+def seconds(call: Callable[[], object]) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def median_ms(call: Callable[[], object], *, runs: int, warmup: int) -> float:
+    """Median wall time of `call` in milliseconds, after `warmup` untimed calls (first calls allocate and pack)."""
+    for _ in range(warmup):
+        call()
+    return statistics.median(seconds(call) for _ in range(runs)) * 1e3
+
+
+# ---- text -----------------------------------------------------------------------------------------------
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A padded markdown table: readable as plain text in a terminal and rendered as a table in report.md."""
+    rows = [tuple(map(str, head)), *(tuple(map(str, r)) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Train a zoo model from scratch on CIFAR-10 (how seednet's reference weights were made).
+
+Seeded and single-process so a rerun on the same machine gives the same weights.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from calib import Dataset, preprocess
+from pipeline.metrics import top1, torch_logits
+from pipeline.util import atomic_path
+from pipeline.zoo import ModelSpec
+
+
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Standard CIFAR augmentation on NHWC uint8: random crop with 4-pixel zero padding, horizontal flip."""
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def train(spec: ModelSpec, train_set: Dataset, *, test_set: Dataset | None = None, epochs: int = 40,
+          batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, seed: int = 0,
+          out: str | os.PathLike | None = None) -> dict[str, float]:
+    """SGD with momentum and a cosine schedule; returns the final test top-1 (when a test set is given)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = spec.module
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    steps = epochs * (len(train_set) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.15)
+    result = {}
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(train_set))
+        bar = tqdm(range(len(train_set) // batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
+        for step in bar:
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            x = torch.from_numpy(preprocess(augment(train_set.x[idx], rng), mean=spec.mean, std=spec.std))
+            loss = F.cross_entropy(model(x), torch.from_numpy(train_set.y[idx]))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        if test_set is not None:
+            result["top1"] = top1(torch_logits(model, preprocess(test_set.x, mean=spec.mean, std=spec.std)), test_set.y)
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: test top-1 {result['top1']:.2%}")
+    if out is not None:
+        with atomic_path(out) as tmp:
+            torch.save(model.state_dict(), tmp)
+        result["weights"] = str(Path(out))
+    return result

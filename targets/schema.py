@@ -1,0 +1,277 @@
+"""Target profiles: TOML files read into frozen dataclasses, validated once when they are built.
+
+Every default lives in `targets/base/common.toml`, with its reason; the dataclasses read their defaults from
+it, so code and profiles cannot disagree. A profile (`targets/<name>.toml`) states only what differs, on top
+of the family base it names with `extends` (`targets/base/<family>.toml`). An unknown target, section or
+key is an error that names the known ones.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError, unknown
+
+TARGETS_DIR = Path(__file__).resolve().parent
+BASES_DIR = TARGETS_DIR / "base"
+ROOT_BASE = "common"
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+_COMMON = _read(BASES_DIR / f"{ROOT_BASE}.toml")
+
+
+def _default(section: str, key: str):
+    """The value `targets/base/common.toml` gives, as an immutable default (lists become tuples)."""
+    value = _COMMON[section][key]
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _choice(where: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise unknown(f"{where} value", value, allowed)
+
+
+def _at_least(where: str, value, low, expected: str) -> None:
+    if not value >= low:
+        raise ConfigError(f"{where}={value}; expected {expected}")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """ONNX Runtime static int8 quantization; the TFLite writer reads the same QDQ graph."""
+
+    format: str = _default("quantization", "format")
+    activation_type: str = _default("quantization", "activation_type")
+    weight_type: str = _default("quantization", "weight_type")
+    per_channel: bool = _default("quantization", "per_channel")
+    calibration_method: str = _default("quantization", "calibration_method")
+    calibration_samples: int = _default("quantization", "calibration_samples")
+    reduce_range: bool = _default("quantization", "reduce_range")
+
+    def __post_init__(self):
+        _choice("format", self.format, ("qdq", "qoperator"))
+        _choice("activation_type", self.activation_type, ("int8", "uint8"))
+        _choice("weight_type", self.weight_type, ("int8", "uint8"))
+        _choice("calibration_method", self.calibration_method, ("entropy", "minmax", "percentile"))
+        _at_least("calibration_samples", self.calibration_samples, 1, "at least one image")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Stage 1: which layers are factored, how, and at what ranks (or under what compression budget)."""
+
+    method: str = _default("decomposition", "method")
+    rank: str = _default("decomposition", "rank")
+    layers: tuple[str, ...] = _default("decomposition", "layers")
+    exclude: tuple[str, ...] = _default("decomposition", "exclude")
+    keep_first_and_last: bool = _default("decomposition", "keep_first_and_last")
+    round_to: int = _default("decomposition", "round_to")
+    budget: str = _default("decomposition", "budget")
+    candidates: tuple[str, ...] = _default("decomposition", "candidates")
+    rank_fractions: tuple[float, ...] = _default("decomposition", "rank_fractions")
+    fit_samples: int = _default("decomposition", "fit_samples")
+    sensitivity_samples: int = _default("decomposition", "sensitivity_samples")
+    latency_weight: float = _default("decomposition", "latency_weight")
+
+    def __post_init__(self):
+        # imported here: the method registry needs torch, and reading a profile should not
+        from pipeline.compress.budget.allocate import parse_budget
+        from pipeline.compress.methods import CONV_METHODS
+        from pipeline.compress.ranks import parse_rank
+
+        if self.method not in CONV_METHODS:
+            raise unknown("method", self.method, CONV_METHODS)
+        for method in self.candidates:
+            if method not in CONV_METHODS:
+                raise unknown("candidate method", method, CONV_METHODS)
+        parse_rank(self.rank)
+        if self.budget:
+            parse_budget(self.budget)
+        _at_least("round_to", self.round_to, 1, "a positive integer")
+        if not self.rank_fractions or not all(0 < f <= 1 for f in self.rank_fractions):
+            raise ConfigError(f"rank_fractions {self.rank_fractions}; expected fractions in (0, 1]")
+        _at_least("latency_weight", self.latency_weight, 0, "0 (off) or a positive weight")
+        _at_least("fit_samples", self.fit_samples, 0, "0 (fit the weights) or a positive count")
+        _at_least("sensitivity_samples", self.sensitivity_samples, 1, "at least one image")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Knowledge-distillation fine-tuning of the factored model (pipeline/compress/finetune.py)."""
+
+    epochs: int = _default("finetune", "epochs")
+    lr: float = _default("finetune", "lr")
+    batch_size: int = _default("finetune", "batch_size")
+    weight_decay: float = _default("finetune", "weight_decay")
+    temperature: float = _default("finetune", "temperature")
+    alpha: float = _default("finetune", "alpha")
+    bn: str = _default("finetune", "bn")
+    heldout_samples: int = _default("finetune", "heldout_samples")
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ConfigError(f"FINETUNE_EPOCHS={self.epochs}; expected 0 (no fine-tuning) or a positive count")
+        _choice("bn", self.bn, ("frozen", "reestimate"))
+        _at_least("batch_size", self.batch_size, 1, "a positive batch size")
+        _at_least("heldout_samples", self.heldout_samples, 0, "0 or a positive count")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a deployed int8 model must reach; `failures` is the one check deploy, regress and reports use."""
+
+    max_top1_drop: float = _default("thresholds", "max_top1_drop")
+    min_agreement: float = _default("thresholds", "min_agreement")
+    min_ort_agreement: float = _default("thresholds", "min_ort_agreement")
+    max_output_diff_steps: float = _default("thresholds", "max_output_diff_steps")
+
+    def failures(self, *, top1_drop: float, agreement: float | None = None, ort_agreement: float | None = None,
+                 max_output_diff_steps: float | None = None) -> list[str]:
+        """Every threshold the measured figures miss, in words; a figure not measured (None) is not checked."""
+        found = []
+        if top1_drop > self.max_top1_drop + 1e-12:
+            found.append(f"top-1 drop {top1_drop * 100:.2f} points > {self.max_top1_drop * 100:.2f} allowed")
+        if agreement is not None and agreement < self.min_agreement:
+            found.append(f"agreement with dense_fp32 {agreement:.2%} < {self.min_agreement:.2%}")
+        if ort_agreement is not None and ort_agreement < self.min_ort_agreement:
+            found.append(f"TFLM agrees with ONNX Runtime int8 on {ort_agreement:.2%} of images "
+                         f"< {self.min_ort_agreement:.2%}")
+        if max_output_diff_steps is not None and max_output_diff_steps > self.max_output_diff_steps:
+            found.append(f"TFLM output differs from ONNX Runtime int8 by {max_output_diff_steps:g} steps "
+                         f"> {self.max_output_diff_steps:g}")
+        return found
+
+
+@dataclass(frozen=True)
+class DeviceCheck:
+    """Where `make regress` (and the deploy's last stage, when on) runs the int8 artefact."""
+
+    default: str = _default("device", "default")
+    check_on_deploy: bool = _default("device", "check_on_deploy")
+    samples: int = _default("device", "samples")
+
+    def __post_init__(self):
+        _at_least("samples", self.samples, 0, "0 (the full test set) or a positive count")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory of a microcontroller; 0 means unchecked (boards with an OS)."""
+
+    ram_bytes: int = _default("memory", "ram_bytes")
+    flash_bytes: int = _default("memory", "flash_bytes")
+    ram_reserve_bytes: int = _default("memory", "ram_reserve_bytes")
+    flash_reserve_bytes: int = _default("memory", "flash_reserve_bytes")
+    arena_margin: float = _default("memory", "arena_margin")
+
+    def __post_init__(self):
+        _at_least("arena_margin", self.arena_margin, 0, "a fraction >= 0")
+        if self.ram_reserve_bytes > self.ram_bytes or self.flash_reserve_bytes > self.flash_bytes:
+            raise ConfigError(f"reserves ({self.ram_reserve_bytes:,} B RAM, {self.flash_reserve_bytes:,} B flash) "
+                              f"exceed the part ({self.ram_bytes:,} B RAM, {self.flash_bytes:,} B flash)")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    samples: int = _default("evaluation", "samples")
+    latency_runs: int = _default("evaluation", "latency_runs")
+    latency_warmup: int = _default("evaluation", "latency_warmup")
+
+    def __post_init__(self):
+        _at_least("samples", self.samples, 0, "0 (the full test set) or a positive count")
+        _at_least("latency_runs", self.latency_runs, 1, "at least one run")
+
+
+RUNTIMES = ("onnxruntime", "tflite-micro")
+SECTIONS = {"quantization": Quantization, "decomposition": Decomposition, "finetune": Finetune,
+            "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck}
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    runtime: str
+    quantization: Quantization = field(default_factory=Quantization)
+    decomposition: Decomposition = field(default_factory=Decomposition)
+    finetune: Finetune = field(default_factory=Finetune)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    memory: Memory = field(default_factory=Memory)
+    device: DeviceCheck = field(default_factory=DeviceCheck)
+
+    def __post_init__(self):
+        _choice("runtime", self.runtime, RUNTIMES)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def override(self, **sections: dict) -> "TargetProfile":
+        """A copy with some settings replaced, e.g. `override(finetune={"epochs": 3})`; None values are
+        left as they are (a flag not given), and the new values are validated like a profile's."""
+        replaced = {}
+        for section, values in sections.items():
+            if section not in SECTIONS:
+                raise unknown("profile section", section, SECTIONS)
+            given = {k: v for k, v in values.items() if v is not None}
+            replaced[section] = _build(SECTIONS[section], given, section, base=getattr(self, section))
+        return dataclasses.replace(self, **replaced)
+
+
+def known_targets(folder: Path = TARGETS_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.toml"))
+
+
+def _build(cls, data: dict, where: str, *, base=None):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = set(data) - fields
+    if extra:
+        raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}; known: {', '.join(sorted(fields))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:  # a missing top-level key
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in top.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def _resolve(data: dict, where: str) -> dict:
+    """The profile's own values on top of its family base (`extends`), which sits on the common base."""
+    family = data.pop("extends", None)
+    if family is None:
+        return data
+    path = BASES_DIR / f"{family}.toml"
+    bases = sorted(p.stem for p in BASES_DIR.glob("*.toml") if p.stem != ROOT_BASE)
+    if family == ROOT_BASE or not path.is_file():
+        raise unknown(f"{where}: base to extend", family, bases)
+    return _merge(_resolve(_read(path), family), data)
+
+
+def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
+    """A target by name (`targets/<name>.toml`), or a board of the user's own as a path to a .toml file."""
+    path = Path(name) if name.endswith(".toml") else folder / f"{name}.toml"
+    if not path.is_file():
+        raise unknown("target", name, known_targets(folder))
+    data = _resolve(_read(path), path.stem)
+    top = {k: v for k, v in data.items() if k not in SECTIONS}
+    sections = {k: _build(cls, data.get(k, {}), f"{path.stem}.{k}") for k, cls in SECTIONS.items()}
+    unknown_sections = [k for k, v in top.items() if isinstance(v, dict)]
+    if unknown_sections:
+        raise ConfigError(f"{path.stem}: unknown section {unknown_sections[0]!r}; known: {', '.join(sorted(SECTIONS))}")
+    return _build(TargetProfile, {**top, **sections}, path.stem)
