@@ -28,10 +28,15 @@ def _read(path: Path) -> dict:
 _COMMON = _read(BASES_DIR / f"{ROOT_BASE}.toml")
 
 
-def _default(section: str, key: str):
-    """The value `targets/base/common.toml` gives, as an immutable default (lists become tuples)."""
-    value = _COMMON[section][key]
-    return tuple(value) if isinstance(value, list) else value
+def defaults_from(section: str):
+    """A frozen dataclass whose fields default to `targets/base/common.toml`'s [section] (lists become
+    tuples): the one home of every default, so code and profiles cannot disagree."""
+    def build(cls):
+        for name in cls.__annotations__:
+            value = _COMMON[section][name]
+            setattr(cls, name, tuple(value) if isinstance(value, list) else value)
+        return dataclass(frozen=True)(cls)
+    return build
 
 
 def _choice(where: str, value, allowed: tuple) -> None:
@@ -44,17 +49,17 @@ def _at_least(where: str, value, low, expected: str) -> None:
         raise ConfigError(f"{where}={value}; expected {expected}")
 
 
-@dataclass(frozen=True)
+@defaults_from("quantization")
 class Quantization:
     """ONNX Runtime static int8 quantization; the TFLite writer reads the same QDQ graph."""
 
-    format: str = _default("quantization", "format")
-    activation_type: str = _default("quantization", "activation_type")
-    weight_type: str = _default("quantization", "weight_type")
-    per_channel: bool = _default("quantization", "per_channel")
-    calibration_method: str = _default("quantization", "calibration_method")
-    calibration_samples: int = _default("quantization", "calibration_samples")
-    reduce_range: bool = _default("quantization", "reduce_range")
+    format: str
+    activation_type: str
+    weight_type: str
+    per_channel: bool
+    calibration_method: str
+    calibration_samples: int
+    reduce_range: bool
 
     def __post_init__(self):
         _choice("format", self.format, ("qdq", "qoperator"))
@@ -64,22 +69,23 @@ class Quantization:
         _at_least("calibration_samples", self.calibration_samples, 1, "at least one image")
 
 
-@dataclass(frozen=True)
+@defaults_from("decomposition")
 class Decomposition:
     """Stage 1: which layers are factored, how, and at what ranks (or under what compression budget)."""
 
-    method: str = _default("decomposition", "method")
-    rank: str = _default("decomposition", "rank")
-    layers: tuple[str, ...] = _default("decomposition", "layers")
-    exclude: tuple[str, ...] = _default("decomposition", "exclude")
-    keep_first_and_last: bool = _default("decomposition", "keep_first_and_last")
-    round_to: int = _default("decomposition", "round_to")
-    budget: str = _default("decomposition", "budget")
-    candidates: tuple[str, ...] = _default("decomposition", "candidates")
-    rank_fractions: tuple[float, ...] = _default("decomposition", "rank_fractions")
-    fit_samples: int = _default("decomposition", "fit_samples")
-    sensitivity_samples: int = _default("decomposition", "sensitivity_samples")
-    latency_weight: float = _default("decomposition", "latency_weight")
+    method: str  # a conv method of the registry; linear layers always get truncated SVD
+    rank: str  # evbmf, energy:<fraction>, an integer, or a fraction of each mode's maximum
+    layers: tuple[str, ...]  # fnmatch patterns
+    exclude: tuple[str, ...]
+    keep_first_and_last: bool
+    round_to: int
+    # the compression budget (of MACs or parameters); the part's memory is `Memory`
+    budget: str
+    candidates: tuple[str, ...]  # conv methods the budget allocation may pick
+    rank_fractions: tuple[float, ...]
+    fit_samples: int  # 0: the factors fit the weights, not the activations
+    sensitivity_samples: int
+    latency_weight: float  # 0: MACs (or parameters) are the only cost
 
     def __post_init__(self):
         # imported here: the method registry needs torch, and reading a profile should not
@@ -103,18 +109,18 @@ class Decomposition:
         _at_least("sensitivity_samples", self.sensitivity_samples, 1, "at least one image")
 
 
-@dataclass(frozen=True)
+@defaults_from("finetune")
 class Finetune:
     """Knowledge-distillation fine-tuning of the factored model (pipeline/compress/finetune.py)."""
 
-    epochs: int = _default("finetune", "epochs")
-    lr: float = _default("finetune", "lr")
-    batch_size: int = _default("finetune", "batch_size")
-    weight_decay: float = _default("finetune", "weight_decay")
-    temperature: float = _default("finetune", "temperature")
-    alpha: float = _default("finetune", "alpha")
-    bn: str = _default("finetune", "bn")
-    heldout_samples: int = _default("finetune", "heldout_samples")
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    temperature: float
+    alpha: float
+    bn: str
+    heldout_samples: int
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -124,14 +130,15 @@ class Finetune:
         _at_least("heldout_samples", self.heldout_samples, 0, "0 or a positive count")
 
 
-@dataclass(frozen=True)
+@defaults_from("thresholds")
 class Thresholds:
     """What a deployed int8 model must reach; `failures` is the one check deploy, regress and reports use."""
 
-    max_top1_drop: float = _default("thresholds", "max_top1_drop")
-    min_agreement: float = _default("thresholds", "min_agreement")
-    min_ort_agreement: float = _default("thresholds", "min_ort_agreement")
-    max_output_diff_steps: float = _default("thresholds", "max_output_diff_steps")
+    max_top1_drop: float  # fraction of top-1: factored_int8 against dense_fp32
+    min_agreement: float  # fraction of images: the int8 model's top-1 equals dense_fp32's
+    # microcontrollers: how closely TFLite Micro must follow ONNX Runtime's int8 model
+    min_ort_agreement: float
+    max_output_diff_steps: float  # in output quantization steps
 
     def failures(self, *, top1_drop: float, agreement: float | None = None, ort_agreement: float | None = None,
                  max_output_diff_steps: float | None = None) -> list[str]:
@@ -150,27 +157,27 @@ class Thresholds:
         return found
 
 
-@dataclass(frozen=True)
+@defaults_from("device")
 class DeviceCheck:
     """Where `make regress` (and the deploy's last stage, when on) runs the int8 artefact."""
 
-    default: str = _default("device", "default")
-    check_on_deploy: bool = _default("device", "check_on_deploy")
-    samples: int = _default("device", "samples")
+    default: str
+    check_on_deploy: bool
+    samples: int
 
     def __post_init__(self):
         _at_least("samples", self.samples, 0, "0 (the full test set) or a positive count")
 
 
-@dataclass(frozen=True)
+@defaults_from("memory")
 class Memory:
     """Memory of a microcontroller; 0 means unchecked (boards with an OS)."""
 
-    ram_bytes: int = _default("memory", "ram_bytes")
-    flash_bytes: int = _default("memory", "flash_bytes")
-    ram_reserve_bytes: int = _default("memory", "ram_reserve_bytes")
-    flash_reserve_bytes: int = _default("memory", "flash_reserve_bytes")
-    arena_margin: float = _default("memory", "arena_margin")
+    ram_bytes: int
+    flash_bytes: int
+    ram_reserve_bytes: int
+    flash_reserve_bytes: int
+    arena_margin: float
 
     def __post_init__(self):
         _at_least("arena_margin", self.arena_margin, 0, "a fraction >= 0")
@@ -179,11 +186,11 @@ class Memory:
                               f"exceed the part ({self.ram_bytes:,} B RAM, {self.flash_bytes:,} B flash)")
 
 
-@dataclass(frozen=True)
+@defaults_from("evaluation")
 class Evaluation:
-    samples: int = _default("evaluation", "samples")
-    latency_runs: int = _default("evaluation", "latency_runs")
-    latency_warmup: int = _default("evaluation", "latency_warmup")
+    samples: int
+    latency_runs: int
+    latency_warmup: int
 
     def __post_init__(self):
         _at_least("samples", self.samples, 0, "0 (the full test set) or a positive count")

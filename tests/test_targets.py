@@ -1,9 +1,12 @@
+import dataclasses
 import re
+import tomllib
 
 import pytest
 
 from pipeline.errors import ConfigError
-from targets import TARGETS_DIR, known_targets, load_target
+from targets import TARGETS_DIR, Decomposition, Thresholds, known_targets, load_target
+from targets.schema import BASES_DIR, SECTIONS
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -39,10 +42,71 @@ def test_microcontrollers_are_full_int8_with_budgets():
     assert load_target("cortex-m7").memory.flash_bytes == 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("name", known_targets())
-def test_every_profile_value_has_a_reason(name):
-    assert load_target(name).name == name
-    lines = (TARGETS_DIR / f"{name}.toml").read_text().splitlines()
+PROFILE_FILES = sorted(TARGETS_DIR.glob("*.toml")) + sorted(BASES_DIR.glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.stem)
+def test_every_profile_and_base_value_has_a_reason(path):
+    lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^\w+\s*=", line):
-            assert lines[i - 1].startswith("#"), f"no reason given above {line!r}"
+            assert lines[i - 1].startswith("#"), f"{path.name}: no reason given above {line!r}"
+
+
+@pytest.mark.parametrize("name", known_targets())
+def test_profiles_load_under_their_own_name(name):
+    assert load_target(name).name == name
+
+
+def test_the_common_base_holds_every_setting_and_nothing_else():
+    data = tomllib.loads((BASES_DIR / "common.toml").read_text())
+    for section, cls in SECTIONS.items():
+        assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
+
+
+def test_profiles_state_only_what_differs_from_their_base():
+    for path in TARGETS_DIR.glob("*.toml"):
+        own = tomllib.loads(path.read_text())
+        family = tomllib.loads((BASES_DIR / f"{own['extends']}.toml").read_text()) if "extends" in own else {}
+        for section, values in own.items():
+            if isinstance(values, dict):
+                defaults = {**dataclasses.asdict(SECTIONS[section]()), **family.get(section, {})}
+                same = [k for k, v in values.items() if defaults[k] in (v, tuple(v) if isinstance(v, list) else v)]
+                assert not same, f"{path.name} [{section}] restates {same}"
+
+
+def test_a_family_base_is_inherited_and_the_profile_wins(tmp_path):
+    (tmp_path / "mine.toml").write_text('name = "mine"\ndescription = "x"\nextends = "microcontroller"\n'
+                                        "[memory]\nram_bytes = 131072\nflash_bytes = 524288\n"
+                                        '[quantization]\ncalibration_method = "percentile"\n')
+    profile = load_target(str(tmp_path / "mine.toml"))
+    assert profile.runtime == "tflite-micro" and profile.quantization.activation_type == "int8"
+    assert profile.quantization.calibration_method == "percentile" and profile.memory.ram_bytes == 131072
+    assert profile.device.default == "tflm" and profile.decomposition.round_to == 8  # family, then common
+
+
+def test_an_unknown_base_names_the_known_ones(tmp_path):
+    (tmp_path / "b.toml").write_text('name = "b"\ndescription = "x"\nextends = "cortex-a"\n')
+    with pytest.raises(ConfigError, match=r"Unknown b: base to extend 'cortex-a'; known: microcontroller"):
+        load_target("b", folder=tmp_path)
+
+
+def test_settings_are_validated_when_built_from_a_profile_an_override_or_code():
+    profile = load_target("rpi4")
+    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: cp, slice-svd, svd, tucker2"):
+        profile.override(decomposition={"method": "pca"})
+    with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-1"):
+        profile.override(finetune={"epochs": -1})
+    with pytest.raises(ConfigError, match="unknown key 'rnak'"):
+        profile.override(decomposition={"rnak": "0.5"})
+    with pytest.raises(ConfigError, match="Budget 'half'"):
+        Decomposition(budget="half")
+    assert profile.override(decomposition={"method": None}).decomposition == profile.decomposition  # not given
+
+
+def test_the_threshold_check_names_every_miss_and_skips_what_was_not_measured():
+    t = Thresholds(max_top1_drop=0.02, min_agreement=0.9, min_ort_agreement=0.97, max_output_diff_steps=16.0)
+    assert t.failures(top1_drop=0.02) == []
+    assert t.failures(top1_drop=0.025, agreement=0.85, ort_agreement=0.99, max_output_diff_steps=17) == [
+        "top-1 drop 2.50 points > 2.00 allowed", "agreement with dense_fp32 85.00% < 90.00%",
+        "TFLM output differs from ONNX Runtime int8 by 17 steps > 16"]

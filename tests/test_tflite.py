@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ai_edge_litert import schema_py_generated as tfl
 from torch import nn
 
 from pipeline.errors import StageError
@@ -174,3 +175,25 @@ def test_smallest_arena_is_the_recorded_one_within_a_few_bytes(tmp_path):
     smallest = tflm.smallest_arena(model, tflm.quantize_input(x[:1], tflm.io_quant(model))[0], hint=recorded)
     assert recorded - 16 <= smallest <= recorded + 16
     assert not tflm.runs_in_arena(model, smallest - 64, tflm.quantize_input(x[:1], tflm.io_quant(model))[0])
+
+
+def test_one_operator_table_drives_the_converter_the_resolver_and_the_readme():
+    import re
+    from pathlib import Path
+
+    from pipeline.tflm.convert import _Converter
+    from pipeline.tflm.ops import OPERATORS, RESOLVER_CALLS
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    block = readme.split("<!-- tflite-operators -->")[1].split("<!-- /tflite-operators -->")[0]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in block.strip().splitlines()[2:]]
+    assert [(r[0], r[1] if r[1].isupper() else None, None if r[2] == "-" else r[2]) for r in rows] == \
+        [(op.onnx, op.builtin, op.resolver) for op in OPERATORS]
+    for op in OPERATORS:
+        assert callable(getattr(_Converter, op.convert)), op
+        assert op.builtin is None or hasattr(tfl.BuiltinOperator, op.builtin), op
+    header = root.parent / "shared/third_party/tflite-micro/tensorflow/lite/micro/micro_mutable_op_resolver.h"
+    if header.is_file():  # TFLM's own resolver declares every call model_settings.h makes
+        declared = set(re.findall(r"TfLiteStatus (Add\w+)\(", header.read_text()))
+        assert set(RESOLVER_CALLS.values()) <= declared

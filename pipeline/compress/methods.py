@@ -40,6 +40,20 @@ def _split_padding(conv: nn.Conv2d) -> tuple:
     return (ph, 0), (0, pw)
 
 
+def _rows_part(layer: nn.Conv2d, cin: int, cout: int, *, groups: int = 1) -> nn.Conv2d:
+    """The (kh x 1) half of a separable split: the layer's vertical stride, padding and dilation."""
+    (kh, _), (sh, _), (dh, _) = layer.kernel_size, layer.stride, layer.dilation
+    return nn.Conv2d(cin, cout, (kh, 1), stride=(sh, 1), padding=_split_padding(layer)[0], dilation=(dh, 1),
+                     groups=groups, bias=False)
+
+
+def _columns_part(layer: nn.Conv2d, cin: int, cout: int, *, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    """The (1 x kw) half of a separable split: the layer's horizontal stride, padding and dilation."""
+    (_, kw), (_, sw), (_, dw) = layer.kernel_size, layer.stride, layer.dilation
+    return nn.Conv2d(cin, cout, (1, kw), stride=(1, sw), padding=_split_padding(layer)[1], dilation=(1, dw),
+                     groups=groups, bias=bias)
+
+
 def _assign(module: nn.Module, weight: np.ndarray | torch.Tensor) -> None:
     module.weight.data = torch.as_tensor(np.ascontiguousarray(weight), dtype=torch.float32).reshape(module.weight.shape)
 
@@ -163,13 +177,8 @@ class SpatialSVD(Method):
 
     def skeleton(self, layer, ranks):
         (r,) = ranks
-        cout, cin, kh, kw = layer.weight.shape
-        (sh, sw), (dh, dw) = layer.stride, layer.dilation
-        pad_h, pad_w = _split_padding(layer)
-        return nn.Sequential(
-            nn.Conv2d(cin, r, (kh, 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1), bias=False),
-            nn.Conv2d(r, cout, (1, kw), stride=(1, sw), padding=pad_w, dilation=(1, dw), bias=layer.bias is not None),
-        )
+        cout, cin = layer.weight.shape[:2]
+        return nn.Sequential(_rows_part(layer, cin, r), _columns_part(layer, r, cout, bias=layer.bias is not None))
 
     def _fit_weights(self, layer, chain, w, *, seed):
         cout, cin, kh, kw = w.shape
@@ -223,14 +232,11 @@ class SliceSVD(Method):
 
     def skeleton(self, layer, ranks):
         (r,) = ranks
-        cout, cin, kh, kw = layer.weight.shape
-        (sh, sw), (dh, dw) = layer.stride, layer.dilation
-        pad_h, pad_w = _split_padding(layer)
+        cout, cin = layer.weight.shape[:2]
         return nn.Sequential(
-            nn.Conv2d(cin, cin * cout * r, (kh, 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=cin, bias=False),
+            _rows_part(layer, cin, cin * cout * r, groups=cin),
             nn.ChannelShuffle(cin),  # (c, o, k) channel order -> (o, k, c), so the row filters group by output
-            nn.Conv2d(cin * cout * r, cout, (1, kw), stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=cout,
-                      bias=layer.bias is not None),
+            _columns_part(layer, cin * cout * r, cout, groups=cout, bias=layer.bias is not None),
         )
 
     def _fit_weights(self, layer, chain, w, *, seed):
@@ -264,15 +270,9 @@ class CP(Method):
 
     def skeleton(self, layer, ranks):
         (r,) = ranks
-        cout, cin, kh, kw = layer.weight.shape
-        (sh, sw), (dh, dw) = layer.stride, layer.dilation
-        pad_h, pad_w = _split_padding(layer)
-        return nn.Sequential(
-            nn.Conv2d(cin, r, 1, bias=False),
-            nn.Conv2d(r, r, (kh, 1), stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=r, bias=False),
-            nn.Conv2d(r, r, (1, kw), stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=r, bias=False),
-            nn.Conv2d(r, cout, 1, bias=layer.bias is not None),
-        )
+        cout, cin = layer.weight.shape[:2]
+        return nn.Sequential(nn.Conv2d(cin, r, 1, bias=False), _rows_part(layer, r, r, groups=r),
+                             _columns_part(layer, r, r, groups=r), nn.Conv2d(r, cout, 1, bias=layer.bias is not None))
 
     def _fit_weights(self, layer, chain, w, *, seed):
         """CP-ALS from an SVD start; on NaN, inf or divergence retry from a random start, then give up."""
