@@ -43,7 +43,7 @@ setup-device: setup
 	$(BIN)/cnn-deploy setup-device
 
 decompose: setup
-	$(BIN)/cnn-deploy decompose --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(BIN)/cnn-deploy decompose --target $(TARGET) --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 		$(if $(DATA),--data $(DATA))
@@ -58,7 +58,7 @@ test-network: setup
 	$(BIN)/python -m pytest -m network
 
 lint: setup
-	$(BIN)/ruff check pipeline calib tests
+	$(BIN)/ruff check pipeline calib targets tests
 
 clean:
 	rm -rf build bench .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -44,7 +44,7 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
 def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):
     strict = tmp_path / "strict-board.toml"
     text = (TARGETS_DIR / "cortex-m4.toml").read_text().replace('name = "cortex-m4"', 'name = "strict-board"')
-    strict.write_text(text.replace("min_agreement = 0.85", "min_agreement = 0.999").replace("samples = 1000", "samples = 100"))
+    strict.write_text(text + "\n[thresholds]\nmin_agreement = 0.999\n\n[device]\nsamples = 100\n")
     out = tmp_path / "out"
     assert main(["deploy", "--target", str(strict), "--data", str(cifar_dir), "--eval-samples", "100",
                  "--out", str(out), "--quiet"]) == 1
