@@ -1,5 +1,7 @@
 """The emit stage for ONNX Runtime boards: the int8 model, its ORT-format twin and the reduced-build config."""
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -8,8 +10,20 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import StageError
+from pipeline.util import sha256_file
 
 ORT_CONFIG = "required_operators_and_types.config"
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """One conversion at a time in a work folder: two deploys of the same model may run at once."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: Path) -> dict[str, Path]:
@@ -20,26 +34,31 @@ def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: 
              "int8_ort": out_dir / "model.int8.ort", "ort_config": out_dir / ORT_CONFIG}
     shutil.copyfile(int8_onnx, files["int8_onnx"])
     shutil.copyfile(fp32_onnx, files["fp32_onnx"])
-    with tempfile.TemporaryDirectory() as tmp:
-        source, converted = Path(tmp) / "in", Path(tmp) / "out"
-        source.mkdir()
-        shutil.copyfile(int8_onnx, source / "model.int8.onnx")
-        # the converter's own CLI: its Python entry point is internal and changes between releases
-        # Two conversions of one model differ in bytes (not in meaning): the converter orders some tables by
-        # Python set iteration and ORT by memory address, and both shift with every string the process holds.
-        # A fixed hash seed, no address randomisation (setarch -R, where the kernel allows it), relative paths
-        # from inside the temporary folder and a fixed environment make the file reproducible.
-        argv = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", "in", "--output_dir", "out",
-                "--optimization_style", "Fixed", "--enable_type_reduction"]
-        if shutil.which("setarch") and subprocess.run(["setarch", "-R", "true"], capture_output=True).returncode == 0:
-            argv = ["setarch", "-R", *argv]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=tmp,
-                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0"})
-        ort_files = list(converted.glob("*.ort"))
-        if done.returncode or not ort_files or not (converted / ORT_CONFIG).is_file():
-            raise StageError(f"ORT-format conversion failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
-        shutil.copyfile(ort_files[0], files["int8_ort"])
-        # the converter names the temporary folder it read from: name the emitted file instead
-        config = (converted / ORT_CONFIG).read_text().replace(str(ort_files[0]), files["int8_ort"].name)
-        files["ort_config"].write_text(config)
+    # The converter's output bytes (not their meaning) depend on its process: it orders some tables by Python
+    # set iteration and ORT by memory address, and both shift with every string the process holds, the paths
+    # it works in included. A fixed hash seed, no address randomisation (setarch -R, where the kernel allows
+    # it), a fixed environment and a work folder named by the model's content make the file reproducible.
+    work = Path(tempfile.gettempdir()) / f"cnn-deploy-ort-{sha256_file(int8_onnx)[:16]}"
+    with _exclusive(work.with_name(work.name + ".lock")):
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "in").mkdir(parents=True)
+        try:
+            shutil.copyfile(int8_onnx, work / "in" / "model.int8.onnx")
+            # the converter's own CLI: its Python entry point is internal and changes between releases
+            argv = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", "in", "--output_dir", "out",
+                    "--optimization_style", "Fixed", "--enable_type_reduction"]
+            if shutil.which("setarch") and subprocess.run(["setarch", "-R", "true"], capture_output=True).returncode == 0:
+                argv = ["setarch", "-R", *argv]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=work,
+                                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0"})
+            converted = work / "out"
+            ort_files = list(converted.glob("*.ort"))
+            if done.returncode or not ort_files or not (converted / ORT_CONFIG).is_file():
+                raise StageError(f"ORT-format conversion failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+            shutil.copyfile(ort_files[0], files["int8_ort"])
+            # the converter names the folder it read from: name the emitted file instead
+            config = (converted / ORT_CONFIG).read_text().replace(str(ort_files[0]), files["int8_ort"].name)
+            files["ort_config"].write_text(config)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return files
