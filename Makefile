@@ -11,9 +11,10 @@ MODEL  ?= seednet
 DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
 	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
-	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
+	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
+	$(if $(DEVICE),--device $(DEVICE))
 
-.PHONY: setup deploy bench regress setup-device decompose test test-fast test-network lint clean
+.PHONY: setup deploy bench regress firmware setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,10 @@ regress: setup
 	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) \
 		$(if $(filter 1 yes true,$(ACCEPT)),--accept)
+
+# Firmware for a microcontroller build (build/<TARGET>): TFLM + CMSIS-NN linked and run on the emulated board.
+firmware: setup
+	$(BIN)/cnn-deploy firmware --target $(TARGET) $(if $(OUT),--out $(OUT)) $(if $(SAMPLES),--samples $(SAMPLES))
 
 setup-device: setup
 	$(BIN)/cnn-deploy setup-device

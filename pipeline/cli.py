@@ -35,10 +35,10 @@ def cmd_decompose(args) -> int:
     if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
         from calib import load_dataset
         from pipeline.compress.stage import compress
-        from pipeline.ort.layer_latency import OrtLayerLatency
+        from pipeline.deploy import layer_latency_for
 
         result = compress(spec, load_dataset("train", args.data), settings=settings, tuning=tuning,
-                          layer_latency=OrtLayerLatency(profile.quantization), seed=args.seed)
+                          layer_latency=layer_latency_for(profile), seed=args.seed)
         model, plan = result.model, result.plan
     else:
         from pipeline.compress.decompose import decompose
@@ -79,7 +79,8 @@ def cmd_deploy(args) -> int:
     from pipeline.deploy import deploy
 
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
-                    budget=args.budget, finetune_epochs=args.finetune_epochs, data=args.data, eval_samples=args.eval_samples, out=args.out, progress=not args.quiet)
+                    budget=args.budget, finetune_epochs=args.finetune_epochs, data=args.data, eval_samples=args.eval_samples,
+                    device=args.device, out=args.out, progress=not args.quiet)
     out = Path(args.out) if args.out else Path("build") / args.target
     print()
     print(report.summary_table())
@@ -95,6 +96,8 @@ def add_deploy_parser(sub) -> None:
     _add_compression_flags(p)
     p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
+    p.add_argument("--device", help="the profile's device for the on-device check; ssh://user@host also times the "
+                                    "layer table and the variants on that board")
     p.add_argument("--out", help="output folder (default: build/<target>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_deploy)
@@ -108,6 +111,54 @@ def cmd_regress(args) -> int:
     print(report.table())
     print(f"\nwritten: {out / 'regress.json'}")
     return 0 if report.passed else 1
+
+
+def cmd_firmware(args) -> int:
+    """The int8 variants of a microcontroller build as firmware on the emulated board; the build's
+    report.json and manifest.json gain the figures and files."""
+    import json
+
+    from calib import balanced_subset, load_dataset, preprocess
+    from pipeline.errors import InputError
+    from pipeline.report.deploy_report import firmware_table
+    from pipeline.tflm.build import sources_root
+    from pipeline.tflm.firmware import arena_with_margin
+    from pipeline.tflm.on_board import firmware_for_build
+    from pipeline.util import sha256_file, write_text
+
+    out = Path(args.out) if args.out else Path("build") / args.target
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        report = json.loads((out / "report.json").read_text())
+        profile, settings = manifest["target_profile"], manifest["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{out} holds no complete build ({exc}); run `make deploy TARGET={args.target}` first") from exc
+    cpu = (profile.get("firmware") or {}).get("cpu")
+    if profile["runtime"] != "tflite-micro" or not cpu:
+        raise InputError(f"Target {profile['name']!r} has no firmware: it runs {profile['runtime']} on a board with an OS")
+    test = load_dataset("test", settings.get("data"))
+    idx = balanced_subset(test.y, args.samples or profile["firmware"]["samples"], seed=settings.get("seed", 0))
+    details = {name: report["variants"][name]["details"] for name in ("dense_int8", "factored_int8")}
+    figures, notes = firmware_for_build(
+        out, cpu=cpu, root=sources_root(profile["firmware"]["sources"]),
+        x_nchw=preprocess(test.x[idx], mean=settings["mean"], std=settings["std"]),
+        arenas={n: arena_with_margin(d["arena_bytes"], profile["memory"]["arena_margin"]) for n, d in details.items()},
+        ios={n: {f"{side}_{key}": d[f"{side}_quantization"][key] for side in ("input", "output")
+                 for key in ("scale", "zero_point")} for n, d in details.items()})
+    print(*notes, sep="\n")
+    for name, measured in figures.items():
+        report["variants"][name]["details"]["firmware"] = measured
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    made = [*sorted((out / "firmware").rglob("*")), out / "baseline/dense.firmware.elf", out / "baseline/dense.firmware.map",
+            *(out / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]
+    manifest["artefacts"].update({str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                                  for p in made if p.is_file()})
+    manifest["reports"]["report.json"] = {"sha256": sha256_file(out / "report.json"),
+                                          "bytes": (out / "report.json").stat().st_size}
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    print(firmware_table(figures))
+    print(f"\nELF, map and sources in {out / 'firmware'}/; figures in report.json")
+    return 0 if all(f["bit_exact"] for f in figures.values()) else 1
 
 
 def cmd_setup_device(args) -> int:
@@ -127,6 +178,11 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--out", help="the build folder (default: build/<target>)")
     p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
     p.set_defaults(run=cmd_regress)
+    p = sub.add_parser("firmware", help="build a microcontroller build's firmware and run it on the emulated board")
+    p.add_argument("--target", default="cortex-m4")
+    p.add_argument("--out", help="the build folder (default: build/<target>)")
+    p.add_argument("--samples", type=int, help="test images to run (default: the profile's [firmware] samples)")
+    p.set_defaults(run=cmd_firmware)
     p = sub.add_parser("setup-device", help="build and check the emulated Raspberry Pi 4 (qemu)")
     p.set_defaults(run=cmd_setup_device)
 

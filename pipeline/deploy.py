@@ -6,6 +6,7 @@ assembled in a staging folder beside the output and swapped in only when complet
 leaves the previous build intact.
 """
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,9 +20,10 @@ import torch
 
 from calib import Dataset, balanced_subset, load_dataset, preprocess
 from pipeline.compress.stage import Compressed, compress
+from pipeline.device.board_latency import BoardLayerLatency
 from pipeline.device.regress import check_on_device
-from pipeline.device.transports import parse_device
-from pipeline.errors import ConfigError, InputError, StageError
+from pipeline.device.transports import Device, parse_device, time_on_device
+from pipeline.errors import ConfigError, DeviceError, InputError, StageError
 from pipeline.metrics import VariantReport
 from pipeline.onnx.chain import to_onnx
 from pipeline.ort.emit import emit_onnxruntime
@@ -29,9 +31,12 @@ from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
+from pipeline.tflm.build import check_toolchain, sources_root
 from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.firmware import arena_with_margin, emit_mcu
+from pipeline.tflm.layer_cost import FirmwareLayerLatency
 from pipeline.tflm.measure import measure_tflite
+from pipeline.tflm.on_board import firmware_for_build
 from pipeline.zoo import ModelSpec, load_model
 from targets import Memory, TargetProfile, load_target
 
@@ -55,6 +60,7 @@ class Build:
     eval_x: np.ndarray
     eval_y: np.ndarray
     staging: Path
+    board: Device | None  # a board that keeps time (DEVICE=ssh://...), for the latencies
     data: str | None  # as the user gave it, recorded in the manifest for `make regress`
     progress: bool
     started: float = field(default_factory=time.perf_counter)
@@ -85,7 +91,7 @@ def compress_model(build: Build) -> None:
     fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
     _stage(f"decompose {build.spec.name} ({how}{fine})")
     build.compressed = compress(build.spec, build.train_set, settings=settings, tuning=tuning,
-                                layer_latency=OrtLayerLatency(build.profile.quantization), seed=SEED,
+                                layer_latency=layer_latency_for(build.profile, board=build.board, log=_stage), seed=SEED,
                                 progress=build.progress, log=_stage)
     print(build.compressed.plan.table(), flush=True)
 
@@ -125,8 +131,52 @@ def measure_variants(build: Build) -> None:
                      flash=details["flash_bytes"], largest=details["largest_tensors"], target=build.profile.name)
 
 
+def time_on_board(build: Build) -> None:
+    """With a board that keeps time (DEVICE=ssh://...), the ONNX Runtime variants' latency is the board's."""
+    if build.board is None or build.board.kind != "ssh" or build.profile.runtime != "onnxruntime":
+        return
+    _stage(f"time the four variants on {build.board.spec}")
+    evaluation = build.profile.evaluation
+    times, about = time_on_device(build.board, [build.onnx[name] for name in VARIANTS], runs=evaluation.latency_runs,
+                                  warmup=evaluation.latency_warmup)
+    for name, latency in zip(VARIANTS, times, strict=True):
+        variant = build.variants[name]
+        build.variants[name] = dataclasses.replace(variant, latency_ms=round(latency, 4),
+                                                   details={**variant.details, "latency_on": f"{build.board.spec} ({about})"})
+
+
 def emit_artefacts(build: Build) -> None:
     RUNTIMES[build.profile.runtime].emit(build)
+
+
+def build_firmware(build: Build) -> None:
+    """Microcontrollers: the int8 variants as firmware on the emulated board (when the toolchain is here)."""
+    firmware = build.profile.firmware
+    if build.profile.runtime != "tflite-micro" or not firmware.cpu:
+        return
+    try:
+        check_toolchain()
+        root = sources_root(firmware.sources)
+    except DeviceError as exc:
+        build.notes.append(f"firmware not built: {exc}")
+        _stage(f"firmware not built: {exc}")
+        return
+    x = build.eval_x[:firmware.samples]
+    _stage(f"firmware for {firmware.cpu}: build, run {len(x)} test images on the emulated board")
+    details = {name: build.variants[name].details for name in ("dense_int8", "factored_int8")}
+    margin = build.profile.memory.arena_margin
+    figures, notes = firmware_for_build(
+        build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage,
+        arenas={n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()},
+        ios={n: _io(d) for n, d in details.items()})
+    build.notes += notes
+    for name, measured in figures.items():
+        build.variants[name].details["firmware"] = measured
+        if not measured["bit_exact"]:
+            build.failures.append(f"firmware on {firmware.cpu}: {name} outputs differ from the host TFLM interpreter "
+                                  f"on {measured['outputs_differing']} of {measured['samples']} images")
+    folder = build.staging / "firmware"
+    build.emitted.update({f"firmware/{p.relative_to(folder)}": p for p in sorted(folder.rglob("*")) if p.is_file()})
 
 
 def check_device(build: Build) -> None:
@@ -137,7 +187,8 @@ def check_device(build: Build) -> None:
     idx = balanced_subset(test.y, device.samples or None, seed=SEED)
     report = check_on_device(build.staging, runtime=build.profile.runtime, target=build.profile.name,
                              thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
-                             eval_y=test.y[idx], device=parse_device(device.default), accept=True, log=_stage)
+                             eval_y=test.y[idx], device=parse_device(device.default), accept=True,
+                             firmware=dataclasses.asdict(build.profile.firmware), log=_stage)
     build.failures += [f"device check on {report.device}: {f}" for f in report.failures]
     build.device = report.to_dict()
 
@@ -163,7 +214,8 @@ def write_build_manifest(build: Build) -> None:
 
 
 STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, convert_models, measure_variants,
-                                               emit_artefacts, check_device, write_report, write_build_manifest)
+                                               time_on_board, emit_artefacts, build_firmware, check_device,
+                                               write_report, write_build_manifest)
 
 
 # ---- what differs between runtimes ------------------------------------------------------------------------
@@ -197,15 +249,19 @@ def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, 
                           latency_warmup=evaluation.latency_warmup, label=name)
 
 
+def _io(details: dict) -> dict:
+    return {"input_scale": details["input_quantization"]["scale"],
+            "input_zero_point": details["input_quantization"]["zero_point"],
+            "output_scale": details["output_quantization"]["scale"],
+            "output_zero_point": details["output_quantization"]["zero_point"]}
+
+
 def _emit_firmware_sources(build: Build) -> None:
     _stage("emit firmware sources")
     details = build.variants["factored_int8"].details
     build.emitted = emit_mcu(build.staging, tflite=build.tflite["factored"],
                              arena_bytes=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
-                             io={"input_scale": details["input_quantization"]["scale"],
-                                 "input_zero_point": details["input_quantization"]["zero_point"],
-                                 "output_scale": details["output_quantization"]["scale"],
-                                 "output_zero_point": details["output_quantization"]["zero_point"]})
+                             io=_io(details))
     build.tflite.pop("factored").unlink()  # emitted as model.tflite
 
 
@@ -222,6 +278,24 @@ RUNTIMES = {
     "tflite-micro": Runtime("fp32: onnxruntime, int8: tflite-micro", _convert_tflite, _measure_tflite,
                             _emit_firmware_sources),
 }
+
+
+def layer_latency_for(profile: TargetProfile, *, board: Device | None = None, log=print):
+    """The target's own per-layer cost for the allocation: instructions on the emulated Cortex-M where the
+    profile has firmware and the toolchain is here; on an ONNX Runtime board reached over SSH, its own
+    latency; else int8 latency in ONNX Runtime on this host."""
+    if profile.runtime == "onnxruntime" and board is not None and board.kind == "ssh":
+        return BoardLayerLatency(profile.quantization, board)
+    if profile.runtime == "tflite-micro" and profile.firmware.cpu:
+        try:
+            check_toolchain()
+            return FirmwareLayerLatency(profile.quantization, cpu=profile.firmware.cpu,
+                                        root=sources_root(profile.firmware.sources), log=log)
+        except DeviceError as exc:
+            if profile.decomposition.budget.startswith("latency"):
+                raise DeviceError(f"BUDGET={profile.decomposition.budget} on {profile.name} counts instructions "
+                                  f"on the emulated board: {exc}") from exc
+    return OrtLayerLatency(profile.quantization)
 
 
 def check_memory(memory: Memory, *, arena: int, flash: int, largest, target: str) -> None:
@@ -264,20 +338,22 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
-           data: str | None = None, eval_samples: int | None = None,
+           data: str | None = None, eval_samples: int | None = None, device: str | None = None,
            out: str | os.PathLike | None = None, progress: bool = True) -> DeployReport:
     """Compress `model` (a zoo name or `package.module:callable`, weights from `weights`), export, quantize and
     emit it for `target` (a profile name or a path to a .toml), measure the dense and factored variants on
     `eval_samples` test images from `data`, and write the build to `out` (default `build/<target>`).
 
     `method`, `rank`, `budget` and `finetune_epochs` override the profile's settings; every setting is checked
-    before any work. Returns the report; `report.passed` says whether every threshold was met. Raises a
+    before any work. `device` (DEVICE=) replaces the profile's device for the on-device check; a board over
+    SSH also times the layer table and the four variants itself. Returns the report; `report.passed` says whether every threshold was met. Raises a
     `PipelineError` on bad input, leaving any previous build in `out` as it was."""
     started = time.perf_counter()
     profile = load_target(target).override(decomposition={"method": method, "rank": rank, "budget": budget},
                                            finetune={"epochs": finetune_epochs})
-    if profile.device.check_on_deploy:
-        parse_device(profile.device.default)  # an unknown device is refused before any work
+    if device is not None:
+        profile = dataclasses.replace(profile, device=dataclasses.replace(profile.device, default=device))
+    board = parse_device(profile.device.default)  # an unknown device is refused before any work
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
     if samples < 0:
         raise ConfigError(f"EVAL_SAMPLES={samples}; expected 0 (the full test set) or a positive count")
@@ -293,7 +369,8 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     staging = _prepare_output(out)
     try:
         build = Build(profile, spec, train_set, test_set, preprocess(test_set.x[eval_idx], mean=spec.mean, std=spec.std),
-                      test_set.y[eval_idx], staging, str(data) if data else None, progress, started=started)
+                      test_set.y[eval_idx], staging, board if device is not None else None, str(data) if data else None,
+                      progress, started=started)
         for stage in STAGES:
             stage(build)
         _swap_in(staging, out)

@@ -7,6 +7,7 @@ from targets.schema import (
     DeviceCheck,
     Evaluation,
     Finetune,
+    Firmware,
     Memory,
     Quantization,
     TargetProfile,
@@ -15,5 +16,5 @@ from targets.schema import (
     load_target,
 )
 
-__all__ = ["TARGETS_DIR", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Memory", "Quantization",
+__all__ = ["TARGETS_DIR", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Firmware", "Memory", "Quantization",
            "TargetProfile", "Thresholds", "known_targets", "load_target"]

@@ -186,9 +186,28 @@ class Memory:
                               f"exceed the part ({self.ram_bytes:,} B RAM, {self.flash_bytes:,} B flash)")
 
 
+@defaults_from("firmware")
+class Firmware:
+    """Firmware for a Cortex-M part, built and run on its emulated board (pipeline/tflm/build.py)."""
+
+    cpu: str  # "" = none
+    samples: int
+    max_instruction_rise: float  # a fraction of the baseline's instructions per inference
+    sources: str  # "" = ../shared/third_party
+
+    def __post_init__(self):
+        from pipeline.tflm.build import CPUS  # the cores the firmware build knows
+
+        _choice("cpu", self.cpu, ("", *CPUS))
+        _at_least("samples", self.samples, 1, "at least one image")
+        _at_least("max_instruction_rise", self.max_instruction_rise, 0, "a fraction >= 0")
+
+
 @defaults_from("evaluation")
 class Evaluation:
-    samples: int
+    """How the four variants are measured: on how many test images, and how latency is timed."""
+
+    samples: int  # 0: the full test set
     latency_runs: int
     latency_warmup: int
 
@@ -199,7 +218,8 @@ class Evaluation:
 
 RUNTIMES = ("onnxruntime", "tflite-micro")
 SECTIONS = {"quantization": Quantization, "decomposition": Decomposition, "finetune": Finetune,
-            "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck}
+            "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck,
+            "firmware": Firmware}
 
 
 @dataclass(frozen=True)
@@ -214,6 +234,7 @@ class TargetProfile:
     evaluation: Evaluation = field(default_factory=Evaluation)
     memory: Memory = field(default_factory=Memory)
     device: DeviceCheck = field(default_factory=DeviceCheck)
+    firmware: Firmware = field(default_factory=Firmware)
 
     def __post_init__(self):
         _choice("runtime", self.runtime, RUNTIMES)

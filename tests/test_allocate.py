@@ -63,7 +63,7 @@ def test_parameter_budget_counts_parameters():
 
 
 @pytest.mark.parametrize("text,error", [("0", "in (0, 1]"), ("1.01", "in (0, 1]"), ("-0.5", "in (0, 1]"),
-                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params")])
+                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params, latency")])
 def test_bad_budgets_are_refused(text, error):
     with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         parse_budget(text)
@@ -132,5 +132,17 @@ def test_latency_weight_steers_the_allocation_away_from_slow_shapes():
     assert (unweighted["a"].method, unweighted["b"].method) == ("svd", None)
     steered, summary = allocate(table, budget=CostBudget("macs", 0.7), total=200, latency_weight=1.0)
     assert (steered["a"].method, steered["b"].method) == (None, "tucker2")
-    assert summary["layer_latency_ms"] == {"dense": 2.0, "chosen": 1.5}
-    assert "0.500 ms on this host vs 1.000 dense" in steered["b"].reason
+    assert summary["layer_latency"] == {"dense": 2.0, "chosen": 1.5}
+    assert "latency 0.5 vs 1 dense" in steered["b"].reason
+
+
+def test_a_latency_budget_keeps_that_fraction_of_the_summed_layer_latency():
+    # the cheapest option in MACs is not the cheapest in latency: the budget follows the latency
+    table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, 9.0),
+             Candidate("a", "tucker2", (1,), 50, 5, 0.02, 1.0, 4.0),
+             Candidate("b", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("b", "svd", (1,), 40, 4, 0.05, 1.0, 6.0)]
+    choices, summary = allocate(table, budget=parse_budget("latency:0.5"), total=20.0)
+    assert (choices["a"].method, choices["b"].method) == ("tucker2", "svd") and summary["kept"] == 0.5
+    with pytest.raises(ConfigError, match="needs every candidate's latency; not timed: a \\(svd\\)"):
+        allocate([*table[:1], Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, None)], budget=parse_budget("latency:0.9"),
+                 total=20.0)

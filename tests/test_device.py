@@ -128,3 +128,19 @@ def test_unreachable_board_is_said_in_a_sentence(build, capsys):
     assert regress(build, "--device", f"ssh://nobody@127.0.0.1:{port}") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: Could not connect to nobody@127.0.0.1:{port}:") and "Traceback" not in err
+
+
+def test_a_deploy_with_a_board_times_the_layer_table_and_the_variants_on_it(sshd, tmp_path, cifar_dir, monkeypatch):
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path / "cache"))  # the board's layer table is measured, not read
+    board = f"{sshd}?python={sys.executable}"
+    out = tmp_path / "rpi4"
+    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.9",
+                 "--device", board, "--out", str(out), "--quiet"]) in (0, 1)
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"].values():
+        assert variant["details"]["latency_on"].startswith(board) and variant["latency_ms"] > 0
+    allocation = report["decomposition"]["allocation"]
+    assert allocation["latency_unit"] == f"ms on {board} (ONNX Runtime, one thread)"
+    timed = [layer for layer in report["decomposition"]["layers"] if layer["dense_latency"] is not None]
+    assert timed and all(layer["dense_latency"] > 0 for layer in timed)
+    assert "timed on the board itself" in (out / "report.md").read_text()

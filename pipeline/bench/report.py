@@ -32,16 +32,17 @@ def _table(rows: list[dict], dense_top1: float) -> str:
 def _latency_lines(plan: dict) -> list[str]:
     """Which factored layers run slower than the dense layer they replace (host int8, layer alone)."""
     allocation = plan.get("allocation") or {}
-    summed = allocation.get("layer_latency_ms")
+    summed = allocation.get("layer_latency")
     if not summed:
         return []
+    unit = allocation.get("latency_unit", "ms on this host")
     slower = [f"{layer['name']} ({layer['method']} {'x'.join(map(str, layer['ranks']))}: "
-              f"{layer['latency_ms']:.3f} vs {layer['dense_latency_ms']:.3f} ms)"
+              f"{layer['latency']:.4g} vs {layer['dense_latency']:.4g} {unit})"
               for layer in plan["layers"]
-              if layer.get("method") and layer.get("latency_ms") is not None and layer.get("dense_latency_ms")
-              and layer["latency_ms"] > layer["dense_latency_ms"]]
-    return [f"Summed layer latency (int8, each layer alone, this host): {summed['chosen']:.3f} ms chosen vs "
-            f"{summed['dense']:.3f} ms dense, latency weight {allocation['latency_weight']:g}. "
+              if layer.get("method") and layer.get("latency") is not None and layer.get("dense_latency")
+              and layer["latency"] > layer["dense_latency"]]
+    return [f"Summed layer latency (int8, each layer alone, {unit}): {summed['chosen']:.4g} chosen vs "
+            f"{summed['dense']:.4g} dense, latency weight {allocation['latency_weight']:g}. "
             f"Factored layers slower than their dense conv: {', '.join(slower) or 'none'}."]
 
 

@@ -26,7 +26,7 @@ from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
-from pipeline.ort.layer_latency import OrtLayerLatency
+from pipeline.deploy import layer_latency_for
 from pipeline.util import host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
@@ -55,7 +55,7 @@ def _compressed(spec, weights, train_set, profile, budget: float, epochs: int, w
         models = {k: load_factored(p, load_model(spec.name, weights).module)[0] for k, p in files.items() if p.is_file()}
         return {**meta, "models": models}
     result = compress(spec, train_set, settings=settings, tuning=tuning,
-                      layer_latency=OrtLayerLatency(profile.quantization), seed=SEED, log=log)
+                      layer_latency=layer_latency_for(profile, log=log), seed=SEED, log=log)
     models = {"oneshot": result.one_shot}
     if epochs:
         models["finetuned"] = result.model

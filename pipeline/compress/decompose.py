@@ -60,8 +60,8 @@ def _dense(name: str, layer: nn.Module, cost, label: str, note: str, choice: Cho
 def _measured(choice: Choice | None) -> dict:
     if choice is None:
         return {}
-    return {"kl": choice.kl, "agreement": choice.agreement, "latency_ms": choice.latency_ms,
-            "dense_latency_ms": choice.dense_latency_ms}
+    return {"kl": choice.kl, "agreement": choice.agreement, "latency": choice.latency,
+            "dense_latency": choice.dense_latency}
 
 
 def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

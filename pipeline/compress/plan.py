@@ -15,8 +15,8 @@ class Choice:
     reason: str
     kl: float | None = None  # mean KL(dense || this layer factored alone) on held-out images, nats
     agreement: float | None = None  # top-1 agreement with the dense model on them
-    latency_ms: float | None = None  # host int8 latency of the chosen layer or chain alone
-    dense_latency_ms: float | None = None  # the same for the dense layer it replaces
+    latency: float | None = None  # the chosen layer or chain alone on the target's runtime (unit in the allocation)
+    dense_latency: float | None = None  # the same for the dense layer it replaces
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class LayerPlan:
     # the budget allocation's measurements of the choice (None without a budget): see `Choice`
     kl: float | None = None
     agreement: float | None = None
-    latency_ms: float | None = None
-    dense_latency_ms: float | None = None
+    latency: float | None = None
+    dense_latency: float | None = None
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from torch import nn
 
 from calib import Dataset, preprocess, split_training
 from pipeline.compress.budget.allocate import allocate, parse_budget
-from pipeline.compress.budget.macs import totals
+from pipeline.compress.budget.macs import count, totals
 from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities
 from pipeline.compress.decompose import decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
+from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
 from targets import Decomposition, Finetune
 
@@ -32,6 +33,18 @@ class Compressed:
         return {**self.plan.to_dict(), "allocation": self.allocation, "finetune": self.finetune, "steps_seconds": self.seconds}
 
 
+def _total(spec: ModelSpec, settings: Decomposition, resource: str, candidates, layer_latency) -> float:
+    """The dense model's whole cost in the budget's resource. Latency is the compute layers' summed latency on
+    the target: the candidates' dense entries plus the layers no candidate replaces, each timed alone."""
+    macs, params = totals(spec.module, spec.input_shape)
+    if resource != "latency":
+        return macs if resource == "macs" else params
+    costs = count(spec.module, spec.input_shape)
+    tabled = {c.layer for c in candidates}
+    rest = [layer_latency(spec.module.get_submodule(name), costs[name].input_shape) for name in costs if name not in tabled]
+    return sum(c.latency for c in candidates if c.method is None) + sum(t for t in rest if t is not None)
+
+
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
              layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
              log=print) -> Compressed:
@@ -46,15 +59,20 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     seconds, choices, allocation = {}, None, None
     if settings.budget:
         budget = parse_budget(settings.budget)
+        timed = budget.resource == "latency" or settings.latency_weight > 0
+        if timed and layer_latency is None:
+            raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
+                              "layer latency, and none was given")
         started = time.perf_counter()
         candidates, facts = sensitivities(
             spec.module, input_shape=spec.input_shape, fit_x=calibration, heldout_x=images["sensitivity"],
-            settings=settings, seed=seed, latency=layer_latency if settings.latency_weight else None,
+            settings=settings, seed=seed, latency=layer_latency if timed else None,
             use_cache=use_cache, progress=progress)
-        macs, params = totals(spec.module, spec.input_shape)
-        choices, allocation = allocate(candidates, budget=budget, total=macs if budget.resource == "macs" else params,
+        choices, allocation = allocate(candidates, budget=budget, total=_total(spec, settings, budget.resource, candidates,
+                                                                                layer_latency),
                                        latency_weight=settings.latency_weight)
-        allocation.update(sensitivity=facts, candidates=len(candidates))
+        allocation.update(sensitivity=facts, candidates=len(candidates),
+                          latency_unit=layer_latency.unit if timed else None)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from calib import balanced_subset, load_dataset, preprocess
-from pipeline.device.transports import Device, parse_device, run_on_device
+from pipeline.device.transports import Device, parse_device, run_firmware_on_device, run_on_device
 from pipeline.errors import InputError
 from pipeline.metrics import agreement, top1
 from pipeline.onnx.run import run, session
@@ -22,6 +22,7 @@ from targets import Thresholds
 
 BASELINE_DIR = "device_baseline"
 ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
+FIRMWARE_ELF = "firmware/firmware.elf"
 HOST_INT8 = {"onnxruntime": "model.int8.onnx", "tflite-micro": "baseline/factored.int8.onnx"}
 
 
@@ -41,6 +42,7 @@ class RegressReport:
     host_max_diff: float
     baseline: dict
     thresholds: dict
+    instructions: int | None  # per inference, on an emulated microcontroller
     passed: bool
     failures: tuple[str, ...]
     device_seconds: float
@@ -53,6 +55,7 @@ class RegressReport:
         lines += [f"\nhost vs device int8: top-1 agreement {self.host_agreement:.2%}, largest output difference "
                   f"{self.host_max_diff:.4g}",
                   f"device baseline: {self.baseline['status']}",
+                  *([f"instructions per inference: {self.instructions:,}"] if self.instructions else []),
                   f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
                   f"\n{'PASSED' if self.passed else 'FAILED'}: top-1 drop {self.top1_drop * 100:+.2f} points "
                   f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}), agreement {self.agreement:.2%} "
@@ -66,14 +69,20 @@ class RegressReport:
         return data
 
 
-def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str, inputs_sha: str, accept: bool) -> dict:
+def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str, inputs_sha: str, accept: bool,
+                           instructions: int | None = None, max_rise: float = 0.0) -> dict:
     if accept or not path.is_file():
         buffer = io.BytesIO()
-        np.savez(buffer, outputs=outputs, artefact_sha256=artefact_sha, inputs_sha256=inputs_sha)
+        np.savez(buffer, outputs=outputs, artefact_sha256=artefact_sha, inputs_sha256=inputs_sha,
+                 instructions=-1 if instructions is None else instructions)
         write_bytes(path, buffer.getvalue())
         return {"status": "recorded" + (" (accepted)" if accept else " (first run on this device)"), "ok": True}
     with np.load(path, allow_pickle=False) as saved:
         old, old_artefact, old_inputs = saved["outputs"], str(saved["artefact_sha256"]), str(saved["inputs_sha256"])
+        old_instructions = int(saved["instructions"]) if "instructions" in saved else -1
+    if instructions is not None and old_instructions > 0 and instructions > old_instructions * (1 + max_rise):
+        return {"status": f"SLOWER: {instructions:,} instructions per inference against {old_instructions:,} accepted "
+                          f"(+{instructions / old_instructions - 1:.2%}, {max_rise:.2%} allowed)", "ok": False}
     if old_artefact != artefact_sha:
         return {"status": "artefact changed since the baseline was accepted: check it, then ACCEPT=1", "ok": False}
     if old_inputs != inputs_sha or old.shape != outputs.shape:
@@ -90,18 +99,30 @@ def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str
 
 
 def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
-                    eval_y: np.ndarray, device: Device, accept: bool, log=print) -> RegressReport:
-    artefact = folder / ARTEFACT[runtime]
+                    eval_y: np.ndarray, device: Device, accept: bool, firmware: dict | None = None,
+                    log=print) -> RegressReport:
+    """`firmware` (the profile's [firmware] section) runs a microcontroller build's ELF on its emulated board
+    when the device is `qemu`."""
+    on_board = runtime == "tflite-micro" and device.kind == "qemu"
+    artefact = folder / (FIRMWARE_ELF if on_board else ARTEFACT[runtime])
     for needed in (artefact, folder / HOST_INT8[runtime], folder / "baseline/dense.fp32.onnx"):
         if not needed.is_file():
-            raise InputError(f"{needed} is missing; expected a complete build from `make deploy TARGET={target}`")
+            hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if needed == artefact and on_board else ""
+            raise InputError(f"{needed} is missing; expected a complete build from `make deploy TARGET={target}`{hint}")
     log(f"[device] running {artefact.name} on {device.spec} ({len(eval_x)} images)")
-    outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
+    instructions, key = None, device.key
+    if on_board:
+        outputs, seconds, about, instructions = run_firmware_on_device(artefact, folder / ARTEFACT[runtime], eval_x,
+                                                                       cpu=firmware["cpu"])
+        key = f"qemu-{firmware['cpu']}"
+    else:
+        outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
     reference = run(session(folder / "baseline/dense.fp32.onnx"), eval_x)
     host = run(session(folder / HOST_INT8[runtime]), eval_x)
-    baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{device.key}.npz", outputs,
-                                      artefact_sha=sha256_file(artefact),
-                                      inputs_sha=sha256_bytes(np.ascontiguousarray(eval_x).tobytes()), accept=accept)
+    baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{key}.npz", outputs, artefact_sha=sha256_file(artefact),
+                                      inputs_sha=sha256_bytes(np.ascontiguousarray(eval_x).tobytes()), accept=accept,
+                                      instructions=instructions,
+                                      max_rise=(firmware or {}).get("max_instruction_rise", 0.0))
     drop = top1(reference, eval_y) - top1(outputs, eval_y)
     agree = agreement(outputs, reference)
     failures = thresholds.failures(top1_drop=drop, agreement=agree)
@@ -112,7 +133,7 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         reference_top1=top1(reference, eval_y), device_top1=top1(outputs, eval_y), top1_drop=round(float(drop), 6),
         agreement=agree, host_top1=top1(host, eval_y), host_agreement=agreement(outputs, host),
         host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline, thresholds=asdict(thresholds),
-        passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1))
+        passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions)
 
 
 def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: int | None = None,
@@ -125,8 +146,9 @@ def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: i
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{folder} holds no complete build ({exc}); run `make deploy` first") from exc
     dev = parse_device(device or profile["device"]["default"])
-    if profile["runtime"] == "tflite-micro" and dev.kind != "tflm":
-        raise InputError(f"Target {profile['name']!r} runs TFLite Micro; device {dev.spec!r} runs ONNX Runtime. Use DEVICE=tflm")
+    if profile["runtime"] == "tflite-micro" and dev.kind == "ssh":
+        raise InputError(f"Target {profile['name']!r} runs TFLite Micro; device {dev.spec!r} runs ONNX Runtime. "
+                         "Use DEVICE=tflm (the host interpreter) or DEVICE=qemu (the firmware on the emulated board)")
     if profile["runtime"] == "onnxruntime" and dev.kind == "tflm":
         raise InputError(f"Target {profile['name']!r} runs ONNX Runtime; use DEVICE=qemu or DEVICE=ssh://user@host")
     samples = profile["device"]["samples"] if eval_samples is None else eval_samples
@@ -134,7 +156,7 @@ def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: i
     idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     report = check_on_device(folder, runtime=profile["runtime"], target=profile["name"],
-                             thresholds=Thresholds(**profile["thresholds"]),
-                             eval_x=x, eval_y=test.y[idx], device=dev, accept=accept)
+                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], device=dev,
+                             accept=accept, firmware=profile.get("firmware"))
     write_text(folder / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -1,12 +1,16 @@
-"""Runs on the device: an ONNX (or ORT-format) model over preprocessed inputs, outputs saved as .npy.
+"""Runs on the device: an ONNX (or ORT-format) model over preprocessed inputs, outputs saved as .npy; or the
+board's own latency of several models.
 
 Needs only numpy and onnxruntime, so any board with Python can take it. Usage:
     python runner.py MODEL INPUTS.npy OUTPUTS.npy
+    python runner.py --latency RUNS WARMUP MODEL [MODEL ...]   # one line per model: latency_ms NAME MEDIAN
 Exit code 3 means a package is missing; the message names it.
 """
 
 import platform
+import statistics
 import sys
+import time
 
 try:
     import numpy as np
@@ -16,11 +20,36 @@ except ImportError as exc:
     sys.exit(3)
 
 
-def main() -> None:
-    model, inputs, outputs = sys.argv[1:4]
+def open_session(model: str) -> "ort.InferenceSession":
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # numerics, not speed: one thread is what every board has
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads = 1  # one thread: what every board has, and what the host's figures use
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def latency(runs: int, warmup: int, models: list[str]) -> None:
+    """Median wall time of one batch-1 inference on this board, after warm-up runs (weights get packed)."""
+    for model in models:
+        session = open_session(model)
+        spec = session.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        feed = {spec.name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        print(f"latency_ms {model} {statistics.median(times) * 1e3:.6f}")
+    print(f"onnxruntime {ort.__version__} on {platform.machine()}")
+
+
+def main() -> None:
+    if sys.argv[1] == "--latency":
+        latency(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        return
+    model, inputs, outputs = sys.argv[1:4]
+    session = open_session(model)
     name = session.get_inputs()[0].name
     x = np.load(inputs)
     y = np.concatenate([session.run(None, {name: x[i:i + 100]})[0] for i in range(0, len(x), 100)])

@@ -5,7 +5,9 @@ Three kinds: `qemu` (an emulated Cortex-A72 with the aarch64 ONNX Runtime), `ssh
 """
 
 import concurrent.futures
+import contextlib
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -19,6 +21,7 @@ import numpy as np
 from pipeline.device import qemu
 from pipeline.errors import DeviceError
 from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.emulator import run_firmware
 
 RUNNER = Path(__file__).with_name("runner.py")  # copied to the device and run there
 KNOWN = ("qemu", "ssh://user@host[:port]", "tflm")
@@ -32,6 +35,10 @@ class Device:
     host: str = ""
     port: int = 22
     python: str = "python3"
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
 
     @property
     def key(self) -> str:
@@ -65,6 +72,18 @@ def run_on_device(device: Device, model: Path, x: np.ndarray, *, log=print) -> t
         else:
             out, about = _run_ssh(device, model, x, Path(tmp))
     return out, time.perf_counter() - started, about
+
+
+def run_firmware_on_device(elf: Path, tflite: Path, x: np.ndarray, *, cpu: str) -> tuple[np.ndarray, float, str, int]:
+    """A microcontroller build on its emulated board: (dequantized outputs, seconds, what ran, median
+    instructions per inference)."""
+    started = time.perf_counter()
+    model_bytes = tflite.read_bytes()
+    io = tflm.io_quant(model_bytes)
+    run = run_firmware(elf, tflm.quantize_input(x, io), cpu=cpu)
+    out = tflm.dequantize_output(run.outputs, io)
+    instructions = int(np.median(run.instructions[1:] or run.instructions))
+    return out, time.perf_counter() - started, f"firmware on qemu-system-arm {cpu} (TFLM + CMSIS-NN)", instructions
 
 
 def _run_qemu(model: Path, x: np.ndarray, tmp: Path, *, log) -> tuple[np.ndarray, str]:
@@ -109,23 +128,51 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no message"
 
 
-def _run_ssh(device: Device, model: Path, x: np.ndarray, tmp: Path) -> tuple[np.ndarray, str]:
-    where = f"{device.user}@{device.host}:{device.port}"
+@contextlib.contextmanager
+def _board_folder(device: Device):
+    """A fresh folder on the board, removed afterwards whatever happens."""
     made = _ssh(device, "mktemp -d /tmp/cnn-deploy.XXXXXX")
     if made.returncode:
-        raise DeviceError(f"Could not connect to {where}: {_last_line(made.stderr)}")
+        raise DeviceError(f"Could not connect to {device.where}: {_last_line(made.stderr)}")
     workdir = made.stdout.strip()
     try:
-        np.save(tmp / "inputs.npy", x)
-        _scp(device, [str(RUNNER), str(model), str(tmp / "inputs.npy")], f"{device.user}@{device.host}:{workdir}/")
-        done = _ssh(device, f"cd {shlex.quote(workdir)} && {shlex.quote(device.python)} {RUNNER.name} "
-                            f"{shlex.quote(model.name)} inputs.npy outputs.npy")
-        if done.returncode == 3:
-            raise DeviceError(f"{where} lacks a package the runner needs ({_last_line(done.stderr)}); install "
-                              f"numpy and onnxruntime there for {device.python}")
-        if done.returncode:
-            raise DeviceError(f"Running {model.name} on {where} failed (exit {done.returncode}): {_last_line(done.stderr)}")
-        _scp(device, [f"{device.user}@{device.host}:{workdir}/outputs.npy"], str(tmp / "outputs.npy"))
-        return np.load(tmp / "outputs.npy"), done.stdout.strip()
+        yield workdir
     finally:
         _ssh(device, f"rm -rf {shlex.quote(workdir)}")
+
+
+def _runner(device: Device, workdir: str, what: str, *args: str) -> str:
+    """Run the runner in `workdir` on the board; its stdout, or an error naming what to do."""
+    done = _ssh(device, f"cd {shlex.quote(workdir)} && {shlex.quote(device.python)} {RUNNER.name} "
+                        + " ".join(shlex.quote(a) for a in args))
+    if done.returncode == 3:
+        raise DeviceError(f"{device.where} lacks a package the runner needs ({_last_line(done.stderr)}); install "
+                          f"numpy and onnxruntime there for {device.python}")
+    if done.returncode:
+        raise DeviceError(f"Running {what} on {device.where} failed (exit {done.returncode}): "
+                          f"{_last_line(done.stderr)}")
+    return done.stdout
+
+
+def _run_ssh(device: Device, model: Path, x: np.ndarray, tmp: Path) -> tuple[np.ndarray, str]:
+    with _board_folder(device) as workdir:
+        np.save(tmp / "inputs.npy", x)
+        _scp(device, [str(RUNNER), str(model), str(tmp / "inputs.npy")], f"{device.user}@{device.host}:{workdir}/")
+        about = _runner(device, workdir, model.name, model.name, "inputs.npy", "outputs.npy").strip()
+        _scp(device, [f"{device.user}@{device.host}:{workdir}/outputs.npy"], str(tmp / "outputs.npy"))
+        return np.load(tmp / "outputs.npy"), about
+
+
+def time_on_device(device: Device, models: list[Path], *, runs: int, warmup: int) -> tuple[list[float], str]:
+    """Each model's median batch-1, one-thread latency in ms, timed on the board itself, and what it ran on.
+    Only a real board keeps time: an emulator's figures would be the host's."""
+    if device.kind != "ssh":
+        raise DeviceError(f"Device {device.spec!r} keeps no time of its own; latency on the board needs "
+                          "DEVICE=ssh://user@host")
+    if len({m.name for m in models}) != len(models):
+        raise ValueError("models to time on the board need distinct file names")
+    with _board_folder(device) as workdir:
+        _scp(device, [str(RUNNER), *map(str, models)], f"{device.user}@{device.host}:{workdir}/")
+        out = _runner(device, workdir, "the latency runs", "--latency", str(runs), str(warmup), *(m.name for m in models))
+    times = {name: float(value) for name, value in re.findall(r"^latency_ms (\S+) ([0-9.]+)$", out, re.M)}
+    return [times[m.name] for m in models], out.strip().splitlines()[-1]

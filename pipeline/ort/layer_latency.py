@@ -55,19 +55,29 @@ def layer_graph(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelPr
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def layer_latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization: Quantization, runs: int = 60,
-                     warmup: int = 10, seed: int = 0) -> float | None:
-    """Median single-thread latency of `module` quantized with `quantization`; None for what the graph cannot hold."""
+def quantized_layer(module: nn.Module, input_shape: tuple[int, ...], folder: Path, *, quantization: Quantization,
+                    seed: int = 0) -> tuple[Path, np.ndarray] | None:
+    """`module` as a one-layer int8 ONNX file in `folder`, and the inputs it was calibrated on; None for what
+    the graph cannot hold."""
     graph = layer_graph(module, input_shape)
     if graph is None:
         return None
     rng = np.random.default_rng(seed)
     # post-ReLU-like inputs: the ranges calibration sees decide nothing about speed, only that they are sane
     calibration = np.maximum(rng.normal(size=(8, *input_shape)), 0).astype(np.float32)
+    onnx.save(graph, folder / "layer.onnx")
+    return quantize_onnx(folder / "layer.onnx", folder / "layer.int8.onnx", calibration=calibration,
+                         settings=quantization), calibration
+
+
+def layer_latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization: Quantization, runs: int = 60,
+                     warmup: int = 10, seed: int = 0) -> float | None:
+    """Median single-thread latency of `module` quantized with `quantization`; None for what the graph cannot hold."""
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "layer.onnx"
-        onnx.save(graph, fp32)
-        int8 = quantize_onnx(fp32, Path(tmp) / "layer.int8.onnx", calibration=calibration, settings=quantization)
+        made = quantized_layer(module, input_shape, Path(tmp), quantization=quantization, seed=seed)
+        if made is None:
+            return None
+        int8, calibration = made
         return latency_ms(int8, sample=calibration[0], runs=runs, warmup=warmup)
 
 
@@ -77,6 +87,7 @@ class OrtLayerLatency:
 
     def __init__(self, quantization: Quantization):
         self.quantization = quantization
+        self.unit = "ms on this host (ONNX Runtime, one thread)"
         self.fingerprint = {**dataclasses.asdict(quantization), "host": host_machine()}
 
     def __call__(self, module: nn.Module, input_shape: tuple[int, ...]) -> float | None:

@@ -44,6 +44,9 @@ class DeployReport:
                 [(n, f"{d['flash_bytes']:,}", f"{d['arena_bytes']:,}", f"{d['smallest_arena_bytes']:,}",
                   f"{d['litert_top1']:.2%}", f"{d['ort_int8_top1']:.2%}", f"{d['ort_agreement']:.2%}",
                   f"{d['max_output_diff_steps']:g}") for n, d in micro.items()])]
+        board = {n: v.details["firmware"] for n, v in self.variants.items() if "firmware" in v.details}
+        if board:
+            lines += ["", firmware_table(board)]
         verdict = "PASSED" if self.passed else "FAILED"
         lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
                      f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
@@ -69,6 +72,46 @@ def _compression_lines(record: dict) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _latency_source(report: DeployReport) -> str:
+    """Say plainly whose latency the table shows."""
+    board = next((v.details["latency_on"] for v in report.variants.values() if "latency_on" in v.details), None)
+    if board:
+        return f"The latency column was timed on the board itself: {board}."
+    firmware = any("firmware" in v.details for v in report.variants.values())
+    return (f"That latency is this host's, not the {report.target}'s: no board kept time for it"
+            f"{' (the firmware section counts instructions on the emulated part)' if firmware else ''}.")
+
+
+def firmware_table(board: dict[str, dict]) -> str:
+    """The firmware figures of each variant, side by side."""
+    return markdown_table(
+        (f"firmware on {next(iter(board.values()))['cpu']}", "instructions", "flash B (runtime + model)",
+         "RAM B (data + bss)", "arena used B", "stack B", "bit-exact vs host TFLM"),
+        [(n, f"{f['instructions']:,}", f"{f['flash_bytes']:,} ({f['flash_runtime_bytes']:,} + {f['flash_model_bytes']:,})",
+          f"{f['ram_bytes']:,}", f"{f['arena_used_bytes']:,}", f"{f['stack_used_bytes']:,}",
+          f"yes ({f['samples']} images)" if f["bit_exact"] else f"NO: {f['outputs_differing']} of {f['samples']} differ")
+         for n, f in board.items()])
+
+
+def _firmware_lines(report: DeployReport) -> list[str]:
+    """What the firmware figures are, and the most expensive operators of the factored model."""
+    figures = report.variants["factored_int8"].details.get("firmware") if "factored_int8" in report.variants else None
+    if not figures:
+        return []
+    by_op: dict[str, int] = {}
+    for layer in figures["layers"]:
+        by_op[layer["op"]] = by_op.get(layer["op"], 0) + layer["instructions"]
+    total = sum(by_op.values()) or 1
+    return ["", "## Firmware", "",
+            f"TFLite Micro with CMSIS-NN kernels, built with arm-none-eabi-gcc for {figures['cpu']} and run in "
+            "qemu-system-arm with `-icount shift=0`. The counts are instructions, not cycles: qemu models no "
+            "pipeline, caches or flash wait states, so an M4 and an M7 run nearly the same count; on an M4 without "
+            "cache cycles track instructions closely, while an M7's dual issue and caches make it faster per "
+            "instruction. They are deterministic: the same ELF and inputs give the same count on any host.", "",
+            markdown_table(("operator (factored_int8)", "instructions", "share"),
+                           [(op, f"{n:,}", f"{n / total:.1%}") for op, n in sorted(by_op.items(), key=lambda i: -i[1])])]
+
+
 def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[Path]:
     json_path = write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     plot_path = _plot(out_dir / PLOT, report)
@@ -83,7 +126,9 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "",
         f"Evaluated on {report.eval_samples} CIFAR-10 test images. Accuracy, agreement and latency were computed "
         f"on the {machine} ({runtimes}; latency at batch 1 on one thread, "
-        "median). Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs without VNNI and not on ARM.",
+        f"median). {_latency_source(report)} "
+        "Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs "
+        "without VNNI and not on ARM.",
         "",
         report.summary_table(),
         "",
@@ -97,6 +142,7 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "",
         *_compression_lines(report.decomposition),
         plan_table,
+        *_firmware_lines(report),
         *(["", "## On-device check", "", f"{report.device['device']} ({report.device['device_about']}): "
            f"top-1 {report.device['device_top1']:.2%} on {report.device['eval_samples']} images, agreement with "
            f"dense_fp32 {report.device['agreement']:.2%}, with the host's int8 {report.device['host_agreement']:.2%}; "

@@ -32,6 +32,20 @@ OPERATORS = (
     Operator("Slice", "slice", "STRIDED_SLICE", "AddStridedSlice"),
 )
 
+# The TFLM kernel sources each builtin needs (under tensorflow/lite/micro/kernels/): CMSIS-NN's where it has one.
+KERNEL_SOURCES = {
+    "CONV_2D": ("cmsis_nn/conv.cc", "conv_common.cc"),
+    "DEPTHWISE_CONV_2D": ("cmsis_nn/depthwise_conv.cc", "depthwise_conv_common.cc"),
+    "FULLY_CONNECTED": ("cmsis_nn/fully_connected.cc", "fully_connected_common.cc"),
+    "ADD": ("cmsis_nn/add.cc", "add_common.cc"),
+    "MAX_POOL_2D": ("cmsis_nn/pooling.cc", "pooling_common.cc"),
+    "AVERAGE_POOL_2D": ("cmsis_nn/pooling.cc", "pooling_common.cc"),
+    "MEAN": ("reduce.cc", "reduce_common.cc"),
+    "RESHAPE": ("reshape.cc", "reshape_common.cc"),
+    "PAD": ("cmsis_nn/pad.cc", "pad_common.cc"),
+    "STRIDED_SLICE": ("strided_slice.cc", "strided_slice_common.cc"),
+}
+
 CONVERTERS = {op.onnx: op.convert for op in OPERATORS}  # ONNX op type -> converter method
 RESOLVER_CALLS = {op.builtin: op.resolver for op in OPERATORS if op.builtin}  # builtin -> resolver call
 BUILTINS = tuple(dict.fromkeys(op.builtin for op in OPERATORS if op.builtin))  # in table order

@@ -1,5 +1,5 @@
-"""Budget allocation: pick one candidate per layer so the model meets a MAC (or parameter) budget with the
-least summed sensitivity.
+"""Budget allocation: pick one candidate per layer so the model meets a budget of MACs, parameters or the
+target's measured latency (the layers' summed cost on its runtime) with the least summed sensitivity.
 
 A multiple-choice knapsack, solved by its Lagrangian relaxation (each layer independently minimises
 KL + lambda * cost; lambda bisected to the smallest value that meets the budget), then greedy upgrades
@@ -7,7 +7,7 @@ into whatever budget is left. Summing per-layer KLs assumes the layers' errors a
 for small errors, the regime a budget is chosen in.
 
 With `latency_weight` w > 0 each candidate's loss becomes KL + w * latency / (the dense layers' summed
-latency): a factorisation that saves MACs but runs slower than its dense layer on this host's int8
+latency): a factorisation that saves MACs but runs slower than its dense layer on the target's int8
 kernels is chosen only if nothing else meets the budget as cheaply.
 """
 
@@ -18,12 +18,12 @@ from pipeline.compress.budget.sensitivity import Candidate
 from pipeline.compress.plan import Choice
 from pipeline.errors import ConfigError
 
-RESOURCES = ("macs", "params")
+RESOURCES = ("macs", "params", "latency")
 
 
 @dataclass(frozen=True)
 class CostBudget:
-    resource: str  # "macs" or "params"
+    resource: str  # "macs", "params" or "latency" (the compute layers' summed latency on the target)
     fraction: float  # of the dense model's total to keep
 
     def __str__(self) -> str:
@@ -31,7 +31,8 @@ class CostBudget:
 
 
 def parse_budget(text: str | float) -> CostBudget:
-    """'0.35' (of MACs), 'macs:0.35' or 'params:0.5': the fraction of the dense model to keep, in (0, 1]."""
+    """'0.35' (of MACs), 'macs:0.35', 'params:0.5' or 'latency:0.5': the fraction of the dense model to keep,
+    in (0, 1]."""
     resource, _, value = str(text).rpartition(":")
     resource = resource or "macs"
     if resource not in RESOURCES:
@@ -42,18 +43,21 @@ def parse_budget(text: str | float) -> CostBudget:
         fraction = float("nan")
     if not 0 < fraction <= 1:
         raise ConfigError(f"Budget {text!r}; expected the fraction of the dense model's {resource} to keep, in "
-                          "(0, 1], e.g. BUDGET=0.35 or BUDGET=params:0.5")
+                          "(0, 1], e.g. BUDGET=0.35, BUDGET=params:0.5 or BUDGET=latency:0.5")
     return CostBudget(resource, fraction)
 
 
-def _cost(candidate: Candidate, resource: str) -> int:
-    return candidate.macs if resource == "macs" else candidate.params
+def _cost(candidate: Candidate, resource: str) -> float:
+    return getattr(candidate, resource)
 
 
 def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
              latency_weight: float = 0.0) -> tuple[dict[str, Choice], dict]:
-    """One Choice per layer in `candidates`, and a summary. `total` is the dense model's whole MACs or
-    parameters, layers outside the candidates included (they stay as they are)."""
+    """One Choice per layer in `candidates`, and a summary. `total` is the dense model's whole MACs,
+    parameters or latency, layers outside the candidates included (they stay as they are)."""
+    if budget.resource == "latency" and any(c.latency is None for c in candidates):
+        untimed = sorted({f"{c.layer} ({c.method or 'dense'})" for c in candidates if c.latency is None})
+        raise ConfigError(f"Budget {budget} needs every candidate's latency; not timed: {', '.join(untimed[:5])}")
     by_layer: dict[str, list[Candidate]] = defaultdict(list)
     for c in candidates:
         by_layer[c.layer].append(c)
@@ -61,18 +65,18 @@ def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
         options.sort(key=lambda c: (_cost(c, budget.resource), c.kl))
     dense = {name: next(c for c in options if c.method is None) for name, options in by_layer.items()}
     fixed = total - sum(_cost(c, budget.resource) for c in dense.values())
-    dense_latency = sum(c.latency_ms or 0.0 for c in dense.values())
+    dense_latency = sum(c.latency or 0.0 for c in dense.values())
     weight = latency_weight / dense_latency if latency_weight and dense_latency else 0.0
 
     def loss(c: Candidate) -> float:
-        own = c.latency_ms if c.latency_ms is not None else (dense[c.layer].latency_ms or 0.0)
+        own = c.latency if c.latency is not None else (dense[c.layer].latency or 0.0)
         return c.kl + weight * own
 
     target = budget.fraction * total
     floor = fixed + sum(_cost(options[0], budget.resource) for options in by_layer.values())
     if floor > target:
         raise ConfigError(f"Budget {budget} is out of reach: the cheapest candidate of every layer still keeps "
-                          f"{floor / total:.3f} of the {budget.resource} ({floor:,} of {total:,}; {fixed:,} in layers "
+                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}; {fixed:,.0f} in layers "
                           f"not factored). Raise the budget, or allow lower ranks or more layers")
 
     def pick(lam: float) -> dict[str, Candidate]:
@@ -107,13 +111,13 @@ def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
         selection[best[1]] = best[2]
         upgrades += 1
     choices = {name: Choice(c.method, c.ranks, _reason(c, by_layer[name], dense[name], budget, total), kl=c.kl,
-                            agreement=c.agreement, latency_ms=c.latency_ms, dense_latency_ms=dense[name].latency_ms)
+                            agreement=c.agreement, latency=c.latency, dense_latency=dense[name].latency)
                for name, c in selection.items()}
     summary = {"budget": str(budget), "lambda": high, "greedy_upgrades": upgrades, "kept": spent(selection) / total,
                "predicted_kl": round(sum(c.kl for c in selection.values()), 6), "latency_weight": latency_weight}
     if dense_latency:
-        summary["layer_latency_ms"] = {"dense": round(dense_latency, 4), "chosen": round(
-            sum(c.latency_ms if c.latency_ms is not None else dense[c.layer].latency_ms or 0.0 for c in selection.values()), 4)}
+        summary["layer_latency"] = {"dense": round(dense_latency, 4), "chosen": round(
+            sum(c.latency if c.latency is not None else dense[c.layer].latency or 0.0 for c in selection.values()), 4)}
     return choices, summary
 
 
@@ -123,8 +127,8 @@ def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budge
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
     then = (f"; the best cheaper option ({nxt.method} {'x'.join(map(str, nxt.ranks))}) costs KL {nxt.kl:.4f}"
             if nxt else "; no cheaper option")
-    timing = (f"; {chosen.latency_ms:.3f} ms on this host vs {dense.latency_ms:.3f} dense"
-              if chosen.method and chosen.latency_ms is not None and dense.latency_ms else "")
+    timing = (f"; latency {chosen.latency:,.4g} vs {dense.latency:,.4g} dense"
+              if chosen.method and chosen.latency is not None and dense.latency else "")
     if chosen.method is None:
         return f"budget {budget}: kept dense{then}"
     return (f"budget {budget}: KL {chosen.kl:.4f}, agreement {chosen.agreement:.1%} on held-out images, "

@@ -28,7 +28,7 @@ from pipeline.errors import StageError
 from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
-VERSION = 3  # 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
+VERSION = 4  # 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,17 @@ class Candidate:
     params: int
     kl: float  # mean KL(dense || this) over the held-out images, in nats
     agreement: float  # top-1 agreement with the dense model on them
-    latency_ms: float | None = None  # host int8 latency of the layer or chain alone (batch 1, one thread)
+    latency: float | None = None  # the layer or chain alone on the target's runtime, in the LayerLatency's unit
 
 
 class LayerLatency(Protocol):
     """What the allocation's second cost looks like: the host latency (ms) of a layer or chain at an input
     shape, or None where it cannot be timed. `fingerprint` keys the sensitivity cache. The orchestrator hands
-    one in (an ONNX Runtime timer lives in a later stage), so this stage never imports a runtime."""
+    one in (the timers live in later stages: ONNX Runtime on the host, firmware on an emulated Cortex-M), so
+    this stage never imports a runtime."""
 
     fingerprint: dict
+    unit: str  # what a latency counts, e.g. "ms on this host" or "instructions on the emulated cortex-m4"
 
     def __call__(self, module: nn.Module, input_shape: tuple[int, ...]) -> float | None: ...
 

@@ -1,0 +1,51 @@
+"""The allocation's second cost for microcontrollers: each candidate layer (or factored chain) alone, as
+int8 firmware on the emulated board, counted in instructions per inference.
+
+Each layer becomes a one-layer graph (`pipeline/ort/layer_latency.layer_graph`), quantized with the target's
+settings, written as a .tflite and linked with the cached TFLM + CMSIS-NN library; the count is that of the
+second inference (the first also runs the per-operator counter). Instructions are deterministic, so the
+table, cached with the sensitivities, is the same on every host.
+"""
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.ort.layer_latency import quantized_layer
+from pipeline.tflm import interpreter
+from pipeline.tflm.build import build_library, compiler_version, link_firmware
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.emulator import run_firmware
+from pipeline.tflm.firmware import model_sources
+from pipeline.tflm.on_board import PROBE_SLACK
+from targets import Quantization
+
+
+class FirmwareLayerLatency:
+    """Instructions of a layer or chain alone on `cpu`'s emulated board."""
+
+    def __init__(self, quantization: Quantization, *, cpu: str, root: Path, log=print):
+        self.quantization, self.cpu, self.root, self.log = quantization, cpu, root, log
+        self.unit = f"instructions on the emulated {cpu}"
+        self.fingerprint = {**dataclasses.asdict(quantization), "cpu": cpu, "compiler": compiler_version(),
+                            "unit": "instructions"}
+
+    def __call__(self, module: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0) -> float | None:
+        library = build_library(self.cpu, self.root, log=self.log)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            made = quantized_layer(module, input_shape, tmp, quantization=self.quantization, seed=seed)
+            if made is None:
+                return None
+            int8, x = made
+            data = convert_to_tflite(int8, tmp / "layer.tflite").read_bytes()
+            q = interpreter.io_quant(data)
+            # a generous arena: only the count matters here, and CMSIS-NN's scratch is not in the host's figure
+            model_sources(tmp, data, arena_bytes=interpreter.arena_bytes(data) + PROBE_SLACK,
+                          io={"input_scale": q.input_scale, "input_zero_point": q.input_zero_point,
+                              "output_scale": q.output_scale, "output_zero_point": q.output_zero_point})
+            elf = link_firmware(tmp, tmp / "layer.elf", cpu_name=self.cpu, root=self.root, library=library).elf
+            run = run_firmware(elf, interpreter.quantize_input(x[:2], q), cpu=self.cpu)
+        return float(run.instructions[1])

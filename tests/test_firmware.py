@@ -1,0 +1,138 @@
+"""Firmware: TFLM + CMSIS-NN built by arm-none-eabi and run on the emulated Cortex-M must compute exactly
+what the host TFLM interpreter computes, and report deterministic instruction counts."""
+
+import json
+
+import numpy as np
+import pytest
+from test_tflite import CASES, quantized
+
+from pipeline.cli import main
+from pipeline.errors import DeviceError
+from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.build import check_toolchain, sources_root
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.emulator import run_firmware
+from pipeline.tflm.firmware import arena_with_margin, model_sources
+from pipeline.tflm.on_board import measure_on_board
+
+pytestmark = pytest.mark.firmware
+
+
+@pytest.fixture(scope="module")
+def sources():
+    try:
+        check_toolchain()
+        return sources_root()
+    except DeviceError as exc:
+        pytest.skip(str(exc))
+
+
+def firmware_model(case, tmp_path):
+    q_onnx, x = quantized(CASES[case][0], tmp_path)
+    tflite = convert_to_tflite(q_onnx, tmp_path / "m.tflite")
+    data = tflite.read_bytes()
+    q = tflm.io_quant(data)
+    model_sources(tmp_path, data, arena_bytes=arena_with_margin(tflm.arena_bytes(data), 0.1),
+                  io={"input_scale": q.input_scale, "input_zero_point": q.input_zero_point,
+                      "output_scale": q.output_scale, "output_zero_point": q.output_zero_point})
+    return tflite, x
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_operator_on_the_emulated_m4_equals_the_host_interpreter_bit_for_bit(case, sources, tmp_path):
+    tflite, x = firmware_model(case, tmp_path)
+    figures = measure_on_board(tflite, tmp_path, tmp_path / "fw.elf", cpu="cortex-m4", root=sources, x_nchw=x[:4],
+                               log=lambda *_: None)
+    assert figures["bit_exact"] and figures["outputs_differing"] == 0 and figures["samples"] == 4
+    assert figures["instructions"] > 0 and len(figures["layers"]) >= len(CASES[case][1]) - 1
+    assert figures["flash_model_bytes"] == tflite.stat().st_size
+    assert figures["flash_runtime_bytes"] + figures["flash_model_bytes"] == figures["flash_bytes"]
+    assert 0 < figures["arena_used_bytes"] <= figures["ram_bytes"] and 0 < figures["stack_used_bytes"] < 65536
+
+
+def test_instruction_counts_are_deterministic_and_the_layers_add_up(sources, tmp_path):
+    tflite, x = firmware_model("global_mean", tmp_path)
+    measure_on_board(tflite, tmp_path, tmp_path / "fw.elf", cpu="cortex-m7", root=sources, x_nchw=x[:2],
+                     log=lambda *_: None)
+    x_int8 = tflm.quantize_input(x[:3], tflm.io_quant(tflite.read_bytes()))
+    first, second = (run_firmware(tmp_path / "fw.elf", x_int8, cpu="cortex-m7") for _ in range(2))
+    assert first.instructions == second.instructions and np.array_equal(first.outputs, second.outputs)
+    steady = first.instructions[1]
+    assert 0.95 * steady <= sum(n for _, n in first.layers) <= first.instructions[0]  # the rest: interpreter overhead
+    assert [op for op, _ in first.layers] == ["CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"]
+
+
+def test_the_same_model_links_to_the_same_bytes(sources, tmp_path):
+    tflite, _ = firmware_model("conv_same", tmp_path)
+    from pipeline.tflm.build import build_library, link_firmware
+
+    library = build_library("cortex-m4", sources, log=lambda *_: None)
+    a = link_firmware(tmp_path, tmp_path / "a.elf", cpu_name="cortex-m4", root=sources, library=library)
+    b = link_firmware(tmp_path, tmp_path / "b.elf", cpu_name="cortex-m4", root=sources, library=library)
+    assert a.elf.read_bytes() == b.elf.read_bytes()
+    assert a.map.read_text().replace("a.elf", "b.elf") == b.map.read_text()
+
+
+@pytest.mark.slow
+def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_board(sources, tmp_path, cifar_dir,
+                                                                                     capsys):
+    out = tmp_path / "m4"
+    assert main(["deploy", "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "100",
+                 "--out", str(out), "--quiet"]) in (0, 1)
+    report = json.loads((out / "report.json").read_text())
+    for name in ("dense_int8", "factored_int8"):
+        figures = report["variants"][name]["details"]["firmware"]
+        assert figures["bit_exact"] and figures["cpu"] == "cortex-m4" and figures["instructions"] > 100_000
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in ("firmware/firmware.elf", "firmware/firmware.map", "firmware/build.sh", "firmware/main.cc",
+                 "firmware/model_data.cc", "baseline/dense.firmware.elf"):
+        assert name in manifest["artefacts"], name
+    assert "instructions, not cycles" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 0
+    assert "instructions per inference" in capsys.readouterr().out
+    assert (out / "device_baseline" / "qemu-cortex-m4.npz").is_file()
+    assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 0
+    # a perturbed weight, relinked: the board's outputs no longer match the accepted baseline
+    model = bytearray((out / "model.tflite").read_bytes())
+    model[len(model) // 2] ^= 0x40
+    (out / "model.tflite").write_bytes(bytes(model))
+    details = report["variants"]["factored_int8"]["details"]
+    model_sources(out, bytes(model), arena_bytes=arena_with_margin(details["arena_bytes"], 0.1),
+                  io={f"{side}_{key}": details[f"{side}_quantization"][key] for side in ("input", "output")
+                      for key in ("scale", "zero_point")})
+    assert main(["firmware", "--target", "cortex-m4", "--out", str(out), "--samples", "5"]) in (0, 1)
+    capsys.readouterr()
+    assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 1
+    assert "artefact changed" in capsys.readouterr().out
+
+
+def test_a_latency_budget_on_a_microcontroller_counts_instructions_on_the_board(sources, tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    from calib import Dataset
+    from pipeline.compress.stage import compress
+    from pipeline.tflm.layer_cost import FirmwareLayerLatency
+    from pipeline.zoo import ModelSpec
+    from targets import load_target
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(32, 10)).eval()
+    spec = ModelSpec("tiny", net, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.integers(0, 256, (400, 16, 16, 3), dtype=np.uint8), np.arange(400) % 10, "random")
+    profile = load_target("cortex-m4").override(
+        decomposition={"budget": "latency:0.7", "fit_samples": 64, "sensitivity_samples": 32},
+        finetune={"heldout_samples": 100})
+    timer = FirmwareLayerLatency(profile.quantization, cpu="cortex-m4", root=sources, log=lambda *_: None)
+    result = compress(spec, data, settings=profile.decomposition, tuning=profile.finetune, layer_latency=timer,
+                      progress=False, log=lambda *_: None)
+    allocation = result.allocation
+    assert allocation["budget"] == "latency:0.7" and allocation["kept"] <= 0.7
+    assert allocation["latency_unit"] == "instructions on the emulated cortex-m4"
+    chosen = [layer for layer in result.plan.layers if layer.method]
+    assert chosen and all(layer.latency < layer.dense_latency for layer in chosen)
