@@ -104,14 +104,21 @@ def _compile_all(jobs: list[tuple[Path, list[str]]]) -> None:
         list(pool.map(one, jobs))
 
 
+@functools.cache
+def library_key(cpu_name: str, root: Path) -> str:
+    """What the library is built from: the sources' contents, the flags, the CPU and the compiler."""
+    cpu = CPUS[cpu_name]
+    return sha256_json([cpu.flags, COMMON, CXX, CC, KERNEL_OPT, CORE_OPT, compiler_version(),
+                        [(str(s.relative_to(root)), sha256_bytes(s.read_bytes())) for s in library_sources(root)]])[:16]
+
+
 def build_library(cpu_name: str, root: Path, *, log=print) -> list[Path]:
     """The compiled TFLM + CMSIS-NN objects for `cpu_name`, from the cache when these sources and flags built
     them before."""
     check_toolchain()
     cpu = CPUS[cpu_name]
     sources = library_sources(root)
-    key = sha256_json([cpu.flags, COMMON, CXX, CC, KERNEL_OPT, CORE_OPT, compiler_version(),
-                       [(str(s.relative_to(root)), sha256_bytes(s.read_bytes())) for s in sources]])[:16]
+    key = library_key(cpu_name, root)
     folder = cache_dir("firmware", f"tflm-{cpu_name}-{key}")
     if not (folder / "complete").is_file():
         log(f"[firmware] compiling TFLM + CMSIS-NN for {cpu_name} ({len(sources)} files, once; cached in {folder})")
@@ -187,15 +194,15 @@ def rebuild_script(sources: list[Path], *, cpu_name: str, root: Path) -> str:
     lines = ["#!/bin/sh", "# Rebuilds firmware.elf with the commands cnn-deploy used. Needs Debian's " + PACKAGES + ".",
              "set -e", f'TFLM_SOURCES="${{TFLM_SOURCES:-{root}}}"', 'HERE="$(cd "$(dirname "$0")" && pwd)"',
              "mkdir -p obj"]
-    objects = []
-    for source in sources:
-        obj = f"obj/{source.relative_to(root).as_posix().replace('/', '__')}.o"
-        objects.append(obj)
-        lines.append(_portable(_command(source, Path(obj), cpu, root), root))
+    own = []
     for name in ("main.cc", "platform.cc", "startup.c", "model_data.cc"):
-        obj = f"obj/{name}.o"
-        objects.append(obj)
-        lines.append(_portable(_command(HARNESS / name, Path(obj), cpu, root), root))
+        own.append(f"obj/{name}.o")
+        lines.append(_portable(_command(HARNESS / name, Path(own[-1]), cpu, root), root))
+    library = []
+    for source in sources:
+        library.append(f"obj/{source.relative_to(root).as_posix().replace('/', '__')}.o")
+        lines.append(_portable(_command(source, Path(library[-1]), cpu, root), root))
+    objects = own + library  # the order link_firmware links in, so the ELF comes out the same
     lines.append(" ".join(["arm-none-eabi-g++", *cpu.flags, "-mfloat-abi=hard", "-mthumb", *LINK, "-T", "$HERE/link.ld",
                            "-o", "firmware.elf", "-Wl,-Map=firmware.map", *objects, "-lm"]))
     return "\n".join(lines) + "\n"

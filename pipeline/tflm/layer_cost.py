@@ -15,11 +15,12 @@ from torch import nn
 
 from pipeline.ort.layer_latency import quantized_layer
 from pipeline.tflm import interpreter
-from pipeline.tflm.build import build_library, compiler_version, link_firmware
+from pipeline.tflm.build import HARNESS, build_library, library_key, link_firmware
 from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.emulator import run_firmware
 from pipeline.tflm.firmware import model_sources
 from pipeline.tflm.on_board import PROBE_SLACK
+from pipeline.util import sha256_bytes
 from targets import Quantization
 
 
@@ -29,7 +30,8 @@ class FirmwareLayerLatency:
     def __init__(self, quantization: Quantization, *, cpu: str, root: Path, log=print):
         self.quantization, self.cpu, self.root, self.log = quantization, cpu, root, log
         self.unit = f"instructions on the emulated {cpu}"
-        self.fingerprint = {**dataclasses.asdict(quantization), "cpu": cpu, "compiler": compiler_version(),
+        self.fingerprint = {**dataclasses.asdict(quantization), "cpu": cpu, "library": library_key(cpu, root),
+                            "harness": sha256_bytes(*(p.read_bytes() for p in sorted(HARNESS.rglob("*")) if p.is_file())),
                             "unit": "instructions"}
 
     def __call__(self, module: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0) -> float | None:

@@ -49,7 +49,7 @@ int semihost_write(int handle, const void* buffer, int bytes) {
 
 void semihost_print(const char* text) { semihost(0x04, const_cast<char*>(text)); }
 
-void semihost_exit(int code) {
+__attribute__((noreturn)) void semihost_exit(int code) {
   uintptr_t block[2] = {0x20026, static_cast<uintptr_t>(code)};  // ADP_Stopped_ApplicationExit, exit code
   semihost(0x20, block);
   for (;;) {

@@ -9,7 +9,7 @@ int semihost_close(int handle);
 int semihost_length(int handle);
 int semihost_read(int handle, void* buffer, int bytes);
 int semihost_write(int handle, const void* buffer, int bytes);
-void semihost_exit(int code);
+__attribute__((noreturn)) void semihost_exit(int code);
 void report(const char* format, ...);  // one line to the host (qemu's stderr)
 void clock_start(void);
 uint64_t clock_ticks(void);  // 25 MHz SysTick: 40 instructions a tick under qemu -icount shift=0

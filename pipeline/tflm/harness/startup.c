@@ -7,7 +7,7 @@ extern uint32_t __data_load, __data_start, __data_end, __bss_start, __bss_end, _
 extern void (*__init_array_start[])(void);
 extern void (*__init_array_end[])(void);
 int main(void);
-void semihost_exit(int code);
+__attribute__((noreturn)) void semihost_exit(int code);
 void SysTick_Handler(void);
 
 void Reset_Handler(void) {
