@@ -12,7 +12,7 @@ DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
 	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
-	$(if $(DEVICE),--device $(DEVICE))
+	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
 
 .PHONY: setup deploy bench regress firmware setup-device decompose test test-fast test-network lint clean
 

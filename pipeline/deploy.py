@@ -165,9 +165,9 @@ def build_firmware(build: Build) -> None:
     _stage(f"firmware for {firmware.cpu}: build, run {len(x)} test images on the emulated board")
     details = {name: build.variants[name].details for name in ("dense_int8", "factored_int8")}
     margin = build.profile.memory.arena_margin
+    margin_arenas = {n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()}
     figures, notes = firmware_for_build(
-        build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage,
-        arenas={n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()},
+        build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage, arenas=margin_arenas,
         ios={n: _io(d) for n, d in details.items()})
     build.notes += notes
     for name, measured in figures.items():
@@ -175,6 +175,10 @@ def build_firmware(build: Build) -> None:
         if not measured["bit_exact"]:
             build.failures.append(f"firmware on {firmware.cpu}: {name} outputs differ from the host TFLM interpreter "
                                   f"on {measured['outputs_differing']} of {measured['samples']} images")
+    factored = figures["factored_int8"]
+    if factored["arena_bytes"] > margin_arenas["factored_int8"]:  # the device needed more: does the part still fit?
+        check_memory(build.profile.memory, arena=factored["arena_bytes"], flash=factored["flash_model_bytes"],
+                     largest=details["factored_int8"]["largest_tensors"], target=build.profile.name)
     folder = build.staging / "firmware"
     build.emitted.update({f"firmware/{p.relative_to(folder)}": p for p in sorted(folder.rglob("*")) if p.is_file()})
 
@@ -224,7 +228,7 @@ def _measure_ort(build: Build, name: str, reference) -> tuple[VariantReport, np.
     evaluation = build.profile.evaluation
     return measure_onnx(build.onnx[name], eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
                         reference=reference, latency_runs=evaluation.latency_runs,
-                        latency_warmup=evaluation.latency_warmup, label=name)
+                        latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
 
 
 def _emit_ort(build: Build) -> None:
@@ -246,7 +250,7 @@ def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, 
     return measure_tflite(build.tflite[name.removesuffix("_int8")], quantized_onnx=build.onnx[name],
                           eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
                           reference=reference, latency_runs=evaluation.latency_runs,
-                          latency_warmup=evaluation.latency_warmup, label=name)
+                          latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
 
 
 def _io(details: dict) -> dict:

@@ -18,12 +18,14 @@ def latency_ms(path, *, sample: np.ndarray, runs: int, warmup: int) -> float:
 
 
 def measure_onnx(path, *, eval_x: np.ndarray, eval_y: np.ndarray, class_names, reference: np.ndarray | None,
-                 latency_runs: int, latency_warmup: int, label: str = "") -> tuple[VariantReport, np.ndarray]:
+                 latency_runs: int, latency_warmup: int, label: str = "",
+                 progress: bool = True) -> tuple[VariantReport, np.ndarray]:
     """Cost from the graph, accuracy and latency from ONNX Runtime; `reference` logits give the agreement."""
     cost = onnx_cost(path)
     sess = session(path)
     logits = np.concatenate([run(sess, eval_x[i:i + 500]) for i in
-                             tqdm(range(0, len(eval_x), 500), desc=f"measure {label}", unit="batch", leave=False)])
+                             tqdm(range(0, len(eval_x), 500), desc=f"measure {label}", unit="batch", leave=False,
+                                  disable=not progress)])
     report = VariantReport(
         macs=cost.macs, params=cost.params, bytes=path.stat().st_size, peak_activation_bytes=cost.peak_activation_bytes,
         top1=top1(logits, eval_y), agreement=agreement(logits, reference if reference is not None else logits),

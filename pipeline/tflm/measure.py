@@ -30,13 +30,14 @@ def _tflm_latency_ms(model_bytes: bytes, sample: np.ndarray, *, runs: int, warmu
 
 
 def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarray, eval_y: np.ndarray, class_names,
-                   reference: np.ndarray, latency_runs: int, latency_warmup: int, label: str = "") -> tuple[VariantReport, np.ndarray]:
+                   reference: np.ndarray, latency_runs: int, latency_warmup: int, label: str = "",
+                   progress: bool = True) -> tuple[VariantReport, np.ndarray]:
     model_bytes = tflite_path.read_bytes()
     io = interpreter.io_quant(model_bytes)
     x_int8 = interpreter.quantize_input(eval_x, io)
     chunks = range(0, len(x_int8), 100)
     micro = np.concatenate([interpreter.run_tflm(model_bytes, x_int8[i:i + 100])
-                            for i in tqdm(chunks, desc=f"TFLM {label}", unit="x100", leave=False)])
+                            for i in tqdm(chunks, desc=f"TFLM {label}", unit="x100", leave=False, disable=not progress)])
     logits = interpreter.dequantize_output(micro, io)
     lite = interpreter.dequantize_output(interpreter.run_litert(model_bytes, x_int8), io)
     ort_int8 = run(session(quantized_onnx), eval_x)
