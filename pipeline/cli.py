@@ -117,14 +117,15 @@ def cmd_firmware(args) -> int:
     """The int8 variants of a microcontroller build as firmware on the emulated board; the build's
     report.json and manifest.json gain the figures and files."""
     import json
+    import shutil
 
     from calib import balanced_subset, load_dataset, preprocess
     from pipeline.errors import InputError
     from pipeline.report.deploy_report import firmware_table
     from pipeline.tflm.build import sources_root
-    from pipeline.tflm.firmware import arena_with_margin
+    from pipeline.tflm.firmware import arena_with_margin, io_of
     from pipeline.tflm.on_board import firmware_for_build
-    from pipeline.util import sha256_file, write_text
+    from pipeline.util import sha256_file, staging_beside, swap_in, write_text
 
     out = Path(args.out) if args.out else Path("build") / args.target
     try:
@@ -139,23 +140,29 @@ def cmd_firmware(args) -> int:
     test = load_dataset("test", settings.get("data"))
     idx = balanced_subset(test.y, args.samples or profile["firmware"]["samples"], seed=settings.get("seed", 0))
     details = {name: report["variants"][name]["details"] for name in ("dense_int8", "factored_int8")}
-    figures, notes = firmware_for_build(
-        out, cpu=cpu, root=sources_root(profile["firmware"]["sources"]),
-        x_nchw=preprocess(test.x[idx], mean=settings["mean"], std=settings["std"]),
-        arenas={n: arena_with_margin(d["arena_bytes"], profile["memory"]["arena_margin"]) for n, d in details.items()},
-        ios={n: {f"{side}_{key}": d[f"{side}_quantization"][key] for side in ("input", "output")
-                 for key in ("scale", "zero_point")} for n, d in details.items()})
-    print(*notes, sep="\n")
-    for name, measured in figures.items():
-        report["variants"][name]["details"]["firmware"] = measured
-    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    made = [*sorted((out / "firmware").rglob("*")), out / "baseline/dense.firmware.elf", out / "baseline/dense.firmware.map",
-            *(out / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]
-    manifest["artefacts"].update({str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                                  for p in made if p.is_file()})
-    manifest["reports"]["report.json"] = {"sha256": sha256_file(out / "report.json"),
-                                          "bytes": (out / "report.json").stat().st_size}
-    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    root = sources_root(profile["firmware"]["sources"])
+    staging = staging_beside(out)  # the build changes whole or not at all
+    try:
+        shutil.copytree(out, staging, dirs_exist_ok=True)
+        figures, notes = firmware_for_build(
+            staging, cpu=cpu, root=root, x_nchw=preprocess(test.x[idx], mean=settings["mean"], std=settings["std"]),
+            arenas={n: arena_with_margin(d["arena_bytes"], profile["memory"]["arena_margin"]) for n, d in details.items()},
+            ios={n: io_of(d) for n, d in details.items()})
+        for name, measured in figures.items():
+            report["variants"][name]["details"]["firmware"] = measured
+        write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+        made = [*sorted((staging / "firmware").rglob("*")), *(staging / "baseline").glob("dense.firmware.*"),
+                *(staging / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]
+        manifest["artefacts"].update({str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                                      for p in made if p.is_file()})
+        manifest["reports"]["report.json"] = {"sha256": sha256_file(staging / "report.json"),
+                                              "bytes": (staging / "report.json").stat().st_size}
+        write_text(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if notes:
+        print(*notes, sep="\n")
     print(firmware_table(figures))
     print(f"\nELF, map and sources in {out / 'firmware'}/; figures in report.json")
     return 0 if all(f["bit_exact"] for f in figures.values()) else 1

@@ -1,7 +1,7 @@
 """Deploy orchestration: the only place that knows the order of the stages (`STAGES`).
 
-compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> emit ->
-device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
+compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> time on a
+board (DEVICE=ssh://...) -> emit -> firmware (microcontrollers) -> device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
 assembled in a staging folder beside the output and swapped in only when complete, so a failure or Ctrl-C
 leaves the previous build intact.
 """
@@ -9,7 +9,6 @@ leaves the previous build intact.
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +32,11 @@ from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
 from pipeline.tflm.build import check_toolchain, sources_root
 from pipeline.tflm.convert import convert_to_tflite
-from pipeline.tflm.firmware import arena_with_margin, emit_mcu
+from pipeline.tflm.firmware import arena_with_margin, emit_mcu, io_of
 from pipeline.tflm.layer_cost import FirmwareLayerLatency
 from pipeline.tflm.measure import measure_tflite
 from pipeline.tflm.on_board import firmware_for_build
+from pipeline.util import staging_beside, swap_in
 from pipeline.zoo import ModelSpec, load_model
 from targets import Memory, TargetProfile, load_target
 
@@ -168,7 +168,7 @@ def build_firmware(build: Build) -> None:
     margin_arenas = {n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()}
     figures, notes = firmware_for_build(
         build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage, arenas=margin_arenas,
-        ios={n: _io(d) for n, d in details.items()})
+        ios={n: io_of(d) for n, d in details.items()})
     build.notes += notes
     for name, measured in figures.items():
         build.variants[name].details["firmware"] = measured
@@ -253,19 +253,12 @@ def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, 
                           latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
 
 
-def _io(details: dict) -> dict:
-    return {"input_scale": details["input_quantization"]["scale"],
-            "input_zero_point": details["input_quantization"]["zero_point"],
-            "output_scale": details["output_quantization"]["scale"],
-            "output_zero_point": details["output_quantization"]["zero_point"]}
-
-
 def _emit_firmware_sources(build: Build) -> None:
     _stage("emit firmware sources")
     details = build.variants["factored_int8"].details
     build.emitted = emit_mcu(build.staging, tflite=build.tflite["factored"],
                              arena_bytes=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
-                             io=_io(details))
+                             io=io_of(details))
     build.tflite.pop("factored").unlink()  # emitted as model.tflite
 
 
@@ -320,26 +313,6 @@ def check_memory(memory: Memory, *, arena: int, flash: int, largest, target: str
 
 # ---- the whole run ----------------------------------------------------------------------------------------
 
-def _prepare_output(out: Path) -> Path:
-    """A fresh staging folder beside `out` (same filesystem, so the final swap is a rename)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-        staging.chmod(0o755)  # mkdtemp makes 0700; the build folder is for others to read
-        return staging
-    except OSError as exc:
-        raise InputError(f"Output folder {str(out)!r} is not writable ({exc.strerror}); choose another with OUT=") from exc
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            data: str | None = None, eval_samples: int | None = None, device: str | None = None,
@@ -370,14 +343,14 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
         raise InputError(f"Images of {train_set.x.shape[1]}x{train_set.x.shape[2]} pixels; model {model!r} "
                          f"expects {spec.input_shape[1]}x{spec.input_shape[2]}")
     eval_idx = balanced_subset(test_set.y, samples or None, seed=SEED)
-    staging = _prepare_output(out)
+    staging = staging_beside(out)
     try:
         build = Build(profile, spec, train_set, test_set, preprocess(test_set.x[eval_idx], mean=spec.mean, std=spec.std),
                       test_set.y[eval_idx], staging, board if device is not None else None, str(data) if data else None,
                       progress, started=started)
         for stage in STAGES:
             stage(build)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return build.report

@@ -6,11 +6,14 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+
+from pipeline.errors import InputError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -43,6 +46,28 @@ def write_bytes(final: str | os.PathLike, data: bytes) -> Path:
 
 def write_text(final: str | os.PathLike, text: str) -> Path:
     return write_bytes(final, text.encode())
+
+
+def staging_beside(out: str | os.PathLike) -> Path:
+    """A fresh folder beside `out` (same filesystem, so `swap_in` is a rename) to assemble a build in."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        staging.chmod(0o755)  # mkdtemp makes 0700; the build folder is for others to read
+        return staging
+    except OSError as exc:
+        raise InputError(f"Output folder {str(out)!r} is not writable ({exc.strerror}); choose another with OUT=") from exc
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by the complete `staging` folder: a reader sees the old build or the new one, never a mix."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_dir(*parts: str) -> Path:

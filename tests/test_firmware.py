@@ -15,6 +15,7 @@ from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.emulator import run_firmware
 from pipeline.tflm.firmware import arena_with_margin, model_sources
 from pipeline.tflm.on_board import measure_on_board
+from pipeline.util import sha256_file
 
 pytestmark = pytest.mark.firmware
 
@@ -103,6 +104,9 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
                   io={f"{side}_{key}": details[f"{side}_quantization"][key] for side in ("input", "output")
                       for key in ("scale", "zero_point")})
     assert main(["firmware", "--target", "cortex-m4", "--out", str(out), "--samples", "5"]) in (0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m4"]  # assembled beside the build, swapped in whole
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artefacts"]["model_data.cc"]["sha256"] == sha256_file(out / "model_data.cc")
     capsys.readouterr()
     assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 1
     assert "artefact changed" in capsys.readouterr().out

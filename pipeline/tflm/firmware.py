@@ -22,6 +22,12 @@ def arena_with_margin(measured: int, margin: float) -> int:
     return int(math.ceil(measured * (1 + margin) / 16) * 16)
 
 
+def io_of(details: dict) -> dict:
+    """The int8 input and output quantization `model_sources` writes, from a measured variant's details."""
+    return {f"{side}_{key}": details[f"{side}_quantization"][key] for side in ("input", "output")
+            for key in ("scale", "zero_point")}
+
+
 def c_array(data: bytes, *, per_line: int = 12) -> str:
     lines = [", ".join(f"0x{b:02x}" for b in data[i:i + per_line]) for i in range(0, len(data), per_line)]
     return ",\n  ".join(lines)
