@@ -140,3 +140,14 @@ def test_a_latency_budget_on_a_microcontroller_counts_instructions_on_the_board(
     assert allocation["latency_unit"] == "instructions on the emulated cortex-m4"
     chosen = [layer for layer in result.plan.layers if layer.method]
     assert chosen and all(layer.latency < layer.dense_latency for layer in chosen)
+
+
+def test_more_instructions_than_the_accepted_baseline_is_a_regression(tmp_path):
+    from pipeline.device.regress import _compare_with_baseline
+
+    outputs = np.arange(20, dtype=np.float32).reshape(2, 10)
+    path, same = tmp_path / "qemu-cortex-m4.npz", dict(artefact_sha="a", inputs_sha="i", max_rise=0.01)
+    assert _compare_with_baseline(path, outputs, accept=False, instructions=1000, **same)["status"].startswith("recorded")
+    assert _compare_with_baseline(path, outputs, accept=False, instructions=1010, **same)["ok"]
+    slower = _compare_with_baseline(path, outputs, accept=False, instructions=1020, **same)
+    assert not slower["ok"] and slower["status"].startswith("SLOWER: 1,020 instructions per inference against 1,000")
