@@ -39,3 +39,20 @@ def split_training(labels: np.ndarray, *, heldout: int, fit: int, sensitivity: i
     return {"heldout": held, "train": rest,
             "fit": rest[balanced_subset(labels[rest], fit, seed=seed)] if fit else rest[:0],
             "sensitivity": held[balanced_subset(labels[held], sensitivity, seed=seed)] if len(held) else held}
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices cut per class by a seeded shuffle, so both keep the class proportions; a
+    class with two or more samples puts at least one in each."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test fraction {test_fraction}; expected between 0 and 1")
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = int(round(len(members) * test_fraction))
+        if len(members) >= 2:
+            n = min(max(n, 1), len(members) - 1)
+        test.append(members[:n])
+    test = np.sort(np.concatenate(test))
+    return np.setdiff1d(np.arange(len(labels)), test), test

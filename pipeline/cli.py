@@ -7,15 +7,41 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
+DATA_HELP = ("CIFAR-10 folder, fashion-mnist, a folder with train.npz + test.npz, a .npz (x_train/y_train/x_test/"
+             "y_test, or x/y: split here), or an image folder train/<class>/*.png + test/<class>/ (default: CIFAR-10)")
+
+
+def _add_model_flags(p, default: str = "seednet") -> None:
+    p.add_argument("--model", default=default, help="zoo name, package.module:callable or path/to/file.py:callable")
+    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+    p.add_argument("--input-shape", help="C x H x W of one sample, e.g. 1x49x10 (default: the model's input_shape)")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean, or one for all (default: the model's)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std, or one for all (default: the model's)")
+
+
+def _model(args, *, pretrained: bool = True):
+    from pipeline.zoo import load_model, parse_shape
+
+    return load_model(args.model, getattr(args, "weights", None), pretrained=pretrained,
+                      input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                      mean=args.mean, std=args.std)
+
+
+def _hint(spec):
+    from calib import Hint
+
+    return Hint(*spec.input_shape)
+
 
 def cmd_train(args) -> int:
-    from calib import load_dataset
-    from pipeline.zoo import load_model
+    from calib import load_data
     from pipeline.zoo.train import train
 
-    spec = load_model(args.model, pretrained=False)
-    result = train(spec, load_dataset("train", args.data), test_set=load_dataset("test", args.data),
-                   epochs=args.epochs, seed=args.seed, out=args.out)
+    spec = _model(args, pretrained=args.weights is not None)  # weights given: train on from them
+    data = load_data(args.data, hint=_hint(spec))
+    data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
+    result = train(spec, data.train, test_set=data.test, epochs=args.epochs, seed=args.seed, out=args.out,
+                   flip=not args.no_flip)
     print(f"{args.model}: test top-1 {result['top1']:.2%} after {args.epochs} epochs; weights in {args.out}")
     return 0
 
@@ -23,7 +49,6 @@ def cmd_train(args) -> int:
 def cmd_decompose(args) -> int:
     from pipeline.compress.store import save_factored
     from pipeline.util import write_text
-    from pipeline.zoo import load_model
     from targets import load_target
 
     profile = load_target(args.target).override(
@@ -31,13 +56,15 @@ def cmd_decompose(args) -> int:
                        "round_to": args.round_to, "budget": args.budget, "fit_samples": args.fit_samples},
         finetune={"epochs": args.finetune_epochs})
     settings, tuning = profile.decomposition, profile.finetune
-    spec = load_model(args.model, args.weights)
+    spec = _model(args)
     if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
-        from calib import load_dataset
+        from calib import load_data
         from pipeline.compress.stage import compress
         from pipeline.deploy import layer_latency_for
 
-        result = compress(spec, load_dataset("train", args.data), settings=settings, tuning=tuning,
+        data = load_data(args.data, hint=_hint(spec))
+        data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
+        result = compress(spec, data.train, settings=settings, tuning=tuning,
                           layer_latency=layer_latency_for(profile), seed=args.seed)
         model, plan = result.model, result.plan
     else:
@@ -77,10 +104,12 @@ def _add_compression_flags(p) -> None:
 
 def cmd_deploy(args) -> int:
     from pipeline.deploy import deploy
+    from pipeline.zoo import parse_shape
 
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
-                    budget=args.budget, finetune_epochs=args.finetune_epochs, data=args.data, eval_samples=args.eval_samples,
-                    device=args.device, out=args.out, progress=not args.quiet)
+                    budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
+                    eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                    mean=args.mean, std=args.std, device=args.device, out=args.out, progress=not args.quiet)
     out = Path(args.out) if args.out else Path("build") / args.target
     print()
     print(report.summary_table())
@@ -91,10 +120,11 @@ def cmd_deploy(args) -> int:
 def add_deploy_parser(sub) -> None:
     p = sub.add_parser("deploy", help="decompose, export, quantize, emit and measure for a target")
     p.add_argument("--target", default="rpi4")
-    p.add_argument("--model", default="seednet", help="zoo name or package.module:callable")
-    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+    _add_model_flags(p)
     _add_compression_flags(p)
-    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layers to keep dense, replacing the rule that "
+                                                "keeps the stem and classifier dense (none given: factor every layer)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--device", help="the profile's device for the on-device check; ssh://user@host also times the "
                                     "layer table and the variants on that board")
@@ -119,7 +149,7 @@ def cmd_firmware(args) -> int:
     import json
     import shutil
 
-    from calib import balanced_subset, load_dataset, preprocess
+    from calib import Hint, balanced_subset, load_dataset, preprocess
     from pipeline.errors import InputError
     from pipeline.report.deploy_report import firmware_table
     from pipeline.tflm.build import sources_root
@@ -137,7 +167,7 @@ def cmd_firmware(args) -> int:
     cpu = (profile.get("firmware") or {}).get("cpu")
     if profile["runtime"] != "tflite-micro" or not cpu:
         raise InputError(f"Target {profile['name']!r} has no firmware: it runs {profile['runtime']} on a board with an OS")
-    test = load_dataset("test", settings.get("data"))
+    test = load_dataset("test", settings.get("data"), hint=Hint(*settings["input_shape"]))
     idx = balanced_subset(test.y, args.samples or profile["firmware"]["samples"], seed=settings.get("seed", 0))
     details = {name: report["variants"][name]["details"] for name in ("dense_int8", "factored_int8")}
     root = sources_root(profile["firmware"]["sources"])
@@ -181,7 +211,7 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--target", default="rpi4")
     p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
-    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: what the deploy used)")
+    p.add_argument("--data", help="the data's path (default: what the deploy used)")
     p.add_argument("--out", help="the build folder (default: build/<target>)")
     p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
     p.set_defaults(run=cmd_regress)
@@ -199,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a zoo model from scratch on CIFAR-10")
-    p.add_argument("--model", default="seednet")
-    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p = sub.add_parser("train", help="train a model from scratch (how the zoo's reference weights were made)")
+    _add_model_flags(p)
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips in augmentation (features, text)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="where to write the state dict")
@@ -209,15 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decompose", help="factor a model's conv and linear layers; print and save the plan")
     p.add_argument("--target", default="rpi4", help="profile whose decomposition settings apply (flags override)")
-    p.add_argument("--model", default="seednet", help="zoo name or package.module:callable")
-    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+    _add_model_flags(p)
     _add_compression_flags(p)
     p.add_argument("--layers", nargs="*", help="fnmatch patterns of layer names to factor")
     p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layer names to leave dense")
     p.add_argument("--round-to", type=int, help="round ranks up to a multiple of this")
     p.add_argument("--fit-samples", type=int, help="fit factors to this many training images' activations "
                                                    "(0: fit the weights, no data needed)")
-    p.add_argument("--data", help="CIFAR-10 folder or .npz, for fitting, --budget and --finetune-epochs")
+    p.add_argument("--data", help=DATA_HELP + "; for fitting, --budget and --finetune-epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the factored model (.pt) and its plan (.plan.json)")
     p.set_defaults(run=cmd_decompose)
@@ -227,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25], help="fractions of MACs to keep")
     p.add_argument("--epochs", nargs="+", type=int, default=[3], help="fine-tuning epochs: one count, or one per model")
     p.add_argument("--target", default="rpi4", help="profile whose quantization and decomposition settings apply")
-    p.add_argument("--data", help="CIFAR-10 folder or .npz (default: search, see README)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--eval-samples", type=int, default=0, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
     p.add_argument("--out", default="bench")

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calib import Dataset, balanced_subset, load_dataset, preprocess
+from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preprocess
 from pipeline.compress.stage import Compressed, compress
 from pipeline.device.board_latency import BoardLayerLatency
 from pipeline.device.regress import check_on_device
 from pipeline.device.transports import Device, parse_device, time_on_device
-from pipeline.errors import ConfigError, DeviceError, InputError, StageError
+from pipeline.errors import ConfigError, DeviceError, StageError
 from pipeline.metrics import VariantReport
 from pipeline.onnx.chain import to_onnx
 from pipeline.ort.emit import emit_onnxruntime
@@ -55,13 +55,12 @@ class Build:
 
     profile: TargetProfile
     spec: ModelSpec
-    train_set: Dataset
-    test_set: Dataset
+    data: DataSplits
     eval_x: np.ndarray
     eval_y: np.ndarray
     staging: Path
     board: Device | None  # a board that keeps time (DEVICE=ssh://...), for the latencies
-    data: str | None  # as the user gave it, recorded in the manifest for `make regress`
+    device_samples: int  # test samples of the device check (0: all); `make regress` uses the same by default
     progress: bool
     started: float = field(default_factory=time.perf_counter)
     compressed: Compressed | None = None
@@ -74,6 +73,20 @@ class Build:
     device: dict | None = None
     report: DeployReport | None = None
     reports: list[Path] = field(default_factory=list)
+
+    @property
+    def train_set(self) -> Dataset:
+        return self.data.train
+
+    @property
+    def test_set(self) -> Dataset:
+        return self.data.test
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The data's names, else the model's, else class0..classN-1: a report never names classes it lacks."""
+        names = self.data.classes or self.spec.class_names
+        return names if names is not None else tuple(f"class{i}" for i in range(self.spec.num_classes))
 
     @property
     def baseline(self) -> Path:
@@ -188,7 +201,7 @@ def check_device(build: Build) -> None:
     if not device.check_on_deploy:
         return
     test = build.test_set
-    idx = balanced_subset(test.y, device.samples or None, seed=SEED)
+    idx = balanced_subset(test.y, build.device_samples or None, seed=SEED)
     report = check_on_device(build.staging, runtime=build.profile.runtime, target=build.profile.name,
                              thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
                              eval_y=test.y[idx], device=parse_device(device.default), accept=True,
@@ -212,7 +225,8 @@ def write_build_manifest(build: Build) -> None:
     write_manifest(build.staging, artefacts=[*build.emitted.values(), *build.baseline.iterdir()], reports=build.reports,
                    checkpoint=spec.weights, checkpoint_sha256=spec.weights_sha256, profile=build.profile.to_dict(),
                    settings={"model": spec.name, "eval_samples": int(len(build.eval_y)),
-                             "data": build.data, "seed": SEED, "input_shape": list(spec.input_shape),
+                             "data": build.data.location, "data_set": build.data.describe(),
+                             "device_samples": build.device_samples, "seed": SEED, "input_shape": list(spec.input_shape),
                              "mean": list(spec.mean), "std": list(spec.std)},
                    passed=not build.failures)
 
@@ -226,7 +240,7 @@ STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, co
 
 def _measure_ort(build: Build, name: str, reference) -> tuple[VariantReport, np.ndarray]:
     evaluation = build.profile.evaluation
-    return measure_onnx(build.onnx[name], eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
+    return measure_onnx(build.onnx[name], eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.class_names,
                         reference=reference, latency_runs=evaluation.latency_runs,
                         latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
 
@@ -248,7 +262,7 @@ def _convert_tflite(build: Build) -> None:
 def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, np.ndarray]:
     evaluation = build.profile.evaluation
     return measure_tflite(build.tflite[name.removesuffix("_int8")], quantized_onnx=build.onnx[name],
-                          eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.spec.class_names,
+                          eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.class_names,
                           reference=reference, latency_runs=evaluation.latency_runs,
                           latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
 
@@ -315,19 +329,24 @@ def check_memory(memory: Memory, *, arena: int, flash: int, largest, target: str
 
 def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
-           data: str | None = None, eval_samples: int | None = None, device: str | None = None,
+           exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
+           input_shape: tuple[int, int, int] | None = None, mean=None, std=None, device: str | None = None,
            out: str | os.PathLike | None = None, progress: bool = True) -> DeployReport:
-    """Compress `model` (a zoo name or `package.module:callable`, weights from `weights`), export, quantize and
-    emit it for `target` (a profile name or a path to a .toml), measure the dense and factored variants on
-    `eval_samples` test images from `data`, and write the build to `out` (default `build/<target>`).
+    """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`),
+    export, quantize and emit it for `target` (a profile name or a path to a .toml), measure the dense and
+    factored variants on `eval_samples` test samples from `data` (any layout of `calib.FORMATS`), and write the
+    build to `out` (default `build/<target>`).
 
-    `method`, `rank`, `budget` and `finetune_epochs` override the profile's settings; every setting is checked
-    before any work. `device` (DEVICE=) replaces the profile's device for the on-device check; a board over
-    SSH also times the layer table and the four variants itself. Returns the report; `report.passed` says whether every threshold was met. Raises a
-    `PipelineError` on bad input, leaving any previous build in `out` as it was."""
+    `method`, `rank`, `budget`, `finetune_epochs` and `exclude` override the profile's settings; `input_shape`,
+    `mean` and `std` the model's. Every setting is checked before any work. `device` (DEVICE=) replaces the
+    profile's device for the on-device check; a board over SSH also times the layer table and the four variants
+    itself. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
+    on bad input, leaving any previous build in `out` as it was."""
     started = time.perf_counter()
-    profile = load_target(target).override(decomposition={"method": method, "rank": rank, "budget": budget},
-                                           finetune={"epochs": finetune_epochs})
+    profile = load_target(target).override(
+        decomposition={"method": method, "rank": rank, "budget": budget,
+                       **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
+        finetune={"epochs": finetune_epochs})
     if device is not None:
         profile = dataclasses.replace(profile, device=dataclasses.replace(profile.device, default=device))
     board = parse_device(profile.device.default)  # an unknown device is refused before any work
@@ -337,17 +356,16 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     out = Path(out) if out is not None else Path("build") / target
     torch.manual_seed(SEED)
 
-    spec = load_model(model, weights)
-    train_set, test_set = load_dataset("train", data), load_dataset("test", data)
-    if train_set.x.shape[1:3] != spec.input_shape[1:]:
-        raise InputError(f"Images of {train_set.x.shape[1]}x{train_set.x.shape[2]} pixels; model {model!r} "
-                         f"expects {spec.input_shape[1]}x{spec.input_shape[2]}")
-    eval_idx = balanced_subset(test_set.y, samples or None, seed=SEED)
+    spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std)
+    splits = load_data(data, hint=Hint(*spec.input_shape))
+    splits.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=model)
+    eval_idx = balanced_subset(splits.test.y, samples or None, seed=SEED)
     staging = staging_beside(out)
     try:
-        build = Build(profile, spec, train_set, test_set, preprocess(test_set.x[eval_idx], mean=spec.mean, std=spec.std),
-                      test_set.y[eval_idx], staging, board if device is not None else None, str(data) if data else None,
-                      progress, started=started)
+        build = Build(profile, spec, splits, preprocess(splits.test.x[eval_idx], mean=spec.mean, std=spec.std),
+                      splits.test.y[eval_idx], staging, board if device is not None else None,
+                      device_samples=profile.device.samples if eval_samples is None else samples,
+                      progress=progress, started=started)
         for stage in STAGES:
             stage(build)
         swap_in(staging, out)

@@ -33,18 +33,19 @@ def test_balanced_subset_is_deterministic_and_balanced():
 
 def test_npz_with_bad_contents_is_refused_with_what_was_expected(tmp_path):
     cases = {
-        "nchw": (np.zeros((4, 3, 32, 32), np.uint8), np.zeros(4, int), "expected N x H x W x 3"),
+        "nchw": (np.zeros((4, 3, 32, 32), np.uint8), np.zeros(4, int), "look channels-first"),
+        "5d": (np.zeros((4, 3, 32, 32, 1), np.uint8), np.zeros(4, int), "expected N x H x W x C"),
         "nan": (np.full((2, 32, 32, 3), np.nan, np.float32), np.zeros(2, int), "NaN or inf"),
         "empty": (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, int), "zero samples"),
-        "labels": (np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 10]), "expected 0..9"),
+        "labels": (np.zeros((2, 32, 32, 3), np.uint8), np.array([0, -1]), "expected class indices from 0"),
         "dtype": (np.zeros((2, 32, 32, 3), np.int32), np.zeros(2, int), "expected uint8"),
     }
     for name, (x, y, message) in cases.items():
         np.savez(tmp_path / f"{name}.npz", x=x, y=y)
         with pytest.raises(InputError, match=message):
             load_dataset("test", tmp_path / f"{name}.npz")
-    np.savez(tmp_path / "ok.npz", x=np.zeros((3, 32, 32, 3), np.uint8), y=np.array([1, 2, 3]))
-    assert len(load_dataset("test", tmp_path / "ok.npz")) == 3
+    np.savez(tmp_path / "ok.npz", x=np.zeros((10, 32, 32, 3), np.uint8), y=np.arange(10) % 2)
+    assert len(load_dataset("test", tmp_path / "ok.npz")) == 2  # a fifth of each class: the test split
 
 
 def test_explicit_path_and_search_order(tmp_path, monkeypatch):

@@ -37,11 +37,13 @@ class Mixed(nn.Module):
 def test_unhandled_layers_stay_dense_with_the_reason():
     model, plan = decompose(Mixed(), settings=plain(method="tucker2", rank="0.5"), input_shape=(3, 16, 16), progress=False)
     notes = {p.name: p for p in plan.layers}
-    assert "groups=16" in notes["depthwise"].note and notes["depthwise"].method is None
+    # a depthwise 3x3 splits into 3x1 and 1x3 depthwise convs at rank 1: 6 multiplies a pixel against 9
+    assert notes["depthwise"].method == "depthwise-split" and notes["depthwise"].ranks == (1,)
+    assert notes["depthwise"].macs_after * 3 == notes["depthwise"].macs_before * 2
     assert "padding_mode='reflect'" in notes["reflect"].note
     assert "ConvTranspose2d is not handled" in notes["up"].note
     assert "Conv1d is not handled" in notes["line"].note
-    assert notes["tiny"].ranks == (1, 1)
+    assert notes["tiny"].method == "pointwise-svd" and notes["tiny"].ranks == (1,)
     assert notes["body"].method == "tucker2" and notes["body"].ranks == (16, 8)
     assert notes["head"].method == "linear-svd"
     assert plan.macs_after < plan.macs_before
@@ -67,7 +69,8 @@ def test_conv3d_and_models_without_convs_are_left_dense_with_the_reason():
 def test_a_factorisation_that_saves_no_macs_is_not_applied():
     _, plan = decompose(nn.Sequential(nn.Conv2d(4, 4, 1)), settings=plain(method="tucker2", rank=4), input_shape=(4, 8, 8), progress=False)
     assert plan.layers[0].method is None
-    assert plan.layers[0].note == "tucker2 at rank 4x4 would not reduce MACs (3,072 >= 1,024): left dense"
+    # a 1x1 conv takes the pointwise SVD whatever conv method is asked for; at full rank it saves nothing
+    assert plan.layers[0].note == "pointwise-svd at rank 4 would not reduce MACs (2,048 >= 1,024): left dense"
 
 
 def test_layer_patterns_choose_what_is_factored():

@@ -45,6 +45,60 @@ def test_full_rank_factorisation_reproduces_the_conv(method, case):
     assert relative(approx, conv.weight.detach()) < 1e-5
 
 
+@st.composite
+def depthwise_convs(draw):
+    """Depthwise kxk convs (channel multiplier 1 or 2), with the geometries of the `convs` strategy."""
+    conv, _ = draw(convs())
+    assume(min(conv.kernel_size) > 1)
+    cin = draw(st.integers(2, 6))  # one channel is an ordinary conv
+    multiplier = draw(st.integers(1, 2))
+    depthwise = nn.Conv2d(cin, cin * multiplier, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                          dilation=conv.dilation, groups=cin, bias=conv.bias is not None)
+    size = max(k * d for k, d in zip(conv.kernel_size, conv.dilation, strict=True)) + draw(st.integers(0, 5))
+    return depthwise, torch.randn(2, cin, size, size + draw(st.integers(0, 3)))
+
+
+@FAST
+@given(case=depthwise_convs())
+def test_full_rank_depthwise_split_reproduces_the_depthwise_conv(case):
+    conv, x = case
+    method = METHODS["depthwise-split"]
+    assert method.applies(conv) and not METHODS["svd"].applies(conv)
+    chain = method.skeleton(conv, (min(conv.kernel_size),))  # full rank; deploys offer rank 1 only
+    approx, _ = method.fit_weights(conv, chain)
+    with torch.no_grad():
+        assert relative(chain(x), conv(x)) < 1e-4
+    assert relative(approx, conv.weight.detach()) < 1e-5
+    assert relative(method.effective_weight(chain, conv), conv.weight.detach()) < 1e-5
+
+
+def test_depthwise_split_at_rank_one_is_the_best_separable_filter():
+    """Rank 1 keeps each channel's leading singular pair: a separable filter comes back exactly, and the
+    error of any other is its second singular value's share (Eckart-Young, per channel)."""
+    conv = nn.Conv2d(2, 2, 3, padding=1, groups=2, bias=False)
+    separable = torch.outer(torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, -1.0]))  # Sobel
+    other = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])  # Laplacian, not separable
+    conv.weight.data = torch.stack([separable, other])[:, None]
+    chain = METHODS["depthwise-split"].skeleton(conv, (1,))
+    approx, _ = METHODS["depthwise-split"].fit_weights(conv, chain)
+    assert torch.allclose(approx[0, 0], separable, atol=1e-6)
+    s = torch.linalg.svdvals(other.double())
+    assert float((approx[1, 0] - other).norm()) == pytest.approx(float(s[1:].norm()), rel=1e-6)
+
+
+@FAST
+@given(case=convs())
+def test_full_rank_pointwise_svd_reproduces_the_1x1_conv(case):
+    conv, x = case
+    pointwise = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=conv.bias is not None)
+    method = METHODS["pointwise-svd"]
+    chain = method.skeleton(pointwise, method.max_ranks(pointwise))
+    method.fit_weights(pointwise, chain)
+    with torch.no_grad():
+        assert relative(chain(x), pointwise(x)) < 1e-4
+    assert not method.applies(conv) or conv.kernel_size == (1, 1)
+
+
 @FAST
 @given(case=convs(), rank=st.integers(1, 4))
 def test_cp_chain_computes_the_conv_of_its_reconstructed_weight(case, rank):

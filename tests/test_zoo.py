@@ -59,7 +59,14 @@ def test_resnet_checkpoint_with_module_prefix_loads(resnet20_weights):
 def test_user_model_by_import_spec(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(SeedNet().state_dict(), path)
-    spec = load_model("pipeline.zoo.nets:SeedNet", path)
-    assert spec.input_shape == (3, 32, 32)
+    spec = load_model("pipeline.zoo.nets:SeedNet", path, mean=0.5, std=(0.5, 0.5, 0.5))
+    assert spec.input_shape == (3, 32, 32) and spec.mean == (0.5, 0.5, 0.5) and spec.num_classes == 10
+    assert spec.class_names is None  # the module names none: the data's names, or class0.., are used
+    with pytest.raises(InputError, match=r"does not say its mean, std: .*MEAN=0.5 .*STD=0.25"):
+        load_model("pipeline.zoo.nets:SeedNet", path)
+    with pytest.raises(InputError, match=r"std has 2 values for 3 input channels"):
+        load_model("pipeline.zoo.nets:SeedNet", path, mean=0.5, std=(0.5, 0.5))
+    with pytest.raises(InputError, match=r"does not run on one input of shape \(1, 28, 28\)"):
+        load_model("pipeline.zoo.nets:SeedNet", path, input_shape=(1, 28, 28), mean=0.5, std=0.5)
     with pytest.raises(InputError, match="could not be imported"):
         load_model("nosuch.module:Net", path)

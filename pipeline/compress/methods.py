@@ -64,6 +64,12 @@ class Method:
     name: ClassVar[str]
     layer_type: ClassVar[type[nn.Module]] = nn.Conv2d
     fits_activations: ClassVar[bool] = True  # whether `fit_data` has a closed-form output fit
+    by_shape: ClassVar[bool] = False  # the only method for the layers it applies to: chosen by shape, never named
+    channel_ranks: ClassVar[bool] = True  # ranks count channels, so they round to the kernels' multiple
+
+    def applies(self, layer: nn.Module) -> bool:
+        """Whether this method can factor `layer` (a full, non-grouped conv for the general conv methods)."""
+        return type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
 
     def max_ranks(self, layer: nn.Module) -> tuple[int, ...]:
         raise NotImplementedError
@@ -88,7 +94,8 @@ class Method:
             raw = [max(1, round(rule.value * m)) for m in maxima]
         else:
             raw = self.spectral_ranks(layer, rule)
-        return tuple(round_up(r, round_to, m) for r, m in zip(raw, maxima, strict=True))
+        step = round_to if self.channel_ranks else 1
+        return tuple(round_up(r, step, m) for r, m in zip(raw, maxima, strict=True))
 
     def skeleton(self, layer: nn.Module, ranks: tuple[int, ...]) -> nn.Sequential:
         raise NotImplementedError
@@ -125,6 +132,10 @@ class LinearSVD(Method):
 
     name = "linear-svd"
     layer_type = nn.Linear
+    by_shape = True
+
+    def applies(self, layer):
+        return isinstance(layer, nn.Linear)
 
     def max_ranks(self, layer):
         return (min(layer.in_features, layer.out_features),)
@@ -213,6 +224,7 @@ class SliceSVD(Method):
 
     name = "slice-svd"
     fits_activations = False  # its grouped last factor has no least-squares refit here
+    channel_ranks = False  # a rank per kxk slice (at most k), not a channel count
 
     def max_ranks(self, layer):
         _, _, kh, kw = layer.weight.shape
@@ -249,6 +261,64 @@ class SliceSVD(Method):
         _assign(chain[0], columns.permute(1, 0, 3, 2))  # channel (c, o, k), taps i
         _assign(chain[2], rows.permute(0, 2, 1, 3))  # output o, input channel (k, c), taps j
         return torch.einsum("ocik,ockj->ocij", columns, rows), ""
+
+
+@register
+class PointwiseSVD(SpatialSVD):
+    """Truncated SVD of a 1x1 conv: two thinner 1x1 convs through r channels (the spatial SVD's algebra at
+    k = 1, whitened by the input channels' second moment when fitted to data, Zhang et al. 2016). The only
+    method that pays on the pointwise convs of MobileNets and DS-CNNs: Tucker-2 or CP of a 1x1 conv add a layer."""
+
+    name = "pointwise-svd"
+    by_shape = True
+
+    def applies(self, layer):
+        return super().applies(layer) and tuple(layer.kernel_size) == (1, 1)
+
+
+@register
+class DepthwiseSplit(SliceSVD):
+    """A depthwise kxk conv as a kx1 depthwise conv then a 1xk one, from the SVD of each channel's filter
+    (separable filters, Sironi et al. 2013; the founding document's per-slice SVD with one input per group).
+    At rank r it costs 2rk multiplies per output pixel against k^2, so rank 1 pays at stride 1 (3x3: 6 vs 9);
+    rank 1 is the one offered."""
+
+    name = "depthwise-split"
+    by_shape = True
+
+    def max_ranks(self, layer):
+        # the skeleton takes any rank up to k, but above 1 its 1xk part is a grouped conv, which TFLite Micro
+        # cannot run, and 3x3 filters save nothing there (2rk >= k^2)
+        return (1,)
+
+    def applies(self, layer):
+        return (type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and layer.groups > 1
+                and layer.groups == layer.in_channels and layer.out_channels % layer.groups == 0
+                and min(layer.kernel_size) > 1)
+
+    def skeleton(self, layer, ranks):
+        (r,) = ranks
+        cout, cin = layer.out_channels, layer.in_channels
+        # each input channel makes r row-filtered maps per output channel it feeds; each output sums its r maps
+        return nn.Sequential(_rows_part(layer, cin, cout * r, groups=cin),
+                             _columns_part(layer, cout * r, cout, groups=cout, bias=layer.bias is not None))
+
+    def _fit_weights(self, layer, chain, w, *, seed):
+        r = chain[0].out_channels // layer.out_channels
+        u, s, vt = torch.linalg.svd(w[:, 0], full_matrices=False)  # batched over output channels
+        root = s[:, :r].sqrt()
+        columns = u[:, :, :r] * root[:, None, :]  # o, i, k
+        rows = root[:, :, None] * vt[:, :r, :]  # o, k, j
+        _assign(chain[0], columns.permute(0, 2, 1).reshape(-1, 1, w.shape[2], 1))  # channel (o, k), taps i
+        _assign(chain[1], rows[:, :, None, :])  # output o, its r maps, taps j
+        return torch.einsum("oik,okj->oij", columns, rows)[:, None], ""
+
+    def effective_weight(self, chain, layer):
+        cout = layer.out_channels
+        r = chain[0].out_channels // cout
+        columns = chain[0].weight.detach().double()[:, 0, :, 0].reshape(cout, r, -1)  # o, k, i
+        rows = chain[1].weight.detach().double()[:, :, 0, :]  # o, k, j
+        return torch.einsum("oki,okj->oij", columns, rows)[:, None].float()
 
 
 @register
@@ -383,26 +453,28 @@ def _channel_unfoldings(layer: nn.Module) -> list[np.ndarray]:
     return [w.reshape(w.shape[0], -1), w.transpose(1, 0, 2, 3).reshape(w.shape[1], -1)]
 
 
-CONV_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.layer_type is nn.Conv2d))
+CONV_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.layer_type is nn.Conv2d and not m.by_shape))
+SHAPE_METHODS = tuple(m for m in METHODS.values() if m.by_shape)
 
 
 def unsupported_reason(layer: nn.Module) -> str:
     """Why no method takes this layer ('' when one does)."""
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, nn.Linear) or any(m.applies(layer) for m in METHODS.values()):
         return ""
     if type(layer) is not nn.Conv2d:
         return f"{type(layer).__name__} is not handled (only Conv2d and Linear): left dense"
-    if layer.groups != 1:
-        return f"grouped or depthwise conv (groups={layer.groups}): left dense"
     if layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r} (only zero padding splits across factors): left dense"
-    return ""
+    return (f"grouped conv (groups={layer.groups} of {layer.in_channels} channels, kernel "
+            f"{'x'.join(map(str, layer.kernel_size))}): only full and depthwise kxk convs are factored; left dense")
 
 
 def method_for(layer: nn.Module, conv_method: str) -> Method:
-    """The method that factors `layer`: truncated SVD for a Linear, the named conv method otherwise."""
-    if isinstance(layer, nn.Linear):
-        return METHODS[LinearSVD.name]
+    """The method that factors `layer`: the one its shape calls for (a Linear, a 1x1 or a depthwise conv), else
+    the named conv method."""
+    for method in SHAPE_METHODS:
+        if method.applies(layer):
+            return method
     if conv_method not in CONV_METHODS:
         raise unknown("method", conv_method, CONV_METHODS)
     return METHODS[conv_method]
@@ -410,6 +482,5 @@ def method_for(layer: nn.Module, conv_method: str) -> Method:
 
 def methods_for(layer: nn.Module, conv_methods: tuple[str, ...]) -> list[Method]:
     """The candidates a budget allocation may try on `layer`."""
-    if isinstance(layer, nn.Linear):
-        return [METHODS[LinearSVD.name]]
-    return [method_for(layer, name) for name in conv_methods]
+    shaped = [m for m in SHAPE_METHODS if m.applies(layer)]
+    return shaped[:1] or [method_for(layer, name) for name in conv_methods]

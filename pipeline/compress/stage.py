@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from calib import Dataset, preprocess, split_training
-from pipeline.compress.budget.allocate import allocate, parse_budget
+from pipeline.compress.budget.allocate import allocate, check_reachable, parse_budget
 from pipeline.compress.budget.macs import count, totals
-from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities
+from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities, skeleton_candidates
 from pipeline.compress.decompose import decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
@@ -45,20 +45,32 @@ def _total(spec: ModelSpec, settings: Decomposition, resource: str, candidates, 
     return sum(c.latency for c in candidates if c.method is None) + sum(t for t in rest if t is not None)
 
 
+def scaled_samples(available: int, *, heldout: int, fit: int, sensitivity: int) -> tuple[int, int, int]:
+    """The profile's sample counts, cut to what a small training split allows: at most a fifth of it held out
+    (never trained on), at most half of the rest fitted to, the sensitivity images a part of the held-out ones."""
+    heldout = min(heldout, available // 5)
+    fit = min(fit, (available - heldout) // 2)
+    return heldout, fit, min(sensitivity, heldout) if heldout else 0
+
+
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
              layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
              log=print) -> Compressed:
     """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
     layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0."""
     needs_heldout = bool(settings.budget or tuning.epochs)
-    splits = split_training(train_set.y, heldout=tuning.heldout_samples if needs_heldout else 0, fit=settings.fit_samples,
-                            sensitivity=settings.sensitivity_samples, seed=seed)
+    heldout, fit, judged = scaled_samples(len(train_set), heldout=tuning.heldout_samples if needs_heldout else 0,
+                                          fit=settings.fit_samples, sensitivity=settings.sensitivity_samples)
+    seconds, choices, allocation = {}, None, None
+    budget = parse_budget(settings.budget) if settings.budget else None
+    if budget is not None and budget.resource != "latency":  # an unreachable budget fails before any work
+        check_reachable(skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings),
+                        budget=budget, total=_total(spec, settings, budget.resource, [], layer_latency))
+    splits = split_training(train_set.y, heldout=heldout, fit=fit, sensitivity=judged, seed=seed)
     images = {k: preprocess(train_set.x[v], mean=spec.mean, std=spec.std) for k, v in splits.items()
               if k in ("fit", "sensitivity")}
-    calibration = images["fit"] if settings.fit_samples else None
-    seconds, choices, allocation = {}, None, None
-    if settings.budget:
-        budget = parse_budget(settings.budget)
+    calibration = images["fit"] if fit else None
+    if budget is not None:
         timed = budget.resource == "latency" or settings.latency_weight > 0
         if timed and layer_latency is None:
             raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
@@ -71,7 +83,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
         choices, allocation = allocate(candidates, budget=budget, total=_total(spec, settings, budget.resource, candidates,
                                                                                 layer_latency),
                                        latency_weight=settings.latency_weight)
-        allocation.update(sensitivity=facts, candidates=len(candidates),
+        allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(splits["sensitivity"]),
                           latency_unit=layer_latency.unit if timed else None)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"

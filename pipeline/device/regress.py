@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib import balanced_subset, load_dataset, preprocess
+from calib import Hint, balanced_subset, load_dataset, preprocess
 from pipeline.device.transports import Device, parse_device, run_firmware_on_device, run_on_device
 from pipeline.errors import InputError
 from pipeline.metrics import agreement, top1
@@ -151,8 +151,9 @@ def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: i
                          "Use DEVICE=tflm (the host interpreter) or DEVICE=qemu (the firmware on the emulated board)")
     if profile["runtime"] == "onnxruntime" and dev.kind == "tflm":
         raise InputError(f"Target {profile['name']!r} runs ONNX Runtime; use DEVICE=qemu or DEVICE=ssh://user@host")
-    samples = profile["device"]["samples"] if eval_samples is None else eval_samples
-    test = load_dataset("test", data if data is not None else settings.get("data"))
+    # by default the images the deploy's device check ran, so the baseline it recorded applies
+    samples = settings.get("device_samples", profile["device"]["samples"]) if eval_samples is None else eval_samples
+    test = load_dataset("test", data if data is not None else settings.get("data"), hint=Hint(*settings["input_shape"]))
     idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     report = check_on_device(folder, runtime=profile["runtime"], target=profile["name"],

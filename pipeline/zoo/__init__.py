@@ -1,29 +1,39 @@
-"""The model zoo: named networks with their input shape, normalisation and reference weights.
+"""The model zoo: named networks with their input shape, normalisation, class names and reference weights.
 
-A model is also accepted as `package.module:callable` (returning an `nn.Module`) plus a state-dict
-checkpoint. Checkpoints are untrusted input: they load with `torch.load(..., weights_only=True)`.
+A model is also accepted as `package.module:callable` or `path/to/file.py:callable` (returning an `nn.Module`)
+plus a state-dict checkpoint; the working directory is importable, as it is for `python -m`. Its input shape,
+mean, std and class names come from the module's attributes (`input_shape`, `mean`, `std`, `class_names`) or
+from overrides (INPUT_SHAPE=, MEAN=, STD= in make). Checkpoints are untrusted input: they load with
+`torch.load(..., weights_only=True)`.
 """
 
 import glob
 import importlib
+import importlib.util
 import os
 import pickle
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from calib.formats import CIFAR10_CLASSES, FASHION_CLASSES
 from pipeline.errors import InputError, unknown
 from pipeline.util import sha256_file
 from pipeline.zoo.nets import CifarResNet, SeedNet
+from pipeline.zoo.tiny import DSCNN, FashionNet, MobileNetV1, ResNet8
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# MLPerf Tiny keyword spotting: ten Speech Commands words, then silence and unknown, in the reference's order
+KWS_CLASSES = ("down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes", "silence", "unknown")
+VWW_CLASSES = ("no-person", "person")
 # The ResNet checkpoints were trained with ImageNet statistics; seednet with the founding document's 0.5/0.5.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF = (0.5, 0.5, 0.5)
-SEEDNET_WEIGHTS = Path(__file__).with_name("seednet.pt")
+HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -35,17 +45,27 @@ class ModelSpec:
     input_shape: tuple[int, int, int]  # C, H, W of one sample
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    class_names: tuple[str, ...] = CIFAR10_CLASSES
+    class_names: tuple[str, ...] | None = None  # None: the data's names, or class0..classN-1
     weights: str | None = None
     weights_sha256: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's width, read from one forward pass on zeros (the module decides, not a constant)."""
+        with torch.no_grad():
+            return int(self.module(torch.zeros(1, *self.input_shape)).shape[-1])
 
 
 @dataclass(frozen=True)
 class _ZooEntry:
     build: Callable[[], nn.Module]
+    input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    default_weights: Callable[[], Path | None]
+    class_names: tuple[str, ...]
+    default_weights: Callable[[], Path | None] = lambda: None
+    weights_hint: str = "path/to/state_dict.pt"
+    about: str = ""  # how to get weights when there are no default ones
 
 
 def _resnet_weights(name: str) -> Callable[[], Path | None]:
@@ -57,12 +77,25 @@ def _resnet_weights(name: str) -> Callable[[], Path | None]:
     return find
 
 
+def _committed(file: str) -> Callable[[], Path | None]:
+    return lambda: HERE / file if (HERE / file).is_file() else None
+
+
+_RESNET_HELP = "(the akamaster/pytorch_resnet_cifar10 checkpoints) or set CIFAR_RESNET_DIR to their folder"
 ZOO: dict[str, _ZooEntry] = {
-    "seednet": _ZooEntry(SeedNet, HALF, HALF, lambda: SEEDNET_WEIGHTS),
+    "seednet": _ZooEntry(SeedNet, (3, 32, 32), HALF, HALF, CIFAR10_CLASSES, _committed("seednet.pt")),
     **{
-        f"resnet{d}": _ZooEntry(lambda d=d: CifarResNet(d), IMAGENET_MEAN, IMAGENET_STD, _resnet_weights(f"resnet{d}"))
+        f"resnet{d}": _ZooEntry(lambda d=d: CifarResNet(d), (3, 32, 32), IMAGENET_MEAN, IMAGENET_STD, CIFAR10_CLASSES,
+                                _resnet_weights(f"resnet{d}"), f"path/to/resnet{d}-*.th", _RESNET_HELP)
         for d in (20, 32, 44, 56)
     },
+    "resnet8": _ZooEntry(ResNet8, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, CIFAR10_CLASSES, _committed("resnet8.pt")),
+    "fashionnet": _ZooEntry(FashionNet, (1, 28, 28), (0.286,), (0.353,), FASHION_CLASSES, _committed("fashionnet.pt")),
+    # features arrive normalised by the front end (MFCCs), images as 0..1: neither is shifted here
+    "dscnn": _ZooEntry(DSCNN, (1, 49, 10), (0.0,), (1.0,), KWS_CLASSES,
+                       about="(train it on your own MFCC features: cnn-deploy train --model dscnn --data ...)"),
+    "mobilenetv1_025": _ZooEntry(MobileNetV1, (3, 96, 96), HALF, HALF, VWW_CLASSES,
+                                 about="(train it on your own 96x96 images: cnn-deploy train --model mobilenetv1_025 --data ...)"),
 }
 
 
@@ -115,44 +148,103 @@ def _few(items: list[str], limit: int = 6) -> str:
 
 
 def _import_callable(spec: str) -> Callable[[], nn.Module]:
-    module_name, _, attr = spec.partition(":")
+    """`package.module:callable` (the working directory importable) or `path/to/file.py:callable`."""
+    target, _, attr = spec.rpartition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        if target.endswith(".py"):
+            path = Path(target).resolve()
+            if not path.is_file():
+                raise InputError(f"Model {spec!r}: {str(path)!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"_user_model_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # console scripts leave it out; `python -m` puts it in
+            module = importlib.import_module(target)
+        return getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"Model {spec!r} could not be imported ({exc}); expected 'package.module:callable'") from exc
+        raise InputError(f"Model {spec!r} could not be imported ({exc}); expected 'package.module:callable' "
+                         "(importable from the working directory) or 'path/to/file.py:callable'") from exc
 
 
-def load_model(name: str, weights: str | os.PathLike | None = None, *, pretrained: bool = True) -> ModelSpec:
-    """Build a zoo model (or a user's `package.module:callable`) and load its weights.
+def _floats(values, what: str, channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in ([values] if isinstance(values, int | float) else values))
+    if len(values) == 1:
+        values *= channels  # one value serves every channel
+    if len(values) != channels:
+        raise InputError(f"Model {name!r}: {what} has {len(values)} values for {channels} input channels; "
+                         f"expected 1 or {channels}")
+    if what == "std" and min(values) <= 0:
+        raise InputError(f"Model {name!r}: std {values}; expected positive values")
+    return values
 
-    `pretrained=False` returns freshly initialised weights (for training and tests).
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'1x49x10' or '3,96,96' (C x H x W) to a tuple; one readable error otherwise."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"Input shape {text!r}; expected C x H x W, e.g. 1x49x10 or 3x96x96")
+    return shape
+
+
+def load_model(name: str, weights: str | os.PathLike | None = None, *, pretrained: bool = True,
+               input_shape: Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
+               std: Sequence[float] | float | None = None, class_names: Sequence[str] | None = None) -> ModelSpec:
+    """Build a zoo model (or a user's `module:callable`) and load its weights.
+
+    Overrides win over the module's attributes and the zoo's values. `pretrained=False` returns freshly
+    initialised weights (for training and tests).
     """
     if ":" in name:
         module = _import_callable(name)()
         if not isinstance(module, nn.Module):
             raise InputError(f"Model {name!r} returned a {type(module).__name__}, expected a torch.nn.Module")
-        shape = tuple(getattr(module, "input_shape", (3, 32, 32)))
-        mean = tuple(getattr(module, "mean", HALF))
-        std = tuple(getattr(module, "std", HALF))
+        given = {"input_shape": input_shape, "mean": mean, "std": std}
+        found = {k: v if v is not None else getattr(module, k, None) for k, v in given.items()}
+        missing = [k for k, v in found.items() if v is None]
+        if missing:
+            how = {"input_shape": "INPUT_SHAPE=1x49x10 (make) or --input-shape", "mean": "MEAN=0.5 or --mean",
+                   "std": "STD=0.25 or --std"}
+            raise InputError(f"Model {name!r} does not say its {', '.join(missing)}: set the attribute(s) "
+                             f"{', '.join(missing)} on the module, or give " + "; ".join(how[k] for k in missing))
+        shape, mean, std = tuple(int(v) for v in found["input_shape"]), found["mean"], found["std"]
+        names = class_names if class_names is not None else getattr(module, "class_names", None)
         if pretrained and weights is None:
             raise InputError(f"Model {name!r} needs a checkpoint: pass WEIGHTS=path/to/state_dict.pt")
     elif name in ZOO:
         entry = ZOO[name]
-        module, shape, mean, std = entry.build(), (3, 32, 32), entry.mean, entry.std
+        module = entry.build()
+        shape = tuple(input_shape) if input_shape is not None else entry.input_shape
+        mean = mean if mean is not None else entry.mean
+        std = std if std is not None else entry.std
+        names = class_names if class_names is not None else entry.class_names
         if pretrained and weights is None:
             weights = entry.default_weights()
             if weights is None:
-                raise InputError(
-                    f"Model {name!r} needs weights and none were given: pass WEIGHTS=path/to/{name}-*.th "
-                    "(the akamaster/pytorch_resnet_cifar10 checkpoints) or set CIFAR_RESNET_DIR to their folder"
-                )
+                raise InputError(f"Model {name!r} has no reference weights here: pass WEIGHTS={entry.weights_hint} "
+                                 + entry.about)
     else:
-        raise unknown("model", name, [*ZOO, "package.module:callable"])
+        raise unknown("model", name, [*ZOO, "package.module:callable", "path/to/file.py:callable"])
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"Model {name!r}: input shape {shape}; expected C x H x W of one sample")
+    mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
     if pretrained:
         load_weights(module, weights, model_name=name)
     module.eval()
-    return ModelSpec(
-        name=name, module=module, input_shape=shape, mean=mean, std=std,
-        weights=str(weights) if pretrained else None,
-        weights_sha256=sha256_file(weights) if pretrained else None,
-    )
+    spec = ModelSpec(name=name, module=module, input_shape=shape, mean=mean, std=std,
+                     class_names=tuple(str(c) for c in names) if names is not None else None,
+                     weights=str(Path(weights).resolve()) if pretrained else None,
+                     weights_sha256=sha256_file(weights) if pretrained else None)
+    try:
+        classes = spec.num_classes
+    except RuntimeError as exc:
+        raise InputError(f"Model {name!r} does not run on one input of shape {shape} (C x H x W): "
+                         f"{str(exc).splitlines()[0]}") from exc
+    if spec.class_names is not None and len(spec.class_names) != classes:
+        raise InputError(f"Model {name!r} has {classes} outputs but {len(spec.class_names)} class names")
+    return spec

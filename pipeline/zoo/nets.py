@@ -8,6 +8,8 @@ from torch import nn
 class SeedNet(nn.Module):
     """The founding document's CIFAR-10 net: two 5x5 convs with max-pooling, three fully connected layers."""
 
+    input_shape = (3, 32, 32)
+
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)
@@ -56,6 +58,8 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for CIFAR-10, layer names as in akamaster/pytorch_resnet_cifar10 so its checkpoints load."""
+
+    input_shape = (3, 32, 32)
 
     def __init__(self, depth: int, num_classes: int = 10):
         super().__init__()

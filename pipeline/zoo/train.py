@@ -1,4 +1,4 @@
-"""Train a zoo model from scratch on CIFAR-10 (how seednet's reference weights were made).
+"""Train a model from scratch (how the zoo's reference weights were made).
 
 Seeded and single-process so a rerun on the same machine gives the same weights.
 """
@@ -17,27 +17,31 @@ from pipeline.util import atomic_path
 from pipeline.zoo import ModelSpec
 
 
-def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Standard CIFAR augmentation on NHWC uint8: random crop with 4-pixel zero padding, horizontal flip."""
+def augment(x: np.ndarray, rng: np.random.Generator, *, flip: bool = True) -> np.ndarray:
+    """The CIFAR augmentation on NHWC samples: a random crop of the sample zero-padded by an eighth of its size
+    (4 pixels at 32x32), and a horizontal flip unless `flip` is off (features whose axes mean time or frequency)."""
     n, h, w, _ = x.shape
-    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    dy, dx = rng.integers(0, 2 * ph + 1, n), rng.integers(0, 2 * pw + 1, n)
     rows = dy[:, None] + np.arange(h)[None, :]
     cols = dx[:, None] + np.arange(w)[None, :]
     out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    flip = rng.random(n) < 0.5
-    out[flip] = out[flip, :, ::-1]
+    if flip:
+        flipped = rng.random(n) < 0.5
+        out[flipped] = out[flipped, :, ::-1]
     return out
 
 
 def train(spec: ModelSpec, train_set: Dataset, *, test_set: Dataset | None = None, epochs: int = 40,
           batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4, seed: int = 0,
-          out: str | os.PathLike | None = None) -> dict[str, float]:
+          out: str | os.PathLike | None = None, flip: bool = True) -> dict[str, float]:
     """SGD with momentum and a cosine schedule; returns the final test top-1 (when a test set is given)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = spec.module
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    batch_size = min(batch_size, len(train_set))  # a small data set still takes steps
     steps = epochs * (len(train_set) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.15)
     result = {}
@@ -47,7 +51,7 @@ def train(spec: ModelSpec, train_set: Dataset, *, test_set: Dataset | None = Non
         bar = tqdm(range(len(train_set) // batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = torch.from_numpy(preprocess(augment(train_set.x[idx], rng), mean=spec.mean, std=spec.std))
+            x = torch.from_numpy(preprocess(augment(train_set.x[idx], rng, flip=flip), mean=spec.mean, std=spec.std))
             loss = F.cross_entropy(model(x), torch.from_numpy(train_set.y[idx]))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -51,6 +51,32 @@ def _cost(candidate: Candidate, resource: str) -> float:
     return getattr(candidate, resource)
 
 
+def _by_layer(candidates: list[Candidate], resource: str) -> dict[str, list[Candidate]]:
+    """Each layer's options, cheapest first: its dense entry and the factorisations that cost less than it in
+    the budget's resource (one that costs more, such as a chain slower than its layer, is never an option)."""
+    dense = {c.layer: c for c in candidates if c.method is None}
+    by_layer: dict[str, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        if c.method is None or _cost(c, resource) < _cost(dense[c.layer], resource):
+            by_layer[c.layer].append(c)
+    for options in by_layer.values():
+        options.sort(key=lambda c: (_cost(c, resource), c.kl))
+    return by_layer
+
+
+def check_reachable(candidates: list[Candidate], *, budget: CostBudget, total: float) -> float:
+    """The cheapest the candidates can make the model, as a fraction of `total`; an unreachable budget is an error
+    naming that floor. Needs only the candidates' costs, so it runs before any sensitivity is measured."""
+    by_layer = _by_layer(candidates, budget.resource)
+    fixed = total - sum(_cost(next(c for c in o if c.method is None), budget.resource) for o in by_layer.values())
+    floor = fixed + sum(_cost(options[0], budget.resource) for options in by_layer.values())
+    if floor > budget.fraction * total:
+        raise ConfigError(f"Budget {budget} is out of reach: the cheapest candidate of every layer still keeps "
+                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}; {fixed:,.0f} in layers "
+                          f"not factored). Raise the budget to at least {floor / total:.3f}, or allow lower ranks or more layers")
+    return floor / total
+
+
 def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
              latency_weight: float = 0.0) -> tuple[dict[str, Choice], dict]:
     """One Choice per layer in `candidates`, and a summary. `total` is the dense model's whole MACs,
@@ -58,11 +84,8 @@ def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
     if budget.resource == "latency" and any(c.latency is None for c in candidates):
         untimed = sorted({f"{c.layer} ({c.method or 'dense'})" for c in candidates if c.latency is None})
         raise ConfigError(f"Budget {budget} needs every candidate's latency; not timed: {', '.join(untimed[:5])}")
-    by_layer: dict[str, list[Candidate]] = defaultdict(list)
-    for c in candidates:
-        by_layer[c.layer].append(c)
-    for options in by_layer.values():
-        options.sort(key=lambda c: (_cost(c, budget.resource), c.kl))
+    check_reachable(candidates, budget=budget, total=total)
+    by_layer = _by_layer(candidates, budget.resource)
     dense = {name: next(c for c in options if c.method is None) for name, options in by_layer.items()}
     fixed = total - sum(_cost(c, budget.resource) for c in dense.values())
     dense_latency = sum(c.latency or 0.0 for c in dense.values())
@@ -73,11 +96,6 @@ def allocate(candidates: list[Candidate], *, budget: CostBudget, total: int,
         return c.kl + weight * own
 
     target = budget.fraction * total
-    floor = fixed + sum(_cost(options[0], budget.resource) for options in by_layer.values())
-    if floor > target:
-        raise ConfigError(f"Budget {budget} is out of reach: the cheapest candidate of every layer still keeps "
-                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}; {fixed:,.0f} in layers "
-                          f"not factored). Raise the budget, or allow lower ranks or more layers")
 
     def pick(lam: float) -> dict[str, Candidate]:
         return {name: min(options, key=lambda c: (loss(c) + lam * _cost(c, budget.resource) / total,

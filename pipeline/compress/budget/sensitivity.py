@@ -28,7 +28,7 @@ from pipeline.errors import StageError
 from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
-VERSION = 4  # 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
+VERSION = 5  # 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,32 @@ class LayerLatency(Protocol):
 def candidate_ranks(layer: nn.Module, method: Method, *, fractions: tuple[float, ...], round_to: int) -> list[tuple[int, ...]]:
     """Ranks at each fraction of every mode's maximum, rounded to the target's multiple, deduplicated."""
     maxima = method.max_ranks(layer)
+    step = round_to if method.channel_ranks else 1
     found = []
     for fraction in fractions:
-        ranks = tuple(round_up(max(1, round(fraction * m)), round_to, m) for m in maxima)
+        ranks = tuple(round_up(max(1, round(fraction * m)), step, m) for m in maxima)
         if ranks not in found:
             found.append(ranks)
+    return found
+
+
+def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition) -> list[Candidate]:
+    """Every candidate's MACs and parameters from its skeleton alone (no fitting, no data, KL unknown): what the
+    budget could reach at best is known before any sensitivity work."""
+    costs = count(module, input_shape)
+    found = []
+    for name, reason in layer_selection(module, costs, settings).items():
+        if reason:
+            continue
+        layer, cost = module.get_submodule(name), costs[name]
+        found.append(Candidate(name, None, (), cost.macs, cost.params, 0.0, 1.0))
+        for method in methods_for(layer, settings.candidates):
+            for ranks in candidate_ranks(layer, method, fractions=settings.rank_fractions, round_to=settings.round_to):
+                chain = method.skeleton(layer, ranks)
+                macs = sum(c.macs for c in count(chain, cost.input_shape).values())
+                if macs < cost.macs:
+                    found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()),
+                                           float("nan"), float("nan")))
     return found
 
 
