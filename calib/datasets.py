@@ -85,4 +85,4 @@ def preprocess(x: np.ndarray, *, mean, std) -> np.ndarray:
     """NHWC uint8 (scaled to 0..1) or float to the NCHW float32 a model takes, normalised per channel."""
     scaled = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+    return normalised.transpose(0, 3, 1, 2).copy(order="C")  # row-major strides even for one channel

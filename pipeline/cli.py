@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
     data = load_data(args.data, hint=_hint(spec))
     data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
     result = train(spec, data.train, test_set=data.test, epochs=args.epochs, seed=args.seed, out=args.out,
-                   flip=not args.no_flip)
+                   flip=not args.no_flip, batch_size=args.batch_size, lr=args.lr)
     print(f"{args.model}: test top-1 {result['top1']:.2%} after {args.epochs} epochs; weights in {args.out}")
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips in augmentation (features, text)")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128, help="samples per step (smaller for small data sets)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="where to write the state dict")
     p.set_defaults(run=cmd_train)

@@ -7,6 +7,7 @@ leaves the previous build intact.
 """
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preprocess
+from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
 from pipeline.device.board_latency import BoardLayerLatency
 from pipeline.device.regress import check_on_device
@@ -28,6 +30,7 @@ from pipeline.onnx.chain import to_onnx
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
+from pipeline.report.compare import worse_than_dense
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
 from pipeline.tflm.build import check_toolchain, sources_root
@@ -70,6 +73,7 @@ class Build:
     emitted: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # where factoring made a cost worse: reported, not failed
     device: dict | None = None
     report: DeployReport | None = None
     reports: list[Path] = field(default_factory=list)
@@ -210,9 +214,25 @@ def check_device(build: Build) -> None:
     build.device = report.to_dict()
 
 
+def compare_with_dense(build: Build) -> None:
+    """Every cost the factored int8 model pays over the dense one, with the layers responsible."""
+    inner = {}  # each factored layer's largest tensor inside its chain, in int8 bytes
+    costs = count(build.compressed.model, build.spec.input_shape)
+    for layer in build.compressed.plan.layers:
+        sizes = [math.prod(c.input_shape) for name, c in costs.items()
+                 if name.startswith(f"{layer.name}.") and not name.endswith(".0")] if layer.method else []
+        if sizes:
+            inner[layer.name] = max(sizes)
+    build.warnings = worse_than_dense(build.variants, build.compressed.plan, intermediate_bytes=inner,
+                                      latency_tolerance=build.profile.evaluation.latency_tolerance)
+    for warning in build.warnings:
+        _stage(f"warning: {warning}")
+
+
 def write_report(build: Build) -> None:
     drop = build.variants["dense_fp32"].top1 - build.variants["factored_int8"].top1
-    report = DeployReport(target=build.profile.name, model=build.spec.name, variants=build.variants,
+    report = DeployReport(target=build.profile.name, model=build.spec.name, data=build.data.describe(),
+                          class_names=build.class_names, warnings=tuple(build.warnings), variants=build.variants,
                           decomposition=build.compressed.record(), eval_samples=int(len(build.eval_y)),
                           thresholds=build.profile.to_dict()["thresholds"], passed=not build.failures,
                           top1_drop=round(float(drop), 6), notes=tuple(build.notes), failures=tuple(build.failures),
@@ -233,7 +253,7 @@ def write_build_manifest(build: Build) -> None:
 
 STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, convert_models, measure_variants,
                                                time_on_board, emit_artefacts, build_firmware, check_device,
-                                               write_report, write_build_manifest)
+                                               compare_with_dense, write_report, write_build_manifest)
 
 
 # ---- what differs between runtimes ------------------------------------------------------------------------

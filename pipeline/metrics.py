@@ -24,10 +24,10 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def per_class(logits: np.ndarray, labels: np.ndarray, class_names) -> dict[str, float]:
-    """Accuracy of each class, as the founding document prints it ('Accuracy of cat : 45 %')."""
+    """Accuracy of each class, as the founding document prints it ('Accuracy of cat : 45 %'); a class with no
+    sample among `labels` has no accuracy and is left out."""
     predicted = logits.argmax(1)
-    return {name: float((predicted[labels == i] == i).mean()) if (labels == i).any() else float("nan")
-            for i, name in enumerate(class_names)}
+    return {name: float((predicted[labels == i] == i).mean()) for i, name in enumerate(class_names) if (labels == i).any()}
 
 
 def agreement(logits: np.ndarray, reference: np.ndarray) -> float:

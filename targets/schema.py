@@ -210,10 +210,12 @@ class Evaluation:
     samples: int  # 0: the full test set
     latency_runs: int
     latency_warmup: int
+    latency_tolerance: float  # share by which a timed latency may exceed dense before it is a warning
 
     def __post_init__(self):
         _at_least("samples", self.samples, 0, "0 (the full test set) or a positive count")
         _at_least("latency_runs", self.latency_runs, 1, "at least one run")
+        _at_least("latency_tolerance", self.latency_tolerance, 0, "a share of at least 0")
 
 
 RUNTIMES = ("onnxruntime", "tflite-micro")

@@ -89,3 +89,16 @@ def test_decompose_with_calibration_records_output_errors_and_fits_layer_by_laye
     with torch.no_grad():
         dense, by_data, by_weight = net(x), data_model(x), weight_model(x)
     assert (by_data - dense).norm() < 0.8 * (by_weight - dense).norm()
+
+
+def test_fitted_factors_have_row_major_strides():
+    """Odd strides on size-1 dims (a transposed 1x1 solution) make torch.export trace the batch through an
+    as_strided gather that TFLite cannot run: every fitted weight is stored row-major."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 1)
+    x = torch.randn(8, 64, 5, 5)
+    for method in ("pointwise-svd", "tucker2"):
+        ranks = (16,) if method == "pointwise-svd" else (16, 16)
+        chain, _, _ = fit_chain(conv, METHODS[method], ranks, x=x, y=outputs(conv, x))
+        for p in chain.parameters():
+            assert p.stride() == torch.empty(p.shape).stride(), (method, p.shape, p.stride())

@@ -96,8 +96,15 @@ def outputs_2d(y: torch.Tensor) -> torch.Tensor:
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """A factor's weight from a float64 solution."""
-    module.weight.data = weight.detach().to(torch.float32, copy=True).reshape(module.weight.shape).contiguous()
+    """A factor's weight from a float64 solution, in fresh row-major storage (see `canonical`)."""
+    module.weight.data = canonical(weight.detach().to(torch.float32).reshape(module.weight.shape))
+
+
+def canonical(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy with the standard row-major strides. A transposed solution with size-1 dims counts as contiguous
+    yet keeps odd strides (16, 1, 16, 16 for a 64x16x1x1 weight), and torch.export then traces the model's
+    batch dimension through an as_strided gather that TFLite cannot run."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
 
 
 @torch.no_grad()

@@ -127,6 +127,10 @@ def fit_chain(layer: nn.Module, method: Method, ranks: tuple[int, ...], *, x: to
 
 
 def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, seed, fallback, choice) -> LayerPlan:
+    offered = method.max_ranks(layer)
+    if any(r > m for r, m in zip(ranks, offered, strict=True)):
+        return _dense(name, layer, cost, label, f"{method.name} would need rank {'x'.join(map(str, ranks))} for "
+                      f"{label}; it offers at most {'x'.join(map(str, offered))}: left dense", choice)
     chain = method.skeleton(layer, ranks)
     macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
     if macs_after >= cost.macs:

@@ -55,7 +55,8 @@ def _columns_part(layer: nn.Conv2d, cin: int, cout: int, *, groups: int = 1, bia
 
 
 def _assign(module: nn.Module, weight: np.ndarray | torch.Tensor) -> None:
-    module.weight.data = torch.as_tensor(np.ascontiguousarray(weight), dtype=torch.float32).reshape(module.weight.shape)
+    module.weight.data = datafit.canonical(torch.as_tensor(np.ascontiguousarray(weight), dtype=torch.float32)
+                                           .reshape(module.weight.shape))
 
 
 class Method:
@@ -290,6 +291,13 @@ class DepthwiseSplit(SliceSVD):
         # the skeleton takes any rank up to k, but above 1 its 1xk part is a grouped conv, which TFLite Micro
         # cannot run, and 3x3 filters save nothing there (2rk >= k^2)
         return (1,)
+
+    def choose_ranks(self, layer, rule, *, round_to, name):
+        """A fixed rank or fraction gives rank 1; a spectral rule gives the rank the filters need, which may
+        exceed the 1 offered: the layer then stays dense, saying so."""
+        if rule.kind in ("fixed", "ratio"):
+            return (1,)
+        return tuple(self.spectral_ranks(layer, rule))
 
     def applies(self, layer):
         return (type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and layer.groups > 1

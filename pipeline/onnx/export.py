@@ -23,7 +23,9 @@ def export_onnx(module: nn.Module, out: str | os.PathLike, *, check_inputs: np.n
     Raises StageError when that difference exceeds `tolerance`; nothing is left at `out` then.
     """
     module = module.eval()
-    example = torch.from_numpy(check_inputs[:2])
+    # a fresh row-major copy: one-channel NCHW views count as contiguous with odd strides, which torch.export
+    # traces as an as_strided gather over the batch (Shape, Range, Gather) that TFLite cannot run
+    example = torch.from_numpy(np.array(check_inputs[:2], dtype=np.float32, order="C", copy=True))
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,6 +15,8 @@ PLOT = "top1_vs_macs.png"
 class DeployReport:
     target: str
     model: str
+    data: dict  # the data set: name, location, sample counts, how the test split came about, class names
+    class_names: tuple[str, ...]
     variants: dict[str, VariantReport]
     decomposition: dict
     eval_samples: int
@@ -23,12 +25,14 @@ class DeployReport:
     top1_drop: float
     notes: tuple[str, ...] = ()
     failures: tuple[str, ...] = ()  # every threshold missed, in words
+    warnings: tuple[str, ...] = ()  # every cost factoring made worse than dense (see report.compare)
     device: dict | None = None  # the on-device check, when the profile runs it on deploy
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["notes"], data["failures"] = list(self.notes), list(self.failures)
+        data["notes"], data["failures"], data["warnings"] = list(self.notes), list(self.failures), list(self.warnings)
+        data["class_names"] = list(self.class_names)
         return data
 
     def summary_table(self) -> str:
@@ -51,6 +55,9 @@ class DeployReport:
         lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
                      f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
         lines.extend(f"  - {failure}" for failure in self.failures)
+        if self.warnings:
+            lines.append(f"WARNING: factoring made {len(self.warnings)} cost(s) worse than dense int8:")
+            lines.extend(f"  - {warning}" for warning in self.warnings)
         return "\n".join(lines)
 
 
@@ -121,10 +128,16 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
     per_class_table = markdown_table(("class", *report.variants),
                                      [(name, *(f"{v.per_class[name]:.1%}" for v in report.variants.values()))
                                       for name in classes])
+    absent = [n for n in report.class_names if n not in classes]
+    data = report.data
+    split = "" if data["split"] == "given" else f" Test split: {data['split']}."
     text = "\n".join([
         f"# {report.model} on {report.target}",
         "",
-        f"Evaluated on {report.eval_samples} CIFAR-10 test images. Accuracy, agreement and latency were computed "
+        f"Evaluated on {report.eval_samples} test samples of {data['name']} ({data['location']}; "
+        f"{len(report.class_names)} classes; {data['train_samples']:,} training and {data['test_samples']:,} test "
+        f"samples, none shared: calibration, fitting, rank choice and fine-tuning use only the training ones).{split} "
+        "Accuracy, agreement and latency were computed "
         f"on the {machine} ({runtimes}; latency at batch 1 on one thread, "
         f"median). {_latency_source(report)} "
         "Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs "
@@ -137,7 +150,9 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         "## Per-class accuracy",
         "",
         per_class_table,
+        *([f"\nNo evaluation samples of: {', '.join(absent)}."] if absent else []),
         "",
+        *(["## Warnings", "", *[f"- {w}" for w in report.warnings], ""] if report.warnings else []),
         "## Decomposition plan",
         "",
         *_compression_lines(report.decomposition),
@@ -167,7 +182,12 @@ def _plot(path: Path, report: DeployReport) -> Path:
     ax.set_xlabel("MACs (millions, batch 1)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{report.model} on {report.target}: top-1 against MACs")
-    ax.margins(x=0.15, y=0.2)  # dense fp32/int8 share a MAC count: the legend, not labels, tells them apart
+    # MACs from zero, so the saving is seen at its true size; top-1 over its real spread, at least 2 points
+    most = max(v.macs for v in report.variants.values()) / 1e6
+    top = [v.top1 * 100 for v in report.variants.values()]
+    middle, half = (max(top) + min(top)) / 2, max((max(top) - min(top)) * 0.6, 1.0)
+    ax.set_xlim(0, most * 1.1)
+    ax.set_ylim(max(0.0, middle - half), min(100.0, middle + half) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
