@@ -7,14 +7,21 @@ STAMP  := $(VENV)/.installed-stamp
 TARGET ?= rpi4
 MODEL  ?= seednet
 
+comma := ,
+# The model's input when it does not say: INPUT_SHAPE=1x49x10 MEAN=0.5 STD=0.25 (or one value per channel,
+# MEAN=0.49,0.48,0.45). EXCLUDE= (even empty) replaces the rule that keeps the stem and classifier dense.
+MODEL_ARGS = --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(INPUT_SHAPE),--input-shape $(INPUT_SHAPE)) \
+	$(if $(MEAN),--mean $(subst $(comma), ,$(MEAN))) $(if $(STD),--std $(subst $(comma), ,$(STD)))
+
 # Overrides passed to the CLI only when set, so the target profile's values stand otherwise.
-DEPLOY_ARGS = --target $(TARGET) --model $(MODEL) \
-	$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
+DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
+	$(if $(filter-out undefined,$(origin EXCLUDE)),--exclude $(subst $(comma), ,$(EXCLUDE))) \
+	$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup deploy bench regress firmware setup-device decompose test test-fast test-network lint clean
+.PHONY: setup deploy bench regress firmware train setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -44,11 +51,17 @@ regress: setup
 firmware: setup
 	$(BIN)/cnn-deploy firmware --target $(TARGET) $(if $(OUT),--out $(OUT)) $(if $(SAMPLES),--samples $(SAMPLES))
 
+# Train a model from scratch (how the zoo's reference weights were made): MODEL, DATA, EPOCHS, OUT (the .pt).
+EPOCHS ?= 40
+train: setup
+	$(BIN)/cnn-deploy train $(MODEL_ARGS) --epochs $(EPOCHS) --out $(or $(OUT),$(MODEL).pt) $(if $(DATA),--data $(DATA)) \
+		$(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(LR),--lr $(LR)) $(if $(filter 1 yes true,$(NO_FLIP)),--no-flip)
+
 setup-device: setup
 	$(BIN)/cnn-deploy setup-device
 
 decompose: setup
-	$(BIN)/cnn-deploy decompose --target $(TARGET) --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(BIN)/cnn-deploy decompose --target $(TARGET) $(MODEL_ARGS) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 		$(if $(DATA),--data $(DATA))

@@ -177,7 +177,7 @@ def cmd_firmware(args) -> int:
         figures, notes = firmware_for_build(
             staging, cpu=cpu, root=root, x_nchw=preprocess(test.x[idx], mean=settings["mean"], std=settings["std"]),
             arenas={n: arena_with_margin(d["arena_bytes"], profile["memory"]["arena_margin"]) for n, d in details.items()},
-            ios={n: io_of(d) for n, d in details.items()})
+            ios={n: io_of(d, {**settings, "class_names": report.get("class_names")}) for n, d in details.items()})
         for name, measured in figures.items():
             report["variants"][name]["details"]["firmware"] = measured
         write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")

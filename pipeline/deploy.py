@@ -93,6 +93,12 @@ class Build:
         return names if names is not None else tuple(f"class{i}" for i in range(self.spec.num_classes))
 
     @property
+    def model_io(self) -> dict:
+        """What firmware needs to know of the model's input and output, besides quantization."""
+        return {"input_shape": list(self.spec.input_shape), "mean": list(self.spec.mean), "std": list(self.spec.std),
+                "class_names": list(self.class_names)}
+
+    @property
     def baseline(self) -> Path:
         return self.staging / "baseline"
 
@@ -185,7 +191,7 @@ def build_firmware(build: Build) -> None:
     margin_arenas = {n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()}
     figures, notes = firmware_for_build(
         build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage, arenas=margin_arenas,
-        ios={n: io_of(d) for n, d in details.items()})
+        ios={n: io_of(d, build.model_io) for n, d in details.items()})
     build.notes += notes
     for name, measured in figures.items():
         build.variants[name].details["firmware"] = measured
@@ -292,7 +298,7 @@ def _emit_firmware_sources(build: Build) -> None:
     details = build.variants["factored_int8"].details
     build.emitted = emit_mcu(build.staging, tflite=build.tflite["factored"],
                              arena_bytes=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
-                             io=io_of(details))
+                             io=io_of(details, build.model_io))
     build.tflite.pop("factored").unlink()  # emitted as model.tflite
 
 

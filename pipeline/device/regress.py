@@ -40,6 +40,7 @@ class RegressReport:
     host_top1: float
     host_agreement: float  # device int8 vs the same int8 model on the host
     host_max_diff: float
+    host_max_diff_steps: float | None  # the same in the int8 output's quantization steps, as deploy reports it
     baseline: dict
     thresholds: dict
     instructions: int | None  # per inference, on an emulated microcontroller
@@ -52,8 +53,9 @@ class RegressReport:
                                 [("dense_fp32 (host)", f"{self.reference_top1:.2%}", "100.00%"),
                                  ("int8 on host", f"{self.host_top1:.2%}", "-"),
                                  (f"int8 on {self.device}", f"{self.device_top1:.2%}", f"{self.agreement:.2%}")])]
+        steps = "" if self.host_max_diff_steps is None else f" ({self.host_max_diff_steps:g} quantization steps)"
         lines += [f"\nhost vs device int8: top-1 agreement {self.host_agreement:.2%}, largest output difference "
-                  f"{self.host_max_diff:.4g}",
+                  f"{self.host_max_diff:.4g}{steps}",
                   f"device baseline: {self.baseline['status']}",
                   *([f"instructions per inference: {self.instructions:,}"] if self.instructions else []),
                   f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
@@ -67,6 +69,29 @@ class RegressReport:
         data = asdict(self)
         data["failures"] = list(self.failures)
         return data
+
+
+def output_scale(artefact: Path) -> float | None:
+    """The int8 output's quantization step: from the .tflite's output tensor, or the scale of the
+    DequantizeLinear that produces the ONNX graph's output (None when the output is not quantized)."""
+    if artefact.suffix == ".tflite":
+        from pipeline.tflm.interpreter import io_quant
+
+        return float(io_quant(artefact.read_bytes()).output_scale)
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(artefact).graph
+    producer = next((n for n in graph.node if graph.output[0].name in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    scale = next((i for i in graph.initializer if i.name == producer.input[1]), None)
+    return float(numpy_helper.to_array(scale).reshape(-1)[0]) if scale is not None else None
+
+
+def _in_steps(difference: float, artefact: Path) -> float | None:
+    scale = output_scale(artefact)
+    return round(difference / scale, 3) if scale else None
 
 
 def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str, inputs_sha: str, accept: bool,
@@ -132,7 +157,8 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         target=target, device=device.spec, device_about=about, artefact=artefact.name, eval_samples=len(eval_x),
         reference_top1=top1(reference, eval_y), device_top1=top1(outputs, eval_y), top1_drop=round(float(drop), 6),
         agreement=agree, host_top1=top1(host, eval_y), host_agreement=agreement(outputs, host),
-        host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline, thresholds=asdict(thresholds),
+        host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline,
+        host_max_diff_steps=_in_steps(float(np.max(np.abs(outputs - host))), folder / ARTEFACT[runtime]), thresholds=asdict(thresholds),
         passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions)
 
 

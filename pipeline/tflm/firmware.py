@@ -22,10 +22,32 @@ def arena_with_margin(measured: int, margin: float) -> int:
     return int(math.ceil(measured * (1 + margin) / 16) * 16)
 
 
-def io_of(details: dict) -> dict:
-    """The int8 input and output quantization `model_sources` writes, from a measured variant's details."""
-    return {f"{side}_{key}": details[f"{side}_quantization"][key] for side in ("input", "output")
-            for key in ("scale", "zero_point")}
+def io_of(details: dict, model: dict | None = None) -> dict:
+    """What `model_sources` writes about the model's input and output: the int8 quantization from a measured
+    variant's details, and from `model` (optional) the input shape, mean, std and class names."""
+    io = {f"{side}_{key}": details[f"{side}_quantization"][key] for side in ("input", "output")
+          for key in ("scale", "zero_point")}
+    return {**io, **{k: model[k] for k in ("input_shape", "mean", "std", "class_names") if model and k in model}}
+
+
+def _c_string(text: str) -> str:
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _model_lines(io: dict) -> str:
+    """What the application must feed the model and read from it: shape, normalisation, classes."""
+    if "input_shape" not in io:
+        return ""
+    c, h, w = io["input_shape"]
+    names = io.get("class_names") or []
+    mean = ", ".join(f"{float(v)!r}f" for v in io["mean"])
+    std = ", ".join(f"{float(v)!r}f" for v in io["std"])
+    return ("// One sample as the input tensor takes it (NHWC, batch 1): each channel normalised as\n"
+            "// (x - kInputMean[c]) / kInputStd[c], x in 0..1 for images (pixel / 255), then quantized.\n"
+            f"constexpr int kInputHeight = {h};\nconstexpr int kInputWidth = {w};\nconstexpr int kInputChannels = {c};\n"
+            f"constexpr float kInputMean[{c}] = {{{mean}}};\nconstexpr float kInputStd[{c}] = {{{std}}};\n\n"
+            f"// The output's classes, in index order.\nconstexpr int kNumClasses = {len(names)};\n"
+            f"constexpr const char* kClassNames[{len(names)}] = {{{', '.join(map(_c_string, names))}}};\n\n")
 
 
 def c_array(data: bytes, *, per_line: int = 12) -> str:
@@ -65,6 +87,7 @@ def model_sources(out_dir: str | os.PathLike, data: bytes, *, arena_bytes: int, 
         "// int8 input (NHWC) and output: real = scale * (q - zero_point)\n"
         f"constexpr float kInputScale = {io['input_scale']!r}f;\nconstexpr int kInputZeroPoint = {io['input_zero_point']};\n"
         f"constexpr float kOutputScale = {io['output_scale']!r}f;\nconstexpr int kOutputZeroPoint = {io['output_zero_point']};\n\n"
+        + _model_lines(io) +
         f"// Exactly the operators this model uses.\nusing ModelOpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
         f"inline TfLiteStatus RegisterModelOps(ModelOpResolver& resolver) {{\n{registrations}\n  return kTfLiteOk;\n}}\n\n"
         "#endif  // CNN_DEPLOY_MODEL_SETTINGS_H_\n"))
