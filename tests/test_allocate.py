@@ -146,3 +146,28 @@ def test_a_latency_budget_keeps_that_fraction_of_the_summed_layer_latency():
     with pytest.raises(ConfigError, match="needs every candidate's latency; not timed: a \\(svd\\)"):
         allocate([*table[:1], Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, None)], budget=parse_budget("latency:0.9"),
                  total=20.0)
+
+
+def test_a_factorisation_that_costs_more_than_its_layer_is_never_an_option():
+    """In the budget's own resource: a chain with more parameters (or a slower one) than its dense layer."""
+    table = [Candidate("a", None, (), 100, 50, 0.0, 1.0), Candidate("a", "svd", (4,), 40, 80, 0.001, 1.0),
+             Candidate("a", "tucker2", (2,), 60, 30, 0.3, 0.7), Candidate("b", None, (), 100, 50, 0.0, 1.0)]
+    choices, _ = allocate(table, budget=CostBudget("params", 0.9), total=100)
+    assert choices["a"].method == "tucker2"  # svd saves MACs but adds parameters: not a parameter saving
+    choices, _ = allocate(table, budget=CostBudget("macs", 0.9), total=200)
+    assert choices["a"].method == "svd"
+
+
+def test_an_unreachable_budget_fails_before_any_sensitivity_is_measured(monkeypatch):
+    """The floor comes from the candidates' skeletons alone: no fitting, no data, at once."""
+    import pipeline.compress.stage as stage
+    from calib import Dataset
+    from pipeline.zoo import load_model
+    from targets import Finetune, load_target
+
+    monkeypatch.setattr(stage, "sensitivities", lambda *a, **k: pytest.fail("sensitivities measured"))
+    spec = load_model("seednet")
+    settings = load_target("rpi4").override(decomposition={"budget": "0.2"}).decomposition
+    data = Dataset(np.zeros((50, 32, 32, 3), np.uint8), np.arange(50) % 10, "zeros")
+    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.\d+ .*Raise the budget to at least 0\.\d+"):
+        stage.compress(spec, data, settings=settings, tuning=load_target("rpi4").finetune, progress=False)

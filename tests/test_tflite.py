@@ -197,3 +197,18 @@ def test_one_operator_table_drives_the_converter_the_resolver_and_the_readme():
     if header.is_file():  # TFLM's own resolver declares every call model_settings.h makes
         declared = set(re.findall(r"TfLiteStatus (Add\w+)\(", header.read_text()))
         assert set(RESOLVER_CALLS.values()) <= declared
+
+
+def test_peak_activation_counts_the_pad_tensors_the_converter_adds(tmp_path):
+    """A stride-2 conv with symmetric padding on an even input is no TFLite SAME: the converter adds a PAD op
+    whose padded tensor lives beside the input. The figure is the deployed graph's, and no more than TFLM's arena."""
+    from pipeline.onnx.cost import onnx_cost
+    from pipeline.tflm.measure import peak_activation_bytes
+
+    module = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU())
+    q_onnx, _ = quantized(module, tmp_path)
+    model = convert_to_tflite(q_onnx, tmp_path / "m.tflite").read_bytes()
+    assert "PAD" in model_ops(model)
+    # int8: the input 4x16x16 (1,024 B) and its padded copy 4x18x18 (1,296 B) alive together
+    assert peak_activation_bytes(model) == 1024 + 1296
+    assert onnx_cost(q_onnx).peak_activation_bytes < peak_activation_bytes(model) <= tflm.arena_bytes(model)
