@@ -163,7 +163,7 @@ def test_an_unreachable_budget_fails_before_any_sensitivity_is_measured(monkeypa
     import pipeline.compress.stage as stage
     from calib import Dataset
     from pipeline.zoo import load_model
-    from targets import Finetune, load_target
+    from targets import load_target
 
     monkeypatch.setattr(stage, "sensitivities", lambda *a, **k: pytest.fail("sensitivities measured"))
     spec = load_model("seednet")
