@@ -45,9 +45,10 @@ def worse_than_dense(variants: Mapping[str, VariantReport], plan: DecompositionP
                         f"{board_d['instructions']:,} dense; factored layers slower than their dense layer: {_few(slower)}")
     elif not board_f and factored.latency_ms > dense.latency_ms * (1 + latency_tolerance):
         where = dense.details.get("latency_on") or f"{dense.machine}, {dense.runtime}"
+        timed = any(p.latency is not None for p in plan.layers)
         warnings.append(f"latency: {factored.latency_ms:.4g} ms per inference against {dense.latency_ms:.4g} ms dense "
-                        f"(+{factored.latency_ms / dense.latency_ms - 1:.1%}, timed on {where}); factored layers "
-                        f"measured slower than their dense layer: {_few(slower)}"
-                        + ("" if any(p.latency is not None for p in plan.layers) else
-                           " (not timed per layer: BUDGET=latency:... or a latency weight times them)"))
+                        f"(+{factored.latency_ms / dense.latency_ms - 1:.1%}, timed on {where}); "
+                        + (f"factored layers measured slower than their dense layer: {_few(slower)}" if timed else
+                           "layers not timed one by one (a budget with a latency weight, or BUDGET=latency:..., "
+                           "times them and avoids the slow ones)"))
     return warnings
