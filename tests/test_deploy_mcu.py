@@ -37,7 +37,9 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
     manifest = json.loads((out / "manifest.json").read_text())
     assert "model.tflite" in manifest["artefacts"] and manifest["target_profile"]["runtime"] == "tflite-micro"
     device = report["device"]  # the profile runs the TFLM device check as the deploy's last stage
-    assert device["device"] == "tflm" and device["eval_samples"] == 1000
+    # on EVAL_SAMPLES's images, so `make regress EVAL_SAMPLES=200` compares with the baseline it recorded
+    assert device["device"] == "tflm" and device["eval_samples"] == 200
+    assert manifest["settings"]["device_samples"] == 200
     assert device["baseline"]["status"].startswith("recorded") and (out / "device_baseline" / "tflm.npz").is_file()
 
 
