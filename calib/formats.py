@@ -34,6 +34,7 @@ class Hint:
 
 class Format:
     name: str = ""
+    about: str = ""  # the layout in a few words, for one-line errors
 
     def matches(self, path: Path) -> bool:
         raise NotImplementedError
@@ -77,6 +78,7 @@ class Cifar10(Format):
     cache, then a download)."""
 
     name = "cifar-10"
+    about = "a folder with data_batch_1..5 and test_batch"
 
     def matches(self, path: Path) -> bool:
         return path.is_dir() and (path / "test_batch").is_file()
@@ -107,6 +109,7 @@ class FashionMnist(Format):
     and t10k-labels-idx1-ubyte.gz; DATA=fashion-mnist reads Debian's dataset-fashion-mnist package."""
 
     name = "fashion-mnist"
+    about = "'fashion-mnist', or a folder with its four idx files"
     FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -129,6 +132,7 @@ class NpzPair(Format):
     indices), optionally 'classes' (names)."""
 
     name = "npz-pair"
+    about = "a folder with train.npz and test.npz (x, y)"
 
     def matches(self, path: Path) -> bool:
         return path.is_dir() and (path / "train.npz").is_file() and (path / "test.npz").is_file()
@@ -146,6 +150,7 @@ class NpzFile(Format):
     then a seeded, class-stratified 20% of it becomes the test split."""
 
     name = "npz"
+    about = "one .npz with x_train, y_train, x_test, y_test, or x and y"
 
     def matches(self, path: Path) -> bool:
         return path.suffix == ".npz"
@@ -181,6 +186,7 @@ class ImageFolder(Format):
     channel, RGB for three) and resized to its input size when they differ."""
 
     name = "image-folder"
+    about = "a folder with train/<class>/*.png and test/<class>/..."
 
     def matches(self, path: Path) -> bool:
         return path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir()
@@ -233,16 +239,15 @@ def load_data(data: str | os.PathLike | None = None, *, hint: Hint = Hint()) -> 
         return FORMATS["fashion-mnist"].read(Path(folder), hint)
     path = Path(data).expanduser()
     if not path.exists():
-        raise InputError(f"Data {str(data)!r} does not exist; expected a path in one of these layouts:\n"
-                         + _layouts())
+        raise InputError(f"Data {str(data)!r} does not exist; expected one of: {_layouts()}")
     for fmt in FORMATS.values():
         if fmt.matches(path):
             return fmt.read(path, hint)
-    raise InputError(f"Data {str(data)!r} matches no known layout; known:\n" + _layouts())
+    raise InputError(f"Data {str(data)!r} matches no known layout; known: {_layouts()}")
 
 
 def _layouts() -> str:
-    return "\n".join(f"  - {name}: {' '.join(fmt.__doc__.split())}" for name, fmt in FORMATS.items())
+    return "; ".join(f"{name} ({fmt.about})" for name, fmt in FORMATS.items())
 
 
 def load_dataset(split: str, data: str | os.PathLike | None = None, *, hint: Hint = Hint()) -> Dataset:
