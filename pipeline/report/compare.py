@@ -48,7 +48,9 @@ def worse_than_dense(variants: Mapping[str, VariantReport], plan: DecompositionP
         timed = any(p.latency is not None for p in plan.layers)
         warnings.append(f"latency: {factored.latency_ms:.4g} ms per inference against {dense.latency_ms:.4g} ms dense "
                         f"(+{factored.latency_ms / dense.latency_ms - 1:.1%}, timed on {where}); "
-                        + (f"factored layers measured slower than their dense layer: {_few(slower)}" if timed else
+                        + ((f"factored layers measured slower than their dense layer: {_few(slower)}" if slower else
+                            "no factored layer measured slower alone: the added operators' per-call overhead is the "
+                            "difference") if timed else
                            "layers not timed one by one (a budget with a latency weight, or BUDGET=latency:..., "
                            "times them and avoids the slow ones)"))
     return warnings
