@@ -11,8 +11,8 @@ DATA_HELP = ("CIFAR-10 folder, fashion-mnist, a folder with train.npz + test.npz
              "y_test, or x/y: split here), or an image folder train/<class>/*.png + test/<class>/ (default: CIFAR-10)")
 
 
-def _add_model_flags(p, default: str = "seednet") -> None:
-    p.add_argument("--model", default=default, help="zoo name, package.module:callable or path/to/file.py:callable")
+def _add_model_flags(p) -> None:
+    p.add_argument("--model", default="seednet", help="zoo name, package.module:callable or path/to/file.py:callable")
     p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
     p.add_argument("--input-shape", help="C x H x W of one sample, e.g. 1x49x10 (default: the model's input_shape)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean, or one for all (default: the model's)")

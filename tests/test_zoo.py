@@ -70,3 +70,9 @@ def test_user_model_by_import_spec(tmp_path):
         load_model("pipeline.zoo.nets:SeedNet", path, input_shape=(1, 28, 28), mean=0.5, std=0.5)
     with pytest.raises(InputError, match="could not be imported"):
         load_model("nosuch.module:Net", path)
+    (tmp_path / "broken.py").write_text("def build(:\n")
+    (tmp_path / "failing.py").write_text("def build():\n    raise ValueError('no config')\n")
+    with pytest.raises(InputError, match="could not be imported \\(SyntaxError"):
+        load_model(f"{tmp_path / 'broken.py'}:build", path)
+    with pytest.raises(InputError, match="calling it raised ValueError: no config"):
+        load_model(f"{tmp_path / 'failing.py'}:build", path)

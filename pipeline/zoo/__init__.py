@@ -163,9 +163,12 @@ def _import_callable(spec: str) -> Callable[[], nn.Module]:
                 sys.path.insert(0, os.getcwd())  # console scripts leave it out; `python -m` puts it in
             module = importlib.import_module(target)
         return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"Model {spec!r} could not be imported ({exc}); expected 'package.module:callable' "
-                         "(importable from the working directory) or 'path/to/file.py:callable'") from exc
+    except InputError:
+        raise
+    except Exception as exc:  # the user's code: a SyntaxError or any error its import raises
+        raise InputError(f"Model {spec!r} could not be imported ({type(exc).__name__}: {exc}); expected "
+                         "'package.module:callable' (importable from the working directory) or "
+                         "'path/to/file.py:callable'") from exc
 
 
 def _floats(values, what: str, channels: int, name: str) -> tuple[float, ...]:
@@ -201,7 +204,11 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
     initialised weights (for training and tests).
     """
     if ":" in name:
-        module = _import_callable(name)()
+        factory = _import_callable(name)
+        try:
+            module = factory()
+        except Exception as exc:  # the user's factory, called without arguments
+            raise InputError(f"Model {name!r}: calling it raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise InputError(f"Model {name!r} returned a {type(module).__name__}, expected a torch.nn.Module")
         given = {"input_shape": input_shape, "mean": mean, "std": std}
