@@ -24,7 +24,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup deploy bench regress firmware train setup-device decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster deploy bench regress firmware train setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -36,15 +36,19 @@ $(STAMP): pyproject.toml
 deploy: setup
 	$(BIN)/cnn-deploy deploy $(DEPLOY_ARGS)
 
-# Benchmark (not a test): BENCH_MODELS, BUDGETS (fractions of MACs), FINETUNE_EPOCHS (one, or one per model).
+# Benchmark (not a test): BENCH_MODELS, BUDGETS (fractions of MACs), FINETUNE_EPOCHS (one, or one per model),
+# TARGET (one or more profiles), TASK_THREADS (torch threads per compression job). With RAY_ADDRESS set the
+# grid's compression points run as Ray tasks (make setup-cluster).
 BENCH_MODELS ?= resnet20 resnet56
 BUDGETS      ?= 0.75 0.5 0.35 0.25
 bench: setup
 	CIFAR_RESNET_DIR=$${CIFAR_RESNET_DIR:-$(CURDIR)/../shared/models/cifar-resnet} \
 	$(BIN)/cnn-deploy bench --models $(BENCH_MODELS) --budgets $(BUDGETS) --target $(TARGET) \
 		$(if $(FINETUNE_EPOCHS),--epochs $(FINETUNE_EPOCHS)) $(if $(DATA),--data $(DATA)) \
-		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
+		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
+		$(if $(TASK_THREADS),--threads $(TASK_THREADS))
 
+# TARGET may name several builds (TARGET="rpi4 cortex-m4"): on a Ray board farm they run at once.
 regress: setup
 	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) \
@@ -59,6 +63,10 @@ EPOCHS ?= 40
 train: setup
 	$(BIN)/cnn-deploy train $(MODEL_ARGS) --epochs $(EPOCHS) --out $(or $(OUT),$(MODEL).pt) $(if $(DATA),--data $(DATA)) \
 		$(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(LR),--lr $(LR)) $(if $(filter 1 yes true,$(NO_FLIP)),--no-flip)
+
+# The optional Ray extra: RAY_ADDRESS=auto (or a head's host:port) then spreads sweeps, grids and device checks.
+setup-cluster: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
 
 setup-device: setup
 	$(BIN)/cnn-deploy setup-device

@@ -87,8 +87,9 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"--epochs got {len(args.epochs)} counts for {len(args.models)} models; expected one, "
                           "or one per model")
     epochs = args.epochs[0] if len(args.epochs) == 1 else dict(zip(args.models, args.epochs, strict=True))
-    path = bench(models=tuple(args.models), budgets=tuple(args.budgets), epochs=epochs, target=args.target,
-                 data=args.data, eval_samples=args.eval_samples, out=args.out, latency_rounds=args.latency_rounds)
+    path = bench(models=tuple(args.models), budgets=tuple(args.budgets), epochs=epochs, targets=tuple(args.target),
+                 data=args.data, eval_samples=args.eval_samples, out=args.out, latency_rounds=args.latency_rounds,
+                 threads=args.threads)
     print(f"results: {path}; report: {path.with_name('report.md')}")
     return 0
 
@@ -134,13 +135,19 @@ def add_deploy_parser(sub) -> None:
 
 
 def cmd_regress(args) -> int:
-    from pipeline.device.regress import regress
+    from pipeline.device.regress import regress_all
+    from pipeline.errors import ConfigError
 
-    out = Path(args.out) if args.out else Path("build") / args.target
-    report = regress(out, device=args.device, eval_samples=args.eval_samples, data=args.data, accept=args.accept)
-    print(report.table())
-    print(f"\nwritten: {out / 'regress.json'}")
-    return 0 if report.passed else 1
+    if args.out and len(args.target) > 1:
+        raise ConfigError(f"--out names one build folder and --target names {len(args.target)} targets; expected one "
+                          "target with --out, or the builds in build/<target>")
+    folders = [Path(args.out)] if args.out else [Path("build") / target for target in args.target]
+    reports = regress_all(folders, device=args.device, eval_samples=args.eval_samples, data=args.data,
+                          accept=args.accept)
+    for folder, report in zip(folders, reports, strict=True):
+        print(report.table())
+        print(f"\nwritten: {folder / 'regress.json'}\n")
+    return 0 if all(report.passed for report in reports) else 1
 
 
 def cmd_firmware(args) -> int:
@@ -208,7 +215,8 @@ def cmd_setup_device(args) -> int:
 
 def add_regress_parsers(sub) -> None:
     p = sub.add_parser("regress", help="run the deployed int8 artefact on the device and check its accuracy")
-    p.add_argument("--target", default="rpi4")
+    p.add_argument("--target", nargs="+", default=["rpi4"],
+                   help="one or more targets (build/<target>); on a Ray board farm they run at once")
     p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
     p.add_argument("--data", help="the data's path (default: what the deploy used)")
@@ -258,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25], help="fractions of MACs to keep")
     p.add_argument("--epochs", nargs="+", type=int, default=[3], help="fine-tuning epochs: one count, or one per model")
-    p.add_argument("--target", default="rpi4", help="profile whose quantization and decomposition settings apply")
+    p.add_argument("--target", nargs="+", default=["rpi4"],
+                   help="profiles whose quantization and decomposition settings apply (one grid column each)")
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--eval-samples", type=int, default=0, help="class-balanced test subset size (0: full test set)")
+    p.add_argument("--threads", type=int, help="torch threads of each compression job, and the CPUs a Ray task asks "
+                                               "for (default: all of this machine's); the same count gives the same models anywhere")
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
     p.add_argument("--out", default="bench")
     p.set_defaults(run=cmd_bench)

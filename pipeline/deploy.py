@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preprocess
+from pipeline.cluster import connect
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
 from pipeline.device.board_latency import BoardLayerLatency
-from pipeline.device.regress import check_on_device
+from pipeline.device.regress import device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
 from pipeline.metrics import VariantReport
@@ -212,10 +213,13 @@ def check_device(build: Build) -> None:
         return
     test = build.test_set
     idx = balanced_subset(test.y, build.device_samples or None, seed=SEED)
-    report = check_on_device(build.staging, runtime=build.profile.runtime, target=build.profile.name,
-                             thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
-                             eval_y=test.y[idx], device=parse_device(device.default), accept=True,
-                             firmware=dataclasses.asdict(build.profile.firmware), log=_stage)
+    # a job that asks for the board: on a Ray cluster (RAY_ADDRESS) it runs on the node the board is attached to
+    job = device_check_job(build.staging, runtime=build.profile.runtime, target=build.profile.name,
+                           thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
+                           eval_y=test.y[idx], device=parse_device(device.default), accept=True,
+                           firmware=dataclasses.asdict(build.profile.firmware))
+    report, written = connect().run([job], desc="device check", progress=False, log=_stage)[0]
+    keep_written(build.staging, written)
     build.failures += [f"device check on {report.device}: {f}" for f in report.failures]
     build.device = report.to_dict()
 

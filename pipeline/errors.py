@@ -25,6 +25,10 @@ class DeviceError(PipelineError):
     """A device could not be set up, reached or run; the message says what to do."""
 
 
+class ClusterError(PipelineError):
+    """A Ray cluster could not be reached, or a task on it was lost twice or failed; names the task and node."""
+
+
 def unknown(kind: str, got: str, known) -> ConfigError:
     """`Unknown target 'rpi5'; known: cortex-m7, rpi4`."""
     return ConfigError(f"Unknown {kind} {got!r}; known: {', '.join(sorted(known))}")

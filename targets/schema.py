@@ -119,6 +119,7 @@ class Finetune:
     weight_decay: float
     temperature: float
     alpha: float
+    feature_weight: float
     bn: str
     heldout_samples: int
 

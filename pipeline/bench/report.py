@@ -67,7 +67,7 @@ def plot(results: dict, path: Path) -> None:
             ax.scatter([dense["macs"] * (1 - p["macs_removed"]) / 1e6], [p["top1"] * 100], marker="x", color="k")
             ax.annotate(p["method"].split(" (")[0], (dense["macs"] * (1 - p["macs_removed"]) / 1e6, p["top1"] * 100),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{entry['model']}: top-1 vs MACs ({entry['eval_samples']:,} test images)")
+        ax.set_title(f"{entry['model']} ({entry.get('target', results['target'])}): top-1 vs MACs ({entry['eval_samples']:,} test images)")
         ax.set_xlabel("MACs (millions)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
@@ -82,12 +82,13 @@ def write_report(results: dict, out: Path) -> Path:
     plot(results, out / "pareto.png")
     lines = ["# Benchmark: budgeted low-rank compression", "",
              f"Host: {results['host']}; latency at batch 1 on one thread, medians of interleaved runs; "
-             f"ratios against the dense model of the same precision. Target profile: `{results['target']}`. "
+             f"ratios against the dense model of the same precision. Target profiles: `{results['target']}`; each compression job ran with "
+             f"{results['threads']} torch threads. "
              f"Wall time {results['wall_seconds']:.0f} s.", "", "![top-1 vs MACs](pareto.png)", ""]
     for entry in results["models"]:
         rows = entry["rows"]
         dense_top1 = next(r for r in rows if r["variant"] == "dense_fp32")["top1"]
-        lines += [f"## {entry['model']}", "",
+        lines += [f"## {entry['model']} on {entry.get('target', results['target'])}", "",
                   f"{entry['eval_samples']:,} test images; fine-tuning: {entry['finetune_epochs']} epochs of "
                   "distillation from the dense model.", "", _table(rows, dense_top1), ""]
         if entry["published"]:

@@ -1,6 +1,10 @@
 """`make bench`: dense vs budgeted factored models, before and after fine-tuning, fp32 and int8, in one run.
 
-For each model: the dense fp32 and int8 baselines, then for every budget the one-shot (allocation +
+The grid is model x target x budget. Its compression points (sensitivity, fit, fine-tuning) share nothing,
+so they run as independent jobs: one after another here, or as Ray tasks across a cluster when
+RAY_ADDRESS is set (pipeline/cluster). Measuring stays on this machine, so every latency is comparable.
+
+For each model and target: the dense fp32 and int8 baselines, then for every budget the one-shot (allocation +
 data-aware fit) and the fine-tuned model, each exported, simplified and quantized as `deploy` does for
 the target. Accuracy on the test set in ONNX Runtime; latency at batch 1 on one thread with all
 variants of a model interleaved round by round, so drift of the host hits them all alike; ratios are to
@@ -9,6 +13,7 @@ that made them, so a rerun (another report, an added budget) does not fine-tune 
 """
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 import statistics
 import time
@@ -19,7 +24,9 @@ import torch
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.compress.budget.allocate import parse_budget
-from pipeline.compress.stage import compress
+from pipeline.cluster import Job, connect
+from pipeline.compress.plan import DecompositionPlan
+from pipeline.compress.stage import compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
 from pipeline.errors import ConfigError
 from pipeline.metrics import top1
@@ -27,7 +34,7 @@ from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
 from pipeline.deploy import layer_latency_for
-from pipeline.util import host_machine, seconds, sha256_json, write_text
+from pipeline.util import cache_dir, host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
 
@@ -41,29 +48,48 @@ PUBLISHED = {"resnet20": [
 ]}
 
 
-def _compressed(spec, weights, train_set, profile, budget: float, epochs: int, work: Path, log) -> dict:
-    """One-shot and fine-tuned models for one budget, from `work` when an identical run left them there."""
-    profile = profile.override(decomposition={"budget": str(budget)}, finetune={"epochs": epochs})
-    settings, tuning = profile.decomposition, profile.finetune
-    key = sha256_json([spec.name, spec.weights_sha256, dataclasses.asdict(settings), dataclasses.asdict(tuning),
-                       SEED])[:16]
-    meta_path = work / f"{spec.name}-b{budget:g}-ft{epochs}-{key}.json"
-    files = {"oneshot": meta_path.with_suffix(".oneshot.pt"), "finetuned": meta_path.with_suffix(".finetuned.pt")}
-    if meta_path.is_file():
-        log(f"{spec.name} budget {budget:g}: reusing {meta_path.name}")
-        meta = json.loads(meta_path.read_text())
-        models = {k: load_factored(p, load_model(spec.name, weights).module)[0] for k, p in files.items() if p.is_file()}
-        return {**meta, "models": models}
-    result = compress(spec, train_set, settings=settings, tuning=tuning,
-                      layer_latency=layer_latency_for(profile, log=log), seed=SEED, log=log)
+def _grid_profile(target: str, budget: float, epochs: int):
+    return load_target(target).override(decomposition={"budget": str(budget)}, finetune={"epochs": epochs})
+
+
+def _meta_path(spec, profile, budget: float, epochs: int, work: Path) -> Path:
+    """Where one grid point's models live, keyed by everything that made them (not by where they ran)."""
+    key = sha256_json([spec.name, spec.weights_sha256, dataclasses.asdict(profile.decomposition),
+                       dataclasses.asdict(profile.finetune), SEED])[:16]
+    return work / f"{spec.name}-{profile.name}-b{budget:g}-ft{epochs}-{key}.json"
+
+
+def compress_point(spec, train_set, target: str, budget: float, epochs: int, cache_files: dict[str, str]) -> dict:
+    """One grid point's one-shot and fine-tuned models, wherever it runs. `cache_files` (cache-relative path ->
+    text) seed this machine's cache with the sensitivity table the driver measured, so no node measures it again."""
+    for relative, text in cache_files.items():
+        path = cache_dir(*Path(relative).parts)
+        if not path.is_file():
+            write_text(path, text)
+    profile = _grid_profile(target, budget, epochs)
+    result = compress(spec, train_set, settings=profile.decomposition, tuning=profile.finetune,
+                      layer_latency=layer_latency_for(profile), seed=SEED, progress=False)
     models = {"oneshot": result.one_shot}
     if epochs:
         models["finetuned"] = result.model
-    for name, model in models.items():
-        save_factored(files[name], model, result.plan, model_name=spec.name)
-    meta = {"record": result.record(), "seconds": result.seconds}
-    write_text(meta_path, json.dumps(meta, indent=1))
+    return {"record": result.record(), "seconds": result.seconds, "models": models}
+
+
+def _load_point(meta_path: Path, spec, weights) -> dict:
+    meta = json.loads(meta_path.read_text())
+    models = {}
+    for stage in ("oneshot", "finetuned"):
+        path = meta_path.with_suffix(f".{stage}.pt")
+        if path.is_file():
+            models[stage] = load_factored(path, load_model(spec.name, weights).module)[0]
     return {**meta, "models": models}
+
+
+def _save_point(meta_path: Path, made: dict, spec) -> None:
+    plan = DecompositionPlan.from_dict(made["record"])
+    for stage, model in made["models"].items():
+        save_factored(meta_path.with_suffix(f".{stage}.pt"), model, plan, model_name=spec.name)
+    write_text(meta_path, json.dumps({"record": made["record"], "seconds": made["seconds"]}, indent=1))
 
 
 def _onnx_pair(module, folder: Path, stem: str, *, check_x, calibration, quantization) -> dict[str, Path]:
@@ -89,31 +115,77 @@ def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, *, rounds: i
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def bench_model(model: str, *, budgets=BUDGETS, epochs: int, target: str, data, eval_samples: int, out: Path,
-                latency_rounds: int, log=print) -> dict:
-    profile = load_target(target)
-    spec = load_model(model)
-    train_set, test_set = load_dataset("train", data), load_dataset("test", data)
-    idx = balanced_subset(test_set.y, eval_samples or None, seed=SEED)
-    eval_x, eval_y = preprocess(test_set.x[idx], mean=spec.mean, std=spec.std), test_set.y[idx]
-    calibration = preprocess(train_set.x[balanced_subset(train_set.y, profile.quantization.calibration_samples, seed=SEED)],
-                             mean=spec.mean, std=spec.std)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Cell:
+    """One model on one target of the grid, with its data and the compressed models of each budget."""
+
+    model: str
+    target: str
+    epochs: int
+    spec: object
+    train_set: object
+    test_set: object
+    made: dict = field(default_factory=dict)  # budget -> {"record", "seconds", "models"}
+
+
+def _prepare(cells: list[Cell], budgets, *, work: Path, threads: int, log) -> None:
+    """Every grid point's compressed models: from `work` where an identical run left them, else measured.
+    Each cell's sensitivity table is measured once here (its candidate fits are jobs themselves), then the
+    missing points run as independent jobs (Ray tasks under RAY_ADDRESS), each seeded with that table."""
+    cluster = connect()
+    jobs, points = [], []
+    for cell in cells:
+        missing = []
+        for budget in budgets:
+            meta = _meta_path(cell.spec, _grid_profile(cell.target, budget, cell.epochs), budget, cell.epochs, work)
+            if meta.is_file():
+                log(f"{cell.model} on {cell.target}, budget {budget:g}: reusing {meta.name}")
+                cell.made[budget] = _load_point(meta, cell.spec, cell.spec.weights)
+            else:
+                missing.append((budget, meta))
+        if not missing:
+            continue
+        profile = _grid_profile(cell.target, missing[0][0], cell.epochs)
+        samples = samples_for(cell.spec, cell.train_set, settings=profile.decomposition, tuning=profile.finetune, seed=SEED)
+        _, facts = sensitivity_table(cell.spec, samples, settings=profile.decomposition,
+                                     layer_latency=layer_latency_for(profile, log=log), seed=SEED)
+        table = Path(facts["path"])
+        shipped = {str(table.relative_to(cache_dir())): table.read_text()}
+        spec, train = cluster.put(cell.spec), cluster.put(cell.train_set)
+        for budget, meta in missing:
+            jobs.append(Job(f"bench {cell.model} {cell.target} budget {budget:g} ({cell.epochs} epochs)", compress_point,
+                            (spec, train), {"target": cell.target, "budget": budget, "epochs": cell.epochs,
+                                            "cache_files": shipped}, threads=threads))
+            points.append((cell, budget, meta))
+    if jobs:
+        log(f"{len(jobs)} grid points to compress ({cluster.name}, {threads} threads each)")
+    for (cell, budget, meta), made in zip(points, cluster.run(jobs, desc="bench grid", log=log), strict=True):
+        _save_point(meta, made, cell.spec)
+        cell.made[budget] = made
+
+
+def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_rounds: int, log=print) -> dict:
+    """Dense and every budget's models exported, quantized and measured on this host as the target's deploy does."""
+    spec, model, profile = cell.spec, cell.model, load_target(cell.target)
+    idx = balanced_subset(cell.test_set.y, eval_samples or None, seed=SEED)
+    eval_x, eval_y = preprocess(cell.test_set.x[idx], mean=spec.mean, std=spec.std), cell.test_set.y[idx]
+    calibration = preprocess(cell.train_set.x[balanced_subset(cell.train_set.y, profile.quantization.calibration_samples,
+                                                              seed=SEED)], mean=spec.mean, std=spec.std)
     pair = dict(check_x=eval_x[:64], calibration=calibration, quantization=profile.quantization)
-    variants = {"dense": {"files": _onnx_pair(spec.module, work, f"{model}-dense", **pair), "budget": None,
+    stem = f"{model}-{cell.target}"
+    variants = {"dense": {"files": _onnx_pair(spec.module, work, f"{stem}-dense", **pair), "budget": None,
                           "finetuned": False, "seconds": {}}}
     plans = {}
     for budget in budgets:
-        log(f"{model}: budget {budget:g} of MACs, {epochs} fine-tuning epochs")
-        made = _compressed(spec, spec.weights, train_set, profile, budget, epochs, work, log)
+        made = cell.made[budget]
         plans[f"{budget:g}"] = made["record"]
         for stage, module in made["models"].items():
             name = f"b{budget:g}_{stage}"
-            variants[name] = {"files": _onnx_pair(module, work, f"{model}-{name}", **pair), "budget": budget,
+            variants[name] = {"files": _onnx_pair(module, work, f"{stem}-{name}", **pair), "budget": budget,
                               "finetuned": stage == "finetuned", "seconds": made["seconds"],
                               "finetune": made["record"].get("finetune") if stage == "finetuned" else None}
-    log(f"{model}: accuracy of {2 * len(variants)} variants on {len(eval_y)} test images; interleaved latency")
+    log(f"{model} on {cell.target}: accuracy of {2 * len(variants)} variants on {len(eval_y)} test images; "
+        "interleaved latency")
     rows = []
     for precision in ("fp32", "int8"):
         paths = {name: v["files"][precision] for name, v in variants.items()}
@@ -134,29 +206,42 @@ def bench_model(model: str, *, budgets=BUDGETS, epochs: int, target: str, data, 
                 "finetune_s": spent.get("finetune") if v["finetuned"] else None,
                 "finetune_s_per_epoch": (v["finetune"] or {}).get("seconds_per_epoch") if v["finetuned"] else None,
             })
-    return {"model": model, "weights_sha256": spec.weights_sha256, "eval_samples": int(len(eval_y)),
-            "finetune_epochs": epochs, "rows": rows, "plans": plans, "published": PUBLISHED.get(model, [])}
+    return {"model": model, "target": cell.target, "weights_sha256": spec.weights_sha256,
+            "eval_samples": int(len(eval_y)), "finetune_epochs": cell.epochs, "rows": rows, "plans": plans,
+            "published": PUBLISHED.get(model, [])}
 
 
-def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str, int] | int = 3, target: str = "rpi4",
-          data=None, eval_samples: int = 0, out: str = "bench", latency_rounds: int = 10, log=print) -> Path:
+def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str, int] | int = 3,
+          targets=("rpi4",), data=None, eval_samples: int = 0, out: str = "bench", latency_rounds: int = 10,
+          threads: int | None = None, log=print) -> Path:
+    """The model x budget x target grid. `threads` is each compression job's torch thread count (default: this
+    machine's); a job gives the same models with the same count wherever it runs, here or on a Ray node."""
     counts = [epochs] if isinstance(epochs, int) else list(epochs.values())
     for budget in budgets:
-        parse_budget(budget)  # a bad budget or epoch count is refused before any work
+        parse_budget(budget)  # a bad budget, epoch count or target is refused before any work
     if any(n < 0 for n in counts):
         raise ConfigError(f"FINETUNE_EPOCHS={' '.join(map(str, counts))}; expected 0 or positive counts")
+    for target in targets:
+        load_target(target)
+    threads = threads or torch.get_num_threads()
     torch.manual_seed(SEED)
     out = Path(out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = {"host": host_machine(), "threads": torch.get_num_threads(), "target": target, "models": []}
+    cells = []
     for model in models:
-        n = epochs if isinstance(epochs, int) else epochs[model]
-        results["models"].append(bench_model(model, budgets=budgets, epochs=n, target=target, data=data,
-                                             eval_samples=eval_samples, out=out, latency_rounds=latency_rounds, log=log))
+        spec = load_model(model)
+        train_set, test_set = load_dataset("train", data), load_dataset("test", data)
+        cells += [Cell(model, target, epochs if isinstance(epochs, int) else epochs[model], spec, train_set, test_set)
+                  for target in targets]
+    _prepare(cells, budgets, work=work, threads=threads, log=log)
+    results = {"host": host_machine(), "threads": threads, "target": " ".join(targets), "targets": list(targets),
+               "models": [measure_cell(cell, budgets, eval_samples=eval_samples, work=work,
+                                       latency_rounds=latency_rounds, log=log) for cell in cells]}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     from pipeline.bench.report import write_report
 
     write_text(out / "results.json", json.dumps(results, indent=1))
     write_report(results, out)
     return out / "results.json"
-

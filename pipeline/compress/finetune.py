@@ -36,6 +36,41 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student, labels)
 
 
+def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Where the student's features are matched to the teacher's: the block around each factored layer (the
+    parent whose output both nets share in shape), or the layer itself when it sits at the top level."""
+    teacher_modules = dict(teacher.named_modules())
+    points = []
+    for name, module in student.named_modules():
+        if not name or name not in teacher_modules or type(module) is type(teacher_modules[name]):
+            continue
+        parent = name.rpartition(".")[0] or name
+        if not any(parent == p or parent.startswith(p + ".") for p in points):
+            points.append(parent)
+    return points
+
+
+class _Features:
+    """Outputs of the named submodules, captured by forward hooks on every call."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out, n=n: self.outputs.__setitem__(n, out)) for n in names]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over matched points of ||s - t||^2 / ||t||^2: each block's relative error, so deep and shallow
+    blocks weigh alike whatever their scale (the FitNets hint of Romero et al. 2015, without a regressor
+    because the shapes already agree)."""
+    terms = [(student[n] - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for n, t in teacher.items()]
+    return torch.stack(terms).mean()
+
+
 def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int, batch_size: int, seed: int) -> None:
     """Running BatchNorm statistics recomputed from scratch over augmented training batches."""
     rng = np.random.default_rng(seed + 1)
@@ -56,6 +91,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     per-epoch loss, held-out top-1 and seconds. `heldout` must not overlap `train_set`."""
     epochs, lr, batch_size, bn = settings.epochs, settings.lr, settings.batch_size, settings.bn
     weight_decay, temperature, alpha = settings.weight_decay, settings.temperature, settings.alpha
+    feature_weight = settings.feature_weight
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(student)
@@ -66,6 +102,9 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "heldout_samples": len(heldout.y),
                "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
+    points = feature_points(model, teacher) if feature_weight else []
+    history["feature_points"] = points
+    taps = (_Features(model, points), _Features(teacher, points)) if points else None
     # Adam, not SGD: with BatchNorm frozen the weights lose their scale invariance, and on ResNet-20 some
     # gradients were 5x their weights' norm at the first step; SGD diverged within 2 steps even at lr 0.002.
     # Adam's per-parameter steps are bounded by lr whatever the gradient's scale.
@@ -88,6 +127,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
                 target = teacher(x)
             loss = distillation_loss(model(x), target, torch.from_numpy(train_set.y[idx]).long(),
                                      temperature=temperature, alpha=alpha)
+            if taps:
+                loss = loss + feature_weight * feature_loss(taps[0].outputs, taps[1].outputs)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -106,6 +147,9 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
                    f"{held_top1:.2%} (start {start_top1:.2%}), {seconds:.0f} s")
         if held_top1 > best[0]:
             best = (held_top1, copy.deepcopy(model.state_dict()), epoch + 1)
+    if taps:
+        for tap in taps:
+            tap.close()
     model.load_state_dict(best[1])
     history.update(best_epoch=best[2], best_heldout_top1=best[0],
                    seconds_per_epoch=round(float(np.mean([e["seconds"] for e in history["epochs"]])), 3) if epochs else 0.0)

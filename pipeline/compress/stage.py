@@ -53,33 +53,55 @@ def scaled_samples(available: int, *, heldout: int, fit: int, sensitivity: int) 
     return heldout, fit, min(sensitivity, heldout) if heldout else 0
 
 
+@dataclass(frozen=True)
+class Samples:
+    """The training split cut once: index arrays by role, and the fit and sensitivity images preprocessed."""
+
+    splits: dict
+    fit: object  # preprocessed fit images, or None to fit the weights
+    sensitivity: object  # preprocessed images the candidates are judged on
+
+
+def samples_for(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune, seed: int) -> Samples:
+    needs_heldout = bool(settings.budget or tuning.epochs)
+    heldout, fit, judged = scaled_samples(len(train_set), heldout=tuning.heldout_samples if needs_heldout else 0,
+                                          fit=settings.fit_samples, sensitivity=settings.sensitivity_samples)
+    splits = split_training(train_set.y, heldout=heldout, fit=fit, sensitivity=judged, seed=seed)
+    images = {k: preprocess(train_set.x[v], mean=spec.mean, std=spec.std) for k, v in splits.items()
+              if k in ("fit", "sensitivity")}
+    return Samples(splits, images["fit"] if fit else None, images["sensitivity"])
+
+
+def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposition, layer_latency: LayerLatency | None,
+                      seed: int = 0, use_cache: bool = True, progress: bool = True):
+    """The measured candidates a budget is allocated from (cached; see `sensitivities`), and facts about them."""
+    budget = parse_budget(settings.budget)
+    timed = budget.resource == "latency" or settings.latency_weight > 0
+    if timed and layer_latency is None:
+        raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
+                          "layer latency, and none was given")
+    return sensitivities(spec.module, input_shape=spec.input_shape, fit_x=samples.fit, heldout_x=samples.sensitivity,
+                         settings=settings, seed=seed, latency=layer_latency if timed else None, use_cache=use_cache,
+                         progress=progress)
+
+
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
              layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
              log=print) -> Compressed:
     """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
     layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0."""
-    needs_heldout = bool(settings.budget or tuning.epochs)
-    heldout, fit, judged = scaled_samples(len(train_set), heldout=tuning.heldout_samples if needs_heldout else 0,
-                                          fit=settings.fit_samples, sensitivity=settings.sensitivity_samples)
     seconds, choices, allocation = {}, None, None
     budget = parse_budget(settings.budget) if settings.budget else None
     if budget is not None and budget.resource != "latency":  # an unreachable budget fails before any work
         check_reachable(skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings),
                         budget=budget, total=_total(spec, settings, budget.resource, [], layer_latency))
-    splits = split_training(train_set.y, heldout=heldout, fit=fit, sensitivity=judged, seed=seed)
-    images = {k: preprocess(train_set.x[v], mean=spec.mean, std=spec.std) for k, v in splits.items()
-              if k in ("fit", "sensitivity")}
-    calibration = images["fit"] if fit else None
+    samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
+    splits, calibration = samples.splits, samples.fit
     if budget is not None:
-        timed = budget.resource == "latency" or settings.latency_weight > 0
-        if timed and layer_latency is None:
-            raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
-                              "layer latency, and none was given")
         started = time.perf_counter()
-        candidates, facts = sensitivities(
-            spec.module, input_shape=spec.input_shape, fit_x=calibration, heldout_x=images["sensitivity"],
-            settings=settings, seed=seed, latency=layer_latency if timed else None,
-            use_cache=use_cache, progress=progress)
+        candidates, facts = sensitivity_table(spec, samples, settings=settings, layer_latency=layer_latency, seed=seed,
+                                              use_cache=use_cache, progress=progress)
+        timed = budget.resource == "latency" or settings.latency_weight > 0
         choices, allocation = allocate(candidates, budget=budget, total=_total(spec, settings, budget.resource, candidates,
                                                                                 layer_latency),
                                        latency_weight=settings.latency_weight)

@@ -7,12 +7,14 @@ gap), and with the outputs of the last accepted run on that device, which must m
 
 import io
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from calib import Hint, balanced_subset, load_dataset, preprocess
+from pipeline.cluster import Job, board_resource, connect
 from pipeline.device.transports import Device, parse_device, run_firmware_on_device, run_on_device
 from pipeline.errors import InputError
 from pipeline.metrics import agreement, top1
@@ -123,17 +125,31 @@ def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str
             "max_change": change, "top1_changes": flipped}
 
 
+def _artefact(runtime: str, device: Device) -> tuple[str, bool]:
+    on_board = runtime == "tflite-micro" and device.kind == "qemu"
+    return (FIRMWARE_ELF if on_board else ARTEFACT[runtime]), on_board
+
+
+def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) -> list[str]:
+    """The build's files a device check reads (relative paths), or an error naming the first one missing."""
+    artefact, on_board = _artefact(runtime, device)
+    needed = [artefact, HOST_INT8[runtime], "baseline/dense.fp32.onnx"]
+    for name in needed:
+        if not (folder / name).is_file():
+            hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if name == artefact and on_board else ""
+            raise InputError(f"{folder / name} is missing; expected a complete build from `make deploy TARGET={target}`{hint}")
+    baselines = sorted(str(p.relative_to(folder)) for p in (folder / BASELINE_DIR).glob("*") if p.is_file())
+    return list(dict.fromkeys([*needed, ARTEFACT[runtime], *baselines]))
+
+
 def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
                     eval_y: np.ndarray, device: Device, accept: bool, firmware: dict | None = None,
                     log=print) -> RegressReport:
     """`firmware` (the profile's [firmware] section) runs a microcontroller build's ELF on its emulated board
     when the device is `qemu`."""
-    on_board = runtime == "tflite-micro" and device.kind == "qemu"
-    artefact = folder / (FIRMWARE_ELF if on_board else ARTEFACT[runtime])
-    for needed in (artefact, folder / HOST_INT8[runtime], folder / "baseline/dense.fp32.onnx"):
-        if not needed.is_file():
-            hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if needed == artefact and on_board else ""
-            raise InputError(f"{needed} is missing; expected a complete build from `make deploy TARGET={target}`{hint}")
+    _check_complete(folder, runtime=runtime, target=target, device=device)
+    name, on_board = _artefact(runtime, device)
+    artefact = folder / name
     log(f"[device] running {artefact.name} on {device.spec} ({len(eval_x)} images)")
     instructions, key = None, device.key
     if on_board:
@@ -162,9 +178,42 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions)
 
 
+def check_packed(files: dict[str, bytes], **settings) -> tuple[RegressReport, dict[str, bytes]]:
+    """`check_on_device` on a build shipped as bytes (relative path -> content), wherever the board is: returns
+    the report and the device baselines it wrote, for the build's home to keep."""
+    with tempfile.TemporaryDirectory(prefix="cnn-deploy-check-") as tmp:
+        root = Path(tmp)
+        for name, data in files.items():
+            write_bytes(root / name, data)
+        report = check_on_device(root, **settings)
+        written = {str(p.relative_to(root)): p.read_bytes() for p in (root / BASELINE_DIR).glob("*")
+                   if p.is_file() and files.get(str(p.relative_to(root))) != p.read_bytes()}
+    return report, written
+
+
+def device_check_job(folder: Path, *, runtime: str, target: str, device: Device, **settings) -> Job:
+    """The device check of one build as a job that asks for its board (`board_resource`): on a Ray cluster it
+    runs on a node that declares the board, here it runs in this process."""
+    files = {name: (folder / name).read_bytes()
+             for name in _check_complete(folder, runtime=runtime, target=target, device=device)}
+    return Job(f"device check {target} on {device.spec}", check_packed, (files,),
+               {"runtime": runtime, "target": target, "device": device, **settings},
+               resources={board_resource(target, device.kind): 1})
+
+
+def keep_written(folder: Path, written: dict[str, bytes]) -> None:
+    for name, data in written.items():
+        write_bytes(folder / name, data)
+
+
 def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: int | None = None,
             data: str | None = None, accept: bool = False) -> RegressReport:
     """Regression-test a deployed build (`build/<target>/`) on its device; writes `regress.json` beside it."""
+    return regress_all([build_dir], device=device, eval_samples=eval_samples, data=data, accept=accept)[0]
+
+
+def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int | None, data: str | None,
+                 accept: bool) -> Job:
     folder = Path(build_dir)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -182,8 +231,20 @@ def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: i
     test = load_dataset("test", data if data is not None else settings.get("data"), hint=Hint(*settings["input_shape"]))
     idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
-    report = check_on_device(folder, runtime=profile["runtime"], target=profile["name"],
-                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], device=dev,
-                             accept=accept, firmware=profile.get("firmware"))
-    write_text(folder / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    return report
+    return device_check_job(folder, runtime=profile["runtime"], target=profile["name"], device=dev,
+                            thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], accept=accept,
+                            firmware=profile.get("firmware"))
+
+
+def regress_all(build_dirs: list[str | Path], *, device: str | None = None, eval_samples: int | None = None,
+                data: str | None = None, accept: bool = False, log=print) -> list[RegressReport]:
+    """Regression-test several builds, each on its own board: one after another here, at once on a Ray cluster's
+    board farm (RAY_ADDRESS). Each build's `regress.json` and device baselines are written beside it."""
+    jobs = [_regress_job(d, device=device, eval_samples=eval_samples, data=data, accept=accept) for d in build_dirs]
+    reports = []
+    for build_dir, (report, written) in zip(build_dirs, connect().run(jobs, desc="regress", progress=False, log=log),
+                                            strict=True):
+        keep_written(Path(build_dir), written)
+        write_text(Path(build_dir) / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        reports.append(report)
+    return reports

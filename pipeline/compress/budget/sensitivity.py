@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
-from tqdm import tqdm
 
+from pipeline.cluster import Job, connect
 from pipeline.compress import datafit
 from pipeline.compress.budget.macs import count
 from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
@@ -98,6 +98,27 @@ def _kl(dense: torch.Tensor, logits: torch.Tensor) -> float:
     return float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense, 1), log_target=True, reduction="batchmean"))
 
 
+def measure_candidate(module: nn.Module, layer_io: tuple, held: torch.Tensor, reference: torch.Tensor, *, name: str,
+                      method: Method, ranks: tuple[int, ...], seed: int) -> tuple[nn.Module, float, float] | None:
+    """One candidate alone: layer `name` of `module` replaced by its chain fitted to `layer_io` (the layer's
+    inputs and outputs on the fit images, or (None, None) to fit the weights); returns the chain, the mean KL of
+    the net's logits on `held` from `reference` (the dense ones) and their top-1 agreement, or None when the
+    fit failed. Single-threaded, so the figures are the same on any machine; `module` is restored."""
+    layer = module.get_submodule(name)
+    try:
+        with threadpool_limits(limits=1):
+            chain, _, _ = fit_chain(layer, method, ranks, x=layer_io[0], y=layer_io[1], seed=seed)
+    except StageError:
+        return None
+    set_submodule(module, name, chain)
+    try:
+        with torch.inference_mode():
+            logits = module(held)
+    finally:
+        set_submodule(module, name, layer)
+    return chain, round(_kl(reference, logits), 8), round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)
+
+
 def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.ndarray | None, heldout_x: np.ndarray,
                   settings: Decomposition, seed: int = 0, latency: LayerLatency | None = None, use_cache: bool = True,
                   progress: bool = True) -> tuple[list[Candidate], dict]:
@@ -139,35 +160,31 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             timed[key] = latency(module, shape)
         return timed[key]
 
-    found = []
-    jobs = [(n, m, r) for n in names for m in methods_for(module.get_submodule(n), methods)
-            for r in candidate_ranks(module.get_submodule(n), m, fractions=fractions, round_to=round_to)]
-    bar = tqdm(jobs, desc="sensitivity", unit="candidate", disable=not progress, leave=False)
+    cluster = connect()
+    shared = {"module": cluster.put(work), "held": cluster.put(held_t), "reference": cluster.put(reference)}
+    layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
+    found, jobs, job_specs = [], [], []
     for name in names:
         layer = module.get_submodule(name)
-        shape = costs[name].input_shape
-        found.append(Candidate(name, None, (), costs[name].macs, costs[name].params, 0.0, 1.0, timing(layer, shape)))
-        for method, ranks in ((m, r) for n, m, r in jobs if n == name):
-            bar.update()
-            chain = method.skeleton(layer, ranks)
-            macs = sum(c.macs for c in count(chain, costs[name].input_shape).values())
-            if macs >= costs[name].macs:
-                continue
-            try:
-                with threadpool_limits(limits=1):
-                    x, y = io.get(name, (None, None))
-                    chain, _, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
-            except StageError:  # CP-ALS that diverged is simply not a candidate
-                continue
-            set_submodule(work, name, chain)
-            with torch.inference_mode():
-                logits = work(held_t)
-            set_submodule(work, name, layer)
-            found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()),
-                                   round(_kl(reference, logits), 8),
-                                   round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6),
-                                   timing(chain, shape)))
-    bar.close()
+        cost = costs[name]
+        found.append(Candidate(name, None, (), cost.macs, cost.params, 0.0, 1.0, timing(layer, cost.input_shape)))
+        for method in methods_for(layer, methods):
+            for ranks in candidate_ranks(layer, method, fractions=fractions, round_to=round_to):
+                macs = sum(c.macs for c in count(method.skeleton(layer, ranks), cost.input_shape).values())
+                if macs >= cost.macs:
+                    continue
+                job_specs.append((name, method, ranks, macs))
+                jobs.append(Job(f"sensitivity {name} {method.name} {'x'.join(map(str, ranks))}", measure_candidate,
+                                (shared["module"], layer_io[name], shared["held"], shared["reference"]),
+                                {"name": name, "method": method, "ranks": ranks, "seed": seed}))
+    for (name, method, ranks, macs), measured in zip(job_specs, cluster.run(jobs, desc="sensitivity", progress=progress),
+                                                     strict=True):
+        if measured is None:  # CP-ALS that diverged is simply not a candidate
+            continue
+        chain, kl, agreement = measured
+        found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()), kl,
+                               agreement, timing(chain, costs[name].input_shape)))
+    found.sort(key=lambda c: names.index(c.layer))  # each layer's dense entry, then its candidates
     seconds = round(time.perf_counter() - started, 2)
     write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
                                  "candidates": [asdict(c) for c in found]}, indent=1))
