@@ -1,5 +1,6 @@
 """Distillation fine-tuning: the loss is the textbook one, BatchNorm is handled as asked, the best epoch is kept."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from calib import Dataset
-from pipeline.compress.finetune import distillation_loss, finetune
+from pipeline.compress.finetune import distillation_loss, feature_loss, feature_points, finetune
 from pipeline.errors import ConfigError
 from targets import Finetune
 
@@ -77,3 +78,25 @@ def test_bad_settings_are_refused():
         Finetune(epochs=1, bn="fold")
     with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-2"):
         Finetune(epochs=-2)
+
+
+def test_features_are_matched_around_each_factored_layer_by_relative_error():
+    teacher = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Conv2d(4, 4, 1), nn.Flatten())
+    student = copy.deepcopy(teacher)
+    student[0][0] = nn.Sequential(nn.Conv2d(3, 2, (3, 1)), nn.Conv2d(2, 4, (1, 3)))  # factored inside a block
+    student[1] = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1))  # factored at the top level
+    assert feature_points(student, teacher) == ["0", "1"]
+    assert feature_points(teacher, teacher) == []
+    t = {"a": torch.ones(2, 3), "b": torch.full((1, 4), 2.0)}
+    s = {"a": torch.zeros(2, 3), "b": torch.full((1, 4), 3.0)}
+    # (6/6 + 4/16) / 2: each point's squared error relative to the teacher's energy, averaged
+    assert feature_loss(s, t).item() == pytest.approx(0.625)
+
+
+def test_feature_distillation_is_recorded_and_still_learns(teacher):
+    student = copy.deepcopy(teacher)
+    student[0] = nn.Sequential(nn.Conv2d(3, 2, (3, 1), padding=(1, 0), bias=False), nn.Conv2d(2, 8, (1, 3), padding=(0, 1)))
+    _, history = finetune(student, teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3, std=(1.0,) * 3,
+                          settings=Finetune(epochs=2, lr=1e-2, batch_size=32, feature_weight=1.0), progress=False)
+    assert history["feature_points"] == ["0"]
+    assert history["best_heldout_top1"] > history["start_heldout_top1"] + 0.2

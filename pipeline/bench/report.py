@@ -84,7 +84,8 @@ def write_report(results: dict, out: Path) -> Path:
              f"Host: {results['host']}; latency at batch 1 on one thread, medians of interleaved runs; "
              f"ratios against the dense model of the same precision. Target profiles: `{results['target']}`; each compression job ran with "
              f"{results['threads']} torch threads. "
-             f"Wall time {results['wall_seconds']:.0f} s.", "", "![top-1 vs MACs](pareto.png)", ""]
+             f"Wall time {results['wall_seconds']:.0f} s, of which compressing (sensitivity, fit, fine-tuning) "
+             f"{results.get('compress_seconds', 0):.0f} s ({results.get('runner', 'local')}).", "", "![top-1 vs MACs](pareto.png)", ""]
     for entry in results["models"]:
         rows = entry["rows"]
         dense_top1 = next(r for r in rows if r["variant"] == "dense_fp32")["top1"]

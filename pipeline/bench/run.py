@@ -26,7 +26,7 @@ from calib import balanced_subset, load_dataset, preprocess
 from pipeline.compress.budget.allocate import parse_budget
 from pipeline.cluster import Job, connect
 from pipeline.compress.plan import DecompositionPlan
-from pipeline.compress.stage import compress, samples_for, sensitivity_table
+from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
 from pipeline.errors import ConfigError
 from pipeline.metrics import top1
@@ -235,8 +235,13 @@ def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str,
         train_set, test_set = load_dataset("train", data), load_dataset("test", data)
         cells += [Cell(model, target, epochs if isinstance(epochs, int) else epochs[model], spec, train_set, test_set)
                   for target in targets]
+    for cell in cells:  # an unreachable budget fails before any grid point runs
+        for budget in budgets:
+            check_budget(cell.spec, _grid_profile(cell.target, budget, cell.epochs).decomposition)
     _prepare(cells, budgets, work=work, threads=threads, log=log)
+    compressed = time.perf_counter() - started
     results = {"host": host_machine(), "threads": threads, "target": " ".join(targets), "targets": list(targets),
+               "runner": connect().name, "compress_seconds": round(compressed, 1),
                "models": [measure_cell(cell, budgets, eval_samples=eval_samples, work=work,
                                        latency_rounds=latency_rounds, log=log) for cell in cells]}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)

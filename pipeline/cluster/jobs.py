@@ -128,7 +128,7 @@ class Ray:
             task = self.remote.options(num_cpus=job.threads, resources=job.resources or None, max_retries=1,
                                        retry_exceptions=False, name=job.name)
             refs[task.remote(job.fn, job.threads, job.kwargs, *job.args)] = i
-        results, nodes = [None] * len(jobs), Counter()
+        results, nodes, spent = [None] * len(jobs), Counter(), []
         bar = tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="task", disable=not progress, leave=False)
         pending = list(refs)
         try:
@@ -137,6 +137,7 @@ class Ray:
                 i = refs[done[0]]
                 results[i], facts = self._get(done[0], jobs[i])
                 nodes[facts["node"]] += 1
+                spent.append(facts["seconds"])
                 bar.update()
                 bar.set_postfix_str(f"{jobs[i].name} on {facts['node']} {facts['seconds']:.1f} s")
         except BaseException:
@@ -145,7 +146,10 @@ class Ray:
             raise
         finally:
             bar.close()
-        log(f"{desc}: {len(jobs)} tasks on Ray ({self.address}): " + ", ".join(f"{n} ran {k}" for n, k in nodes.items()))
+        spent.sort()
+        log(f"{desc}: {len(jobs)} tasks on Ray ({self.address}): " + ", ".join(f"{n} ran {k}" for n, k in nodes.items())
+            + (f"; task seconds: {sum(spent):.1f} in all, median {spent[len(spent) // 2]:.2f}, longest {spent[-1]:.1f}"
+               if spent else ""))
         return results
 
     def _check_feasible(self, jobs: list[Job]) -> None:

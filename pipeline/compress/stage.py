@@ -85,6 +85,14 @@ def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposit
                          progress=progress)
 
 
+def check_budget(spec: ModelSpec, settings: Decomposition) -> None:
+    """A MAC or parameter budget below what the candidates' skeletons can reach fails before any work."""
+    budget = parse_budget(settings.budget) if settings.budget else None
+    if budget is not None and budget.resource != "latency":
+        check_reachable(skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings),
+                        budget=budget, total=_total(spec, settings, budget.resource, [], None))
+
+
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
              layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
              log=print) -> Compressed:
@@ -92,9 +100,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0."""
     seconds, choices, allocation = {}, None, None
     budget = parse_budget(settings.budget) if settings.budget else None
-    if budget is not None and budget.resource != "latency":  # an unreachable budget fails before any work
-        check_reachable(skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings),
-                        budget=budget, total=_total(spec, settings, budget.resource, [], layer_latency))
+    check_budget(spec, settings)
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits, calibration = samples.splits, samples.fit
     if budget is not None:
