@@ -1,6 +1,7 @@
 """Ray: a real local head on 127.0.0.1 (2 CPUs, fake boards), jobs retried once, boards asked for by name, and
 the sensitivity sweep, a bench grid and a device regression giving exactly the local run's results."""
 
+import builtins
 import json
 import os
 import shutil
@@ -192,6 +193,7 @@ def test_a_bench_grid_is_the_same_on_ray(small_cifar, ray_head, monkeypatch, tmp
     same = ("variant", "macs", "params", "bytes", "macs_kept", "top1", "mac_reduction")
     rows = [[{k: r[k] for k in same} for r in results["models"][0]["rows"]] for results in (local, remote)]
     assert len(rows[0]) == 10 and rows[1] == rows[0]
+    assert print is builtins.print and builtins.print.__module__ == "builtins"  # Ray left this process's print alone
     for stage in ("oneshot", "finetuned"):
         made = [torch.load(next((tmp_path / run / "work").glob(f"*b0.75*.{stage}.pt")), weights_only=True)["state_dict"]
                 for run in ("local", "ray")]

@@ -101,6 +101,8 @@ class Ray:
 
         self.ray = ray
         self.address = address
+        # Ray otherwise replaces this process's builtins.print with its own once a worker reports a bar
+        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
         if not ray.is_initialized():
             _check_reachable(address)
             env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
