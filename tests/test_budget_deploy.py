@@ -80,3 +80,21 @@ def test_bench_refuses_bad_settings_before_any_work(argv, words, tmp_path, capsy
     assert main(["bench", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_published_results_are_set_beside_our_best_int8_model_removing_as_many_macs():
+    from pipeline.bench.report import _anchors
+
+    def row(variant, kept, top1, tuned=True, precision="int8"):
+        return {"variant": variant, "budget": 0.5, "macs_kept": kept, "top1": top1, "finetuned": tuned,
+                "precision": precision}
+
+    entry = {"finetune_epochs": 10, "published": [{"method": "TRP", "macs_removed": 0.65, "top1": 0.9062},
+                                                  {"method": "far", "macs_removed": 0.9, "top1": 0.5}],
+             "rows": [row("dense_int8", 1.0, 0.917), row("b0.35_finetuned_int8", 0.349, 0.905),
+                      row("b0.3_oneshot_int8", 0.30, 0.80, tuned=False), row("b0.35_finetuned_fp32", 0.349, 0.95, precision="fp32"),
+                      row("b0.5_finetuned_int8", 0.5, 0.91)]}
+    entry["rows"][0]["budget"] = None
+    table = _anchors(entry)
+    assert "| TRP       | 65%          | 90.62% | b0.35_finetuned_int8: 65.1% fewer, 90.50% (-0.12 pt), 10 epochs |" in table
+    assert "| far       | 90%          | 50.00% | -" in table

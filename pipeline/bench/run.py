@@ -13,27 +13,27 @@ that made them, so a rerun (another report, an added budget) does not fine-tune 
 """
 
 import dataclasses
-from dataclasses import dataclass, field
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from calib import balanced_subset, load_dataset, preprocess
-from pipeline.compress.budget.allocate import parse_budget
 from pipeline.cluster import Job, connect
+from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
+from pipeline.deploy import layer_latency_for
 from pipeline.errors import ConfigError
 from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
-from pipeline.deploy import layer_latency_for
 from pipeline.util import cache_dir, host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
