@@ -144,3 +144,9 @@ def test_a_deploy_with_a_board_times_the_layer_table_and_the_variants_on_it(sshd
     timed = [layer for layer in report["decomposition"]["layers"] if layer["dense_latency"] is not None]
     assert timed and all(layer["dense_latency"] > 0 for layer in timed)
     assert "timed on the board itself" in (out / "report.md").read_text()
+
+
+def test_one_build_folder_for_several_targets_is_refused(tmp_path, capsys):
+    assert main(["regress", "--target", "rpi4", "cortex-m4", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--out names one build folder and --target names 2 targets" in err and len(err.strip().splitlines()) == 1

@@ -223,6 +223,8 @@ def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str,
         raise ConfigError(f"FINETUNE_EPOCHS={' '.join(map(str, counts))}; expected 0 or positive counts")
     for target in targets:
         load_target(target)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"TASK_THREADS={threads}; expected a positive thread count (default: all of this machine's)")
     threads = threads or torch.get_num_threads()
     torch.manual_seed(SEED)
     out = Path(out)
