@@ -151,3 +151,24 @@ def test_more_instructions_than_the_accepted_baseline_is_a_regression(tmp_path):
     assert _compare_with_baseline(path, outputs, accept=False, instructions=1010, **same)["ok"]
     slower = _compare_with_baseline(path, outputs, accept=False, instructions=1020, **same)
     assert not slower["ok"] and slower["status"].startswith("SLOWER: 1,020 instructions per inference against 1,000")
+
+
+@pytest.mark.slow
+def test_bench_on_a_microcontroller_counts_each_int8_models_instructions_on_the_board(sources, tmp_path, cifar_dir):
+    from pipeline.bench.run import bench
+    from pipeline.tflm.on_board import instructions_per_inference
+
+    path = bench(models=("seednet",), budgets=(0.8,), epochs=0, targets=("cortex-m4",), data=str(cifar_dir),
+                 eval_samples=100, out=str(tmp_path / "bench"), latency_rounds=1, log=lambda *_: None)
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["models"][0]["rows"]}
+    assert {name: r["instructions"] for name, r in rows.items() if r["precision"] == "fp32"} == \
+        {"dense_fp32": None, "b0.8_oneshot_fp32": None}
+    dense, factored = rows["dense_int8"], rows["b0.8_oneshot_int8"]
+    assert dense["instruction_reduction"] == 1.0 and dense["instructions"] > 100_000
+    assert factored["instructions"] < dense["instructions"]  # 20% fewer MACs, fewer instructions on the board
+    assert factored["instruction_reduction"] == round(dense["instructions"] / factored["instructions"], 3)
+    # the count is the model's, not the image's: other test images give the same figure
+    tflite = next((tmp_path / "bench" / "work").glob("seednet-cortex-m4-dense.int8.tflite"))
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert instructions_per_inference(tflite.read_bytes(), cpu="cortex-m4", root=sources, x_nchw=x) == dense["instructions"]
+    assert "| instructions | instr. reduction |" in (tmp_path / "bench" / "report.md").read_text()

@@ -16,14 +16,19 @@ def _pct(value) -> str:
 
 
 def _table(rows: list[dict], dense_top1: float) -> str:
+    counted = any(r.get("instructions") for r in rows)  # a Cortex-M target: its firmware's instruction counts
     head = ("variant", "MACs", "kept", "params", "bytes", "top-1", "vs dense fp32", "latency ms", "speedup",
-            "MAC reduction", "speedup / MAC red.", "decompose s", "sensitivity s", "fine-tune s (per epoch)")
+            "MAC reduction", "speedup / MAC red.", *(("instructions", "instr. reduction") if counted else ()),
+            "decompose s", "sensitivity s", "fine-tune s (per epoch)")
     cells = []
     for r in rows:
         ft = "-" if r["finetune_s"] is None else f"{r['finetune_s']:.0f} ({r['finetune_s_per_epoch']:.0f})"
+        instructions = ("-", "-") if not r.get("instructions") else (f"{r['instructions']:,}",
+                                                                     f"{r['instruction_reduction']:.2f}x")
         cells.append((r["variant"], f"{r['macs']:,}", f"{r['macs_kept']:.3f}", f"{r['params']:,}", f"{r['bytes']:,}",
                       _pct(r["top1"]), f"{(r['top1'] - dense_top1) * 100:+.2f} pt", f"{r['latency_ms']:.3f}",
                       f"{r['speedup']:.2f}x", f"{r['mac_reduction']:.2f}x", f"{r['speedup'] / r['mac_reduction']:.2f}",
+                      *(instructions if counted else ()),
                       "-" if r["decompose_s"] is None else f"{r['decompose_s']:.1f}",
                       "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.1f}", ft))
     return markdown_table(head, cells)

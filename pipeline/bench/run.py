@@ -6,7 +6,8 @@ RAY_ADDRESS is set (pipeline/cluster). Measuring stays on this machine, so every
 
 For each model and target: the dense fp32 and int8 baselines, then for every budget the one-shot (allocation +
 data-aware fit) and the fine-tuned model, each exported, simplified and quantized as `deploy` does for
-the target. Accuracy on the test set in ONNX Runtime; latency at batch 1 on one thread with all
+the target. Accuracy on the test set in ONNX Runtime; for a Cortex-M target, instructions per inference of
+each int8 model as firmware on its emulated board (deterministic, so comparable across hosts); latency at batch 1 on one thread with all
 variants of a model interleaved round by round, so drift of the host hits them all alike; ratios are to
 the dense model of the same precision. Compressed models are kept in `<out>/work/` keyed by everything
 that made them, so a rerun (another report, an added budget) does not fine-tune again.
@@ -34,6 +35,9 @@ from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
+from pipeline.tflm.build import sources_root
+from pipeline.tflm.convert import convert_to_tflite
+from pipeline.tflm.on_board import instructions_per_inference
 from pipeline.util import cache_dir, host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
@@ -115,6 +119,18 @@ def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, *, rounds: i
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def target_instructions(int8_paths: dict[str, Path], profile, x: np.ndarray) -> dict[str, int]:
+    """Instructions per inference of each int8 model as firmware on the profile's emulated Cortex-M (TFLM with
+    CMSIS-NN, the .tflite written beside the ONNX file); empty for a target without firmware."""
+    cpu = profile.firmware.cpu
+    if not cpu:
+        return {}
+    root = sources_root(profile.firmware.sources)
+    return {name: instructions_per_inference(convert_to_tflite(path, path.with_suffix(".tflite")).read_bytes(),
+                                             cpu=cpu, root=root, x_nchw=x)
+            for name, path in int8_paths.items()}
+
+
 @dataclass
 class Cell:
     """One model on one target of the grid, with its data and the compressed models of each budget."""
@@ -172,7 +188,7 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
     calibration = preprocess(cell.train_set.x[balanced_subset(cell.train_set.y, profile.quantization.calibration_samples,
                                                               seed=SEED)], mean=spec.mean, std=spec.std)
     pair = dict(check_x=eval_x[:64], calibration=calibration, quantization=profile.quantization)
-    stem = f"{model}-{cell.target}"
+    stem = f"{model}-{profile.name}"  # a profile given as a path is named by its `name`
     variants = {"dense": {"files": _onnx_pair(spec.module, work, f"{stem}-dense", **pair), "budget": None,
                           "finetuned": False, "seconds": {}}}
     plans = {}
@@ -190,6 +206,7 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
     for precision in ("fp32", "int8"):
         paths = {name: v["files"][precision] for name, v in variants.items()}
         latency = interleaved_latency(paths, eval_x[0], rounds=latency_rounds, runs=20, warmup=20)
+        counts = target_instructions(paths, profile, eval_x[:2]) if precision == "int8" else {}
         dense_cost = onnx_cost(paths["dense"])
         for name, v in variants.items():
             cost = onnx_cost(paths[name])
@@ -202,6 +219,8 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
                 "macs_kept": round(cost.macs / dense_cost.macs, 4), "top1": top1(logits, eval_y),
                 "latency_ms": round(latency[name], 4), "speedup": round(latency["dense"] / latency[name], 3),
                 "mac_reduction": round(dense_cost.macs / cost.macs, 3),
+                "instructions": counts.get(name),
+                "instruction_reduction": round(counts["dense"] / counts[name], 3) if counts else None,
                 "decompose_s": spent.get("decompose"), "sensitivity_s": spent.get("sensitivity"),
                 "finetune_s": spent.get("finetune") if v["finetuned"] else None,
                 "finetune_s_per_epoch": (v["finetune"] or {}).get("seconds_per_epoch") if v["finetuned"] else None,

@@ -14,12 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.ort.layer_latency import quantized_layer
-from pipeline.tflm import interpreter
-from pipeline.tflm.build import HARNESS, build_library, library_key, link_firmware
+from pipeline.tflm.build import HARNESS, build_library, library_key
 from pipeline.tflm.convert import convert_to_tflite
-from pipeline.tflm.emulator import run_firmware
-from pipeline.tflm.firmware import model_sources
-from pipeline.tflm.on_board import PROBE_SLACK
+from pipeline.tflm.on_board import instructions_per_inference
 from pipeline.util import sha256_bytes
 from targets import Quantization
 
@@ -35,7 +32,7 @@ class FirmwareLayerLatency:
                             "unit": "instructions"}
 
     def __call__(self, module: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0) -> float | None:
-        library = build_library(self.cpu, self.root, log=self.log)
+        build_library(self.cpu, self.root, log=self.log)  # built once, and said so, before the first count
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             made = quantized_layer(module, input_shape, tmp, quantization=self.quantization, seed=seed)
@@ -43,11 +40,4 @@ class FirmwareLayerLatency:
                 return None
             int8, x = made
             data = convert_to_tflite(int8, tmp / "layer.tflite").read_bytes()
-            q = interpreter.io_quant(data)
-            # a generous arena: only the count matters here, and CMSIS-NN's scratch is not in the host's figure
-            model_sources(tmp, data, arena_bytes=interpreter.arena_bytes(data) + PROBE_SLACK,
-                          io={"input_scale": q.input_scale, "input_zero_point": q.input_zero_point,
-                              "output_scale": q.output_scale, "output_zero_point": q.output_zero_point})
-            elf = link_firmware(tmp, tmp / "layer.elf", cpu_name=self.cpu, root=self.root, library=library).elf
-            run = run_firmware(elf, interpreter.quantize_input(x[:2], q), cpu=self.cpu)
-        return float(run.instructions[1])
+            return float(instructions_per_inference(data, cpu=self.cpu, root=self.root, x_nchw=x))

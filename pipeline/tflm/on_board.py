@@ -72,6 +72,22 @@ PROBE_SLACK = 64 * 1024  # a probe arena this much above the host's figure: room
 DEVICE_SLACK = 256  # bytes over what the device used: FIRMWARE.md saw +64 fail and +256 work for every model
 
 
+def instructions_per_inference(model_bytes: bytes, *, cpu: str, root: Path, x_nchw: np.ndarray) -> int:
+    """Instructions of one inference of the model as firmware on `cpu`'s emulated board: that of the second of
+    two images of `x_nchw` (one image runs twice), because the first also runs the per-operator counter.
+    Deterministic, so one inference is a measurement."""
+    library = build_library(cpu, root, log=lambda *_: None)
+    q = interpreter.io_quant(model_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        # a generous arena: only the count matters here, and CMSIS-NN's scratch is not in the host's figure
+        model_sources(tmp, model_bytes, arena_bytes=interpreter.arena_bytes(model_bytes) + PROBE_SLACK,
+                      io={"input_scale": q.input_scale, "input_zero_point": q.input_zero_point,
+                          "output_scale": q.output_scale, "output_zero_point": q.output_zero_point})
+        elf = link_firmware(Path(tmp), Path(tmp) / "count.elf", cpu_name=cpu, root=root, library=library).elf
+        run = run_firmware(elf, interpreter.quantize_input(np.resize(x_nchw[:2], (2, *x_nchw.shape[1:])), q), cpu=cpu)
+    return run.instructions[1]
+
+
 def device_arena(tflite: Path, *, host_arena: int, io: dict, cpu: str, root: Path, x_nchw: np.ndarray) -> int:
     """The arena the firmware needs on the device: a probe ELF with a generous arena reports what TFLM used
     (CMSIS-NN's scratch buffers are not in the host's figure), plus slack, rounded to TFLM's 16 bytes."""
