@@ -124,6 +124,23 @@ def test_jobs_run_as_tasks_in_order_and_name_their_nodes(on_ray):
     assert said and said[0].startswith(f"squares: 5 tasks on Ray ({on_ray}): ") and "ran 5" in said[0]
 
 
+def test_worker_lines_that_differ_only_in_numbers_all_reach_the_console(on_ray, tmp_path):
+    # in a fresh driver: Ray reads its log settings when first imported, and this test process imported it above
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time\n"
+        "from pipeline.cluster import Job, connect\n"
+        "def epoch(top1):\n"
+        "    print(f'fine-tune epoch 1/10: held-out top-1 {top1:.2f}%', flush=True)\n"
+        "connect().run([Job(f'point {i}', epoch, (90 + i / 10,)) for i in range(2)], desc='grid', progress=False)\n"
+        "time.sleep(5)  # the log monitor forwards worker lines a moment later\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "RAY_ADDRESS": on_ray, "PYTHONPATH": str(Path.cwd())})
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = done.stdout + done.stderr
+    assert "held-out top-1 90.00%" in said and "held-out top-1 90.10%" in said, said[-2000:]
+
+
 def test_a_lost_worker_is_retried_once_and_a_second_loss_names_the_task(on_ray, tmp_path):
     cluster = connect()
     assert cluster.run([Job("dies once", _dies_once, (str(tmp_path / "died"),))], desc="retry",

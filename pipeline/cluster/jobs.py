@@ -97,12 +97,15 @@ class Ray:
     name = "ray"
 
     def __init__(self, address: str):
+        # Read when Ray is imported. Ray otherwise replaces this process's builtins.print with its own once a
+        # worker reports a bar, and folds worker lines that differ only in their numbers: two grid points'
+        # epoch lines would show as one "[repeated 2x across cluster]", hiding one point's accuracy.
+        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         import ray
 
         self.ray = ray
         self.address = address
-        # Ray otherwise replaces this process's builtins.print with its own once a worker reports a bar
-        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
         if not ray.is_initialized():
             _check_reachable(address)
             env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
