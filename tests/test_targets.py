@@ -42,7 +42,8 @@ def test_microcontrollers_are_full_int8_with_budgets():
     assert load_target("cortex-m7").memory.flash_bytes == 2 * 1024 * 1024
 
 
-PROFILE_FILES = sorted(TARGETS_DIR.glob("*.toml")) + sorted(BASES_DIR.glob("*.toml"))
+RECIPES = sorted((TARGETS_DIR / "recipes").glob("*.toml"))
+PROFILE_FILES = sorted(TARGETS_DIR.glob("*.toml")) + sorted(BASES_DIR.glob("*.toml")) + RECIPES
 
 
 @pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.stem)
@@ -64,8 +65,13 @@ def test_the_common_base_holds_every_setting_and_nothing_else():
         assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipes_load_by_path_under_their_own_name_and_are_not_boards(path):
+    assert load_target(str(path)).name == path.stem and path.stem not in known_targets()
+
+
 def test_profiles_state_only_what_differs_from_their_base():
-    for path in TARGETS_DIR.glob("*.toml"):
+    for path in [*TARGETS_DIR.glob("*.toml"), *RECIPES]:
         own = tomllib.loads(path.read_text())
         family = tomllib.loads((BASES_DIR / f"{own['extends']}.toml").read_text()) if "extends" in own else {}
         for section, values in own.items():
