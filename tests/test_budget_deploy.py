@@ -76,7 +76,8 @@ def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
                                         (["--epochs", "3", "1", "1"], "--epochs got 3 counts for 2 models"),
                                         (["--epochs", "-1"], "FINETUNE_EPOCHS=-1; expected 0 or positive counts"),
                                         (["--threads", "-1"], "TASK_THREADS=-1; expected a positive thread count"),
-                                        (["--target", "rpi4", "rpi9"], "Unknown target 'rpi9'; known:")])
+                                        (["--target", "rpi4", "rpi9"], "Unknown target 'rpi9'; known:"),
+                                        (["--target", "rpi4", "rpi4"], "names profiles rpi4, rpi4; expected each")])
 def test_bench_refuses_bad_settings_before_any_work(argv, words, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--out", str(out), *argv]) == 2

@@ -7,8 +7,8 @@ RAY_ADDRESS is set (pipeline/cluster). Measuring stays on this machine, so every
 For each model and target: the dense fp32 and int8 baselines, then for every budget the one-shot (allocation +
 data-aware fit) and the fine-tuned model, each exported, simplified and quantized as `deploy` does for
 the target. Accuracy on the test set in ONNX Runtime; for a Cortex-M target, instructions per inference of
-each int8 model as firmware on its emulated board (deterministic, so comparable across hosts); latency at batch 1 on one thread with all
-variants of a model interleaved round by round, so drift of the host hits them all alike; ratios are to
+each int8 model as firmware on its emulated board (deterministic, so comparable across hosts); latency at
+batch 1 on one thread with all variants of a model interleaved round by round, so drift of the host hits them all alike; ratios are to
 the dense model of the same precision. Compressed models are kept in `<out>/work/` keyed by everything
 that made them, so a rerun (another report, an added budget) does not fine-tune again.
 """
@@ -240,8 +240,10 @@ def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str,
         parse_budget(budget)  # a bad budget, epoch count or target is refused before any work
     if any(n < 0 for n in counts):
         raise ConfigError(f"FINETUNE_EPOCHS={' '.join(map(str, counts))}; expected 0 or positive counts")
-    for target in targets:
-        load_target(target)
+    names = [load_target(target).name for target in targets]
+    if len(set(names)) < len(names):  # work files and report sections are named by the profile's name
+        raise ConfigError(f"TARGET={' '.join(targets)} names profiles {', '.join(names)}; expected each profile "
+                          "once, under a name of its own")
     if threads is not None and threads < 1:
         raise ConfigError(f"TASK_THREADS={threads}; expected a positive thread count (default: all of this machine's)")
     threads = threads or torch.get_num_threads()
