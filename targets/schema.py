@@ -86,6 +86,7 @@ class Decomposition:
     fit_samples: int  # 0: the factors fit the weights, not the activations
     sensitivity_samples: int
     latency_weight: float  # 0: MACs (or parameters) are the only cost
+    gradual: tuple[float, ...]  # intermediate budgets when fine-tuning, in the budget's resource
 
     def __post_init__(self):
         # imported here: the method registry needs torch, and reading a profile should not
@@ -107,6 +108,8 @@ class Decomposition:
         _at_least("latency_weight", self.latency_weight, 0, "0 (off) or a positive weight")
         _at_least("fit_samples", self.fit_samples, 0, "0 (fit the weights) or a positive count")
         _at_least("sensitivity_samples", self.sensitivity_samples, 1, "at least one image")
+        if list(self.gradual) != sorted(set(self.gradual), reverse=True) or not all(0 < f < 1 for f in self.gradual):
+            raise ConfigError(f"gradual {list(self.gradual)}; expected falling fractions in (0, 1), e.g. [0.65, 0.45]")
 
 
 @defaults_from("finetune")
@@ -121,6 +124,7 @@ class Finetune:
     alpha: float
     feature_weight: float
     bn: str
+    step_epochs: int  # at each intermediate budget of `Decomposition.gradual`
     heldout_samples: int
 
     def __post_init__(self):
@@ -129,6 +133,7 @@ class Finetune:
         _choice("bn", self.bn, ("frozen", "reestimate"))
         _at_least("batch_size", self.batch_size, 1, "a positive batch size")
         _at_least("heldout_samples", self.heldout_samples, 0, "0 or a positive count")
+        _at_least("step_epochs", self.step_epochs, 1, "at least one epoch per intermediate budget")
 
 
 @defaults_from("thresholds")
@@ -241,6 +246,26 @@ class TargetProfile:
 
     def __post_init__(self):
         _choice("runtime", self.runtime, RUNTIMES)
+        self._check_gradual()
+
+    def _check_gradual(self) -> None:
+        """Intermediate budgets are only reached when fine-tuning, need a budget above which they lie, and must
+        leave the final budget at least one epoch."""
+        from pipeline.compress.budget.allocate import parse_budget
+
+        steps, tuning = self.decomposition.gradual, self.finetune
+        if not steps or not tuning.epochs:
+            return
+        if not self.decomposition.budget:
+            raise ConfigError(f"decomposition.gradual {list(steps)} needs a budget to end at; none is set "
+                              "(BUDGET=0.35 or decomposition.budget)")
+        final = parse_budget(self.decomposition.budget).fraction
+        if steps[-1] <= final:
+            raise ConfigError(f"decomposition.gradual {list(steps)} must stay above the budget {final:g}")
+        needed = len(steps) * tuning.step_epochs
+        if tuning.epochs <= needed:
+            raise ConfigError(f"{tuning.epochs} fine-tuning epochs for {len(steps)} intermediate budgets of "
+                              f"{tuning.step_epochs} epochs each; expected more than {needed}, so the budget gets some")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

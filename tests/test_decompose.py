@@ -8,7 +8,7 @@ from torch import nn
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.cli import main
-from pipeline.compress.decompose import decompose
+from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.store import load_factored, save_factored
 from pipeline.errors import ConfigError
 from pipeline.metrics import top1, torch_logits
@@ -161,3 +161,35 @@ def test_shipped_seednet_weights_reach_the_accuracy_in_the_readme(cifar_dir):
     spec = load_model("seednet")
     test = load_dataset("test", cifar_dir)
     assert top1(torch_logits(spec.module, preprocess(test.x, mean=spec.mean, std=spec.std)), test.y) == 0.7342
+
+
+class EveryKind(nn.Module):
+    """One layer of each kind a method takes: a full 5x5 conv, a 1x1 conv, a depthwise conv and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.full = nn.Conv2d(3, 12, 5, padding=2, stride=(2, 1))  # strides and padding split across factors too
+        self.pointwise = nn.Conv2d(12, 16, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.head = nn.Linear(32 * 16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.full(x))
+        return self.head(self.depthwise(torch.relu(self.pointwise(x))).mean(1).flatten(1))
+
+
+@pytest.mark.parametrize("method,rank", [("svd", "0.5"), ("tucker2", "0.5"), ("slice-svd", "2"), ("cp", "4")])
+def test_collapse_puts_back_exactly_what_a_trained_chain_computes(method, rank):
+    torch.manual_seed(0)
+    net = EveryKind().eval()
+    model, plan = decompose(net, settings=plain(method=method, rank=rank), input_shape=(3, 32, 32), progress=False)
+    assert sorted(p.method for p in plan.layers) == sorted(["depthwise-split", "linear-svd", "pointwise-svd", method])
+    with torch.no_grad():  # what training does: every factor moves on its own, away from any decomposition
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    collapsed = collapse(model, plan, net)
+    assert [type(m) for m in collapsed.modules()] == [type(m) for m in net.modules()]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(collapsed(x), model(x), atol=1e-5)
+        assert not torch.allclose(collapsed(x), net(x), atol=1e-2)  # the dense model's weights were not reused

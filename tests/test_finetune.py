@@ -1,4 +1,5 @@
-"""Distillation fine-tuning: the loss is the textbook one, BatchNorm is handled as asked, the best epoch is kept."""
+"""Distillation fine-tuning: the loss is the textbook one, BatchNorm is handled as asked, the best epoch is kept;
+gradual compression steps through its budgets."""
 
 import copy
 import math
@@ -9,9 +10,12 @@ import torch
 from torch import nn
 
 from calib import Dataset
+from pipeline.compress.budget.macs import count
 from pipeline.compress.finetune import distillation_loss, feature_loss, feature_points, finetune
+from pipeline.compress.stage import compress
 from pipeline.errors import ConfigError
-from targets import Finetune
+from pipeline.zoo import ModelSpec
+from targets import Decomposition, Finetune, load_target
 
 
 def test_distillation_loss_by_hand():
@@ -39,19 +43,22 @@ def tiny_net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    net = tiny_net()
-    data = colour_data(512, 1)
+def trained(net: nn.Module, data: Dataset, *, steps: int, lr: float) -> nn.Module:
+    """`net` trained full-batch on `data` (preprocessed with mean 0.5, std 1), in eval mode."""
     x = torch.from_numpy((data.x / 255.0 - 0.5).transpose(0, 3, 1, 2).astype(np.float32))
-    optimiser = torch.optim.Adam(net.parameters(), lr=0.05)
-    for _ in range(60):
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
         loss = nn.functional.cross_entropy(net(x), torch.from_numpy(data.y))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     return net.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return trained(tiny_net(), colour_data(512, 1), steps=60, lr=0.05)
 
 
 @pytest.mark.parametrize("bn", ["frozen", "reestimate"])
@@ -100,3 +107,37 @@ def test_feature_distillation_is_recorded_and_still_learns(teacher):
                           settings=Finetune(epochs=2, lr=1e-2, batch_size=32, feature_weight=1.0), progress=False)
     assert history["feature_points"] == ["0"]
     assert history["best_heldout_top1"] > history["start_heldout_top1"] + 0.2
+
+
+def test_gradual_compression_tunes_at_each_intermediate_budget_then_the_last():
+    torch.manual_seed(0)
+    block = lambda: [nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]  # noqa: E731
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), *block(), *block(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 3))
+    train = colour_data(600, 4)
+    spec = ModelSpec("colours", trained(net, train, steps=40, lr=0.02), (3, 8, 8), (0.5,) * 3, (1.0,) * 3)
+    total = sum(c.macs for c in count(net, (3, 8, 8)).values())
+    result = compress(spec, train, settings=Decomposition(budget="0.5", gradual=(0.8,)), progress=False, use_cache=False,
+                      tuning=Finetune(epochs=3, step_epochs=1, lr=1e-2, batch_size=32), log=lambda _: None)
+    tuned = result.finetune
+    (step,) = tuned["steps"]
+    assert step["budget"] == "macs:0.8" and step["macs_after"] <= 0.8 * total
+    assert [e["budget"] for e in tuned["epochs"]] == ["macs:0.8", "macs:0.5", "macs:0.5"]
+    assert result.plan.macs_after <= 0.5 * total and result.allocation["budget"] == "macs:0.5"
+    for model in (result.one_shot, result.model):  # both at the budget: straight from dense, and by steps
+        assert sum(c.macs for c in count(model, (3, 8, 8)).values()) <= 0.5 * total
+    assert len(result.seconds["steps"]) == 2 and tuned["best_heldout_top1"] > 0.9
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"gradual": (0.5, 0.7)}, "expected falling fractions in \\(0, 1\\)"),
+    ({"gradual": (0.3,)}, "must stay above the budget 0.35"),
+    ({"budget": ""}, "needs a budget to end at"),
+    ({"epochs": 4}, "4 fine-tuning epochs for 2 intermediate budgets of 2 epochs each; expected more than 4"),
+])
+def test_gradual_schedules_that_cannot_run_are_refused(change, words):
+    profile = load_target("rpi4").override(decomposition={"budget": "0.35", "gradual": [0.7, 0.5]},
+                                           finetune={"epochs": 10, "step_epochs": 2})
+    section = "finetune" if "epochs" in change else "decomposition"
+    with pytest.raises(ConfigError, match=words):
+        profile.override(**{section: change})

@@ -153,3 +153,22 @@ def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, s
     return LayerPlan(name, type(layer).__name__, method.name, ranks, label, cost.macs, macs_after, cost.params,
                      params_after, _relative_error(layer.weight.detach(), approx), "; ".join(filter(None, (note, fit_note))),
                      None if x is None else round(datafit.output_error(chain, x, y), 6), **_measured(choice))
+
+
+def collapse(model: nn.Module, plan: DecompositionPlan, dense: nn.Module) -> nn.Module:
+    """The inverse of `decompose`: a copy of `model` (`dense` factored as `plan` says, then perhaps trained) with
+    every factored chain replaced by a layer shaped like `dense`'s that computes the chain's product. Exact: a
+    chain has no nonlinearity, and only its last factor has a bias. A tuned student is collapsed so that it can
+    be factored again at a smaller budget, its allocation measured on what it has become."""
+    collapsed = copy.deepcopy(model)
+    for step in plan.layers:
+        if step.method is None:
+            continue
+        original, chain = dense.get_submodule(step.name), model.get_submodule(step.name)
+        layer = copy.deepcopy(original)
+        weight = method_for(original, step.method).effective_weight(chain, original)
+        layer.weight.data = weight.reshape(original.weight.shape).to(original.weight.dtype)
+        if layer.bias is not None:
+            layer.bias.data = chain[-1].bias.detach().clone()
+        set_submodule(collapsed, step.name, layer)
+    return collapsed.eval()

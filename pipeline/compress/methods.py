@@ -122,7 +122,8 @@ class Method:
         raise NotImplementedError
 
     def effective_weight(self, chain: nn.Sequential, layer: nn.Module) -> torch.Tensor:
-        """The single weight tensor a fitted chain computes (for the plan's relative weight error)."""
+        """The single weight tensor a chain computes: the plan's relative weight error compares it with the
+        layer's, and `collapse` puts it back in a dense layer (exact: only a chain's last factor has a bias)."""
         raise NotImplementedError
 
 
@@ -262,6 +263,12 @@ class SliceSVD(Method):
         _assign(chain[0], columns.permute(1, 0, 3, 2))  # channel (c, o, k), taps i
         _assign(chain[2], rows.permute(0, 2, 1, 3))  # output o, input channel (k, c), taps j
         return torch.einsum("ocik,ockj->ocij", columns, rows), ""
+
+    def effective_weight(self, chain, layer):
+        cout, cin = layer.weight.shape[:2]
+        columns = chain[0].weight.detach().double()[:, 0, :, 0].reshape(cin, cout, -1, chain[0].kernel_size[0])  # c, o, k, i
+        rows = chain[2].weight.detach().double()[:, :, 0, :].reshape(cout, -1, cin, chain[2].kernel_size[1])  # o, k, c, j
+        return torch.einsum("coki,okcj->ocij", columns, rows).float()
 
 
 @register

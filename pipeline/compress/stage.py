@@ -2,16 +2,18 @@
 factors to real activations, and optionally fine-tune by distillation. The training split is cut once by
 `calib.split_training`, so nothing is judged on what it was fitted or trained on."""
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
 from torch import nn
 
 from calib import Dataset, preprocess, split_training
-from pipeline.compress.budget.allocate import allocate, check_reachable, parse_budget
+from pipeline.compress.budget.allocate import CostBudget, allocate, check_reachable, parse_budget
 from pipeline.compress.budget.macs import count, totals
 from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities, skeleton_candidates
-from pipeline.compress.decompose import decompose
+from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.errors import ConfigError
@@ -93,37 +95,73 @@ def check_budget(spec: ModelSpec, settings: Decomposition) -> None:
                         budget=budget, total=_total(spec, settings, budget.resource, [], None))
 
 
-def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
-             layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
-             log=print) -> Compressed:
-    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
-    layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0."""
+def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBudget | None, *,
+            settings: Decomposition, layer_latency, seed: int, use_cache: bool, progress: bool, log):
+    """`module` (the dense model, or a tuned student collapsed back to dense layers) factored once: to `budget`
+    by measured sensitivity when there is one, else by `settings`' method and rank rule. Returns the factored
+    model, its plan, the allocation's record (None without a budget) and the seconds of each part."""
     seconds, choices, allocation = {}, None, None
-    budget = parse_budget(settings.budget) if settings.budget else None
-    check_budget(spec, settings)
-    samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
-    splits, calibration = samples.splits, samples.fit
     if budget is not None:
         started = time.perf_counter()
-        candidates, facts = sensitivity_table(spec, samples, settings=settings, layer_latency=layer_latency, seed=seed,
-                                              use_cache=use_cache, progress=progress)
+        model_spec = dataclasses.replace(spec, module=module)
+        candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_latency=layer_latency,
+                                              seed=seed, use_cache=use_cache, progress=progress)
         timed = budget.resource == "latency" or settings.latency_weight > 0
-        choices, allocation = allocate(candidates, budget=budget, total=_total(spec, settings, budget.resource, candidates,
-                                                                                layer_latency),
+        choices, allocation = allocate(candidates, budget=budget, total=_total(model_spec, settings, budget.resource,
+                                                                                candidates, layer_latency),
                                        latency_weight=settings.latency_weight)
-        allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(splits["sensitivity"]),
+        allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
                           latency_unit=layer_latency.unit if timed else None)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
-    factored, plan = decompose(spec.module, input_shape=spec.input_shape, settings=settings, seed=seed,
-                               progress=progress, calibration=calibration, choices=choices)
+    factored, plan = decompose(module, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
+                               calibration=samples.fit, choices=choices)
     seconds["decompose"] = round(plan.seconds, 2)
-    model, history = factored, None
+    return factored, plan, allocation, seconds
+
+
+def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
+             layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
+             log=print) -> Compressed:
+    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
+    layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0.
+
+    With intermediate budgets (`settings.gradual`) and epochs, the model is factored to each in turn, tuned for
+    `tuning.step_epochs`, and collapsed back to dense layers before the next: every allocation is measured on
+    the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
+    teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
+    budget = parse_budget(settings.budget) if settings.budget else None
+    check_budget(spec, settings)
+    samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
+    splits = samples.splits
+    common = dict(spec=spec, samples=samples, settings=settings, layer_latency=layer_latency, seed=seed,
+                  use_cache=use_cache, progress=progress, log=log)
+    one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
+    model, history = one_shot, None
     if tuning.epochs:
-        started = time.perf_counter()
-        model, history = finetune(factored, spec.module, train_set.take(splits["train"]),
-                                  train_set.take(splits["heldout"]), mean=spec.mean, std=spec.std, settings=tuning,
-                                  seed=seed, progress=progress)
-        seconds["finetune"] = round(time.perf_counter() - started, 1)
-    return Compressed(factored, model, plan, allocation, history, seconds)
+        tune = functools.partial(finetune, teacher=spec.module, train_set=train_set.take(splits["train"]),
+                                 heldout=train_set.take(splits["heldout"]), mean=spec.mean, std=spec.std, seed=seed,
+                                 progress=progress)
+        started, steps, student = time.perf_counter(), [], spec.module
+        for fraction in settings.gradual if budget is not None else ():
+            step_budget = dataclasses.replace(budget, fraction=fraction)
+            factored, step_plan, _, spent = _factor(student, budget=step_budget, **common)
+            tuned, step_history = tune(factored, settings=dataclasses.replace(tuning, epochs=tuning.step_epochs))
+            steps.append({"budget": str(step_budget), "macs_after": step_plan.macs_after, "seconds": spent,
+                          **{k: step_history[k] for k in ("start_heldout_top1", "best_heldout_top1", "best_epoch",
+                                                          "epochs", "seconds_per_epoch")}})
+            student = collapse(tuned, step_plan, student)
+        factored = one_shot
+        if steps:
+            factored, plan, allocation, spent = _factor(student, budget=budget, **common)
+            seconds["steps"] = [s["seconds"] for s in steps] + [spent]
+        model, history = tune(factored, settings=dataclasses.replace(
+            tuning, epochs=tuning.epochs - len(steps) * tuning.step_epochs))
+        if steps:  # every epoch in one list, each saying at which budget it ran
+            epochs = [{**e, "budget": s["budget"]} for s in steps for e in s["epochs"]]
+            epochs += [{**e, "budget": str(budget)} for e in history["epochs"]]
+            history.update(steps=steps, epochs=epochs,
+                           seconds_per_epoch=round(sum(e["seconds"] for e in epochs) / len(epochs), 3))
+        seconds["finetune"] = round(time.perf_counter() - started, 1)  # with the re-factoring between steps
+    return Compressed(one_shot, model, plan, allocation, history, seconds)
