@@ -57,6 +57,20 @@ def test_a_second_budget_reuses_the_sensitivities(budgeted, tmp_path, cifar_dir,
     assert report["variants"]["factored_int8"]["macs"] <= 0.9 * report["variants"]["dense_fp32"]["macs"]
 
 
+def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_path, cifar_dir):
+    profile = tmp_path / "steps.toml"
+    profile.write_text('name = "steps"\ndescription = "seednet by steps"\nruntime = "onnxruntime"\n'
+                       "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\n")
+    assert main(["deploy", "--target", str(profile), "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.8",
+                 "--finetune-epochs", "2", "--out", str(tmp_path / "d"), "--quiet"]) in (0, 1)
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    tuned, seconds = report["decomposition"]["finetune"], report["decomposition"]["steps_seconds"]
+    assert [s["budget"] for s in tuned["steps"]] == ["macs:0.9"] and len(seconds["steps"]) == 2
+    assert [e["budget"] for e in tuned["epochs"]] == ["macs:0.9", "macs:0.8"]
+    assert report["variants"]["factored_int8"]["macs"] <= 0.8 * report["variants"]["dense_fp32"]["macs"]
+    assert "by steps: macs:0.9 for 1 epochs" in (tmp_path / "d" / "report.md").read_text()
+
+
 def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
     path = bench(models=("seednet",), budgets=(0.85,), epochs=1, data=str(cifar_dir), eval_samples=300,
                  out=str(tmp_path / "bench"), latency_rounds=2, log=lambda *_: None)
@@ -69,6 +83,7 @@ def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
     assert rows["b0.85_finetuned_int8"]["finetune_s"] > 0 and rows["b0.85_oneshot_int8"]["finetune_s"] is None
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "| b0.85_finetuned_int8 |" in report and "speedup / MAC red." in report
+    assert "Fine-tuned 1 epochs by distillation" in report
     assert (tmp_path / "bench" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 

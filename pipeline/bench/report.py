@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a build machine
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.report.deploy_report import tuning_sentence  # noqa: E402
 from pipeline.util import atomic_path, markdown_table, write_text  # noqa: E402
 
 
@@ -117,6 +118,8 @@ def write_report(results: dict, out: Path) -> Path:
             chosen = [f"{layer['name']} {layer['method'] or 'dense'} {'x'.join(map(str, layer['ranks']))}".rstrip()
                       for layer in plan["layers"]]
             lines += [f"Budget {budget}: " + ", ".join(chosen), "", *_latency_lines(plan), ""]
+            if plan.get("finetune"):
+                lines += [tuning_sentence(plan["finetune"]), ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path

@@ -72,11 +72,19 @@ def _compression_lines(record: dict) -> list[str]:
                      f"candidates ({source}); summed KL of the choices {allocation['predicted_kl']:.4f}; latency "
                      f"weight {allocation['latency_weight']:g}.")
     if tuned:
-        lines.append(f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per "
-                     f"epoch on this host, BatchNorm {tuned['bn']}): held-out top-1 {tuned['start_heldout_top1']:.2%} "
-                     f"-> {tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, "
-                     f"{tuned['heldout_samples']:,} training images never trained on).")
+        lines.append(tuning_sentence(tuned))
     return [*lines, ""] if lines else []
+
+
+def tuning_sentence(tuned: dict) -> str:
+    """The fine-tuning record in words: epochs, cost, held-out top-1 and, when compressed gradually, each step."""
+    steps = [f"{s['budget']} for {len(s['epochs'])} epochs (held-out {s['start_heldout_top1']:.2%} -> "
+             f"{s['best_heldout_top1']:.2%})" for s in tuned.get("steps", ())]
+    gradual = f" by steps: {', then '.join(steps)}; at the budget" if steps else ""
+    return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
+            f"this host, BatchNorm {tuned['bn']}){gradual}: held-out top-1 {tuned['start_heldout_top1']:.2%} -> "
+            f"{tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, {tuned['heldout_samples']:,} training "
+            "images never trained on).")
 
 
 def _latency_source(report: DeployReport) -> str:
