@@ -122,6 +122,7 @@ def test_gradual_compression_tunes_at_each_intermediate_budget_then_the_last():
     tuned = result.finetune
     (step,) = tuned["steps"]
     assert step["budget"] == "macs:0.8" and step["macs_after"] <= 0.8 * total
+    assert step["best_epoch"] == 1  # a step keeps its last epoch: the next one starts from where training went
     assert [e["budget"] for e in tuned["epochs"]] == ["macs:0.8", "macs:0.5", "macs:0.5"]
     assert result.plan.macs_after <= 0.5 * total and result.allocation["budget"] == "macs:0.5"
     for model in (result.one_shot, result.model):  # both at the budget: straight from dense, and by steps
@@ -141,3 +142,18 @@ def test_gradual_schedules_that_cannot_run_are_refused(change, words):
     section = "finetune" if "epochs" in change else "decomposition"
     with pytest.raises(ConfigError, match=words):
         profile.override(**{section: change})
+
+
+def test_keep_last_returns_the_last_epoch_even_when_no_epoch_beat_the_start(teacher):
+    data, heldout = colour_data(256, 2), colour_data(200, 3)
+    settings = Finetune(epochs=2, lr=0.05, batch_size=32)  # the teacher is its own student: no epoch can beat the start
+    best, history = finetune(teacher, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, settings=settings,
+                             progress=False)
+    assert history["best_epoch"] == 0 and all(torch.equal(v, teacher.state_dict()[k]) for k, v in best.state_dict().items())
+    last, history = finetune(teacher, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, settings=settings,
+                             progress=False, keep="last")
+    assert history["best_epoch"] == 2 and history["kept"] == "last"
+    assert history["best_heldout_top1"] == history["epochs"][-1]["heldout_top1"]
+    assert not torch.equal(last[0].weight, teacher[0].weight)
+    with pytest.raises(ConfigError, match="Unknown keep 'first'; known: best, last"):
+        finetune(teacher, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, settings=settings, keep="first")

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from calib import Dataset, preprocess
+from pipeline.errors import unknown
 from pipeline.metrics import top1, torch_logits
 from pipeline.zoo.train import augment
 from targets import Finetune
@@ -86,9 +87,12 @@ def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int
 
 
 def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout: Dataset, *, mean, std,
-             settings: Finetune, seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
+             settings: Finetune, seed: int = 0, progress: bool = True, keep: str = "best") -> tuple[nn.Module, dict]:
     """Fine-tune `student` (a copy is returned) on `train_set` as `settings` say; returns it and a history with
-    per-epoch loss, held-out top-1 and seconds. `heldout` must not overlap `train_set`."""
+    per-epoch loss, held-out top-1 and seconds. `heldout` must not overlap `train_set`. `keep`: "best" returns
+    the epoch (or the start) with the best held-out top-1, "last" the last epoch."""
+    if keep not in ("best", "last"):
+        raise unknown("keep", keep, ("best", "last"))
     epochs, lr, batch_size, bn = settings.epochs, settings.lr, settings.batch_size, settings.bn
     weight_decay, temperature, alpha = settings.weight_decay, settings.temperature, settings.alpha
     feature_weight = settings.feature_weight
@@ -145,12 +149,12 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
                                   "heldout_top1": held_top1, "seconds": round(seconds, 3)})
         tqdm.write(f"fine-tune epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, held-out top-1 "
                    f"{held_top1:.2%} (start {start_top1:.2%}), {seconds:.0f} s")
-        if held_top1 > best[0]:
+        if held_top1 > best[0] or keep == "last":
             best = (held_top1, copy.deepcopy(model.state_dict()), epoch + 1)
     if taps:
         for tap in taps:
             tap.close()
     model.load_state_dict(best[1])
-    history.update(best_epoch=best[2], best_heldout_top1=best[0],
+    history.update(kept=keep, best_epoch=best[2], best_heldout_top1=best[0],
                    seconds_per_epoch=round(float(np.mean([e["seconds"] for e in history["epochs"]])), 3) if epochs else 0.0)
     return model.eval(), history

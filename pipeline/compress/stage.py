@@ -147,7 +147,11 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
         for fraction in settings.gradual if budget is not None else ():
             step_budget = dataclasses.replace(budget, fraction=fraction)
             factored, step_plan, _, spent = _factor(student, budget=step_budget, **common)
-            tuned, step_history = tune(factored, settings=dataclasses.replace(tuning, epochs=tuning.step_epochs))
+            # the step's last epoch, not its best held-out one: the held-out images are in the teacher's training
+            # set, so a student nearer the teacher scores higher there (ResNet-20 factored to 0.6 of MACs: 97.5%
+            # untuned, 97.0% after two epochs) and the step's tuning would be thrown away
+            tuned, step_history = tune(factored, settings=dataclasses.replace(tuning, epochs=tuning.step_epochs),
+                                       keep="last")
             steps.append({"budget": str(step_budget), "macs_after": step_plan.macs_after, "seconds": spent,
                           **{k: step_history[k] for k in ("start_heldout_top1", "best_heldout_top1", "best_epoch",
                                                           "epochs", "seconds_per_epoch")}})
