@@ -73,10 +73,10 @@ def compress_point(spec, train_set, target: str, budget: float, epochs: int, cac
     profile = _grid_profile(target, budget, epochs)
     result = compress(spec, train_set, settings=profile.decomposition, tuning=profile.finetune,
                       layer_latency=layer_latency_for(profile), seed=SEED, progress=False)
-    models = {"oneshot": result.one_shot}
-    if epochs:
-        models["finetuned"] = result.model
-    return {"record": result.record(), "seconds": result.seconds, "models": models}
+    models, plans = {"oneshot": result.one_shot}, {"oneshot": result.one_shot_plan.to_dict()}
+    if epochs:  # the tuned model's chains differ from the one-shot's when compressed gradually
+        models["finetuned"], plans["finetuned"] = result.model, result.plan.to_dict()
+    return {"record": result.record(), "seconds": result.seconds, "models": models, "plans": plans}
 
 
 def _load_point(meta_path: Path, spec, weights) -> dict:
@@ -90,8 +90,8 @@ def _load_point(meta_path: Path, spec, weights) -> dict:
 
 
 def _save_point(meta_path: Path, made: dict, spec) -> None:
-    plan = DecompositionPlan.from_dict(made["record"])
     for stage, model in made["models"].items():
+        plan = DecompositionPlan.from_dict(made["plans"][stage])
         save_factored(meta_path.with_suffix(f".{stage}.pt"), model, plan, model_name=spec.name)
     write_text(meta_path, json.dumps({"record": made["record"], "seconds": made["seconds"]}, indent=1))
 

@@ -25,10 +25,11 @@ from targets import Decomposition, Finetune
 class Compressed:
     one_shot: nn.Module  # factored and fitted, before any fine-tuning
     model: nn.Module  # what the pipeline goes on with: fine-tuned when epochs > 0, else one_shot
-    plan: DecompositionPlan
+    plan: DecompositionPlan  # model's
     allocation: dict | None  # budget, lambda, predicted KL, sensitivity cache facts
     finetune: dict | None  # per-epoch loss, held-out top-1, seconds
     seconds: dict  # wall time of each step
+    one_shot_plan: DecompositionPlan  # one_shot's: plan's, unless compressed gradually (model's chains then differ)
 
     def record(self) -> dict:
         """The plan plus how it was reached, as report.json's `decomposition`."""
@@ -138,6 +139,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     common = dict(spec=spec, samples=samples, settings=settings, layer_latency=layer_latency, seed=seed,
                   use_cache=use_cache, progress=progress, log=log)
     one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
+    one_shot_plan = plan
     model, history = one_shot, None
     if tuning.epochs:
         tune = functools.partial(finetune, teacher=spec.module, train_set=train_set.take(splits["train"]),
@@ -168,4 +170,4 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             history.update(steps=steps, epochs=epochs,
                            seconds_per_epoch=round(sum(e["seconds"] for e in epochs) / len(epochs), 3))
         seconds["finetune"] = round(time.perf_counter() - started, 1)  # with the re-factoring between steps
-    return Compressed(one_shot, model, plan, allocation, history, seconds)
+    return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan)
