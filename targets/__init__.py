@@ -12,9 +12,10 @@ from targets.schema import (
     Quantization,
     TargetProfile,
     Thresholds,
+    check_gradual,
     known_targets,
     load_target,
 )
 
 __all__ = ["TARGETS_DIR", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Firmware", "Memory", "Quantization",
-           "TargetProfile", "Thresholds", "known_targets", "load_target"]
+           "TargetProfile", "Thresholds", "check_gradual", "known_targets", "load_target"]

@@ -224,6 +224,27 @@ class Evaluation:
         _at_least("latency_tolerance", self.latency_tolerance, 0, "a share of at least 0")
 
 
+def check_gradual(decomposition: Decomposition, tuning: Finetune) -> None:
+    """Intermediate budgets are only reached when fine-tuning, need a budget above which they lie, and must
+    leave the final budget at least one epoch. Checked when a profile is built and again by `compress`, which
+    takes the two sections without a profile."""
+    from pipeline.compress.budget.allocate import parse_budget
+
+    steps = decomposition.gradual
+    if not steps or not tuning.epochs:
+        return
+    if not decomposition.budget:
+        raise ConfigError(f"decomposition.gradual {list(steps)} needs a budget to end at; none is set "
+                          "(BUDGET=0.35 or decomposition.budget)")
+    final = parse_budget(decomposition.budget).fraction
+    if steps[-1] <= final:
+        raise ConfigError(f"decomposition.gradual {list(steps)} must stay above the budget {final:g}")
+    needed = len(steps) * tuning.step_epochs
+    if tuning.epochs <= needed:
+        raise ConfigError(f"{tuning.epochs} fine-tuning epochs for {len(steps)} intermediate budgets of "
+                          f"{tuning.step_epochs} epochs each; expected more than {needed}, so the budget gets some")
+
+
 RUNTIMES = ("onnxruntime", "tflite-micro")
 SECTIONS = {"quantization": Quantization, "decomposition": Decomposition, "finetune": Finetune,
             "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck,
@@ -246,26 +267,7 @@ class TargetProfile:
 
     def __post_init__(self):
         _choice("runtime", self.runtime, RUNTIMES)
-        self._check_gradual()
-
-    def _check_gradual(self) -> None:
-        """Intermediate budgets are only reached when fine-tuning, need a budget above which they lie, and must
-        leave the final budget at least one epoch."""
-        from pipeline.compress.budget.allocate import parse_budget
-
-        steps, tuning = self.decomposition.gradual, self.finetune
-        if not steps or not tuning.epochs:
-            return
-        if not self.decomposition.budget:
-            raise ConfigError(f"decomposition.gradual {list(steps)} needs a budget to end at; none is set "
-                              "(BUDGET=0.35 or decomposition.budget)")
-        final = parse_budget(self.decomposition.budget).fraction
-        if steps[-1] <= final:
-            raise ConfigError(f"decomposition.gradual {list(steps)} must stay above the budget {final:g}")
-        needed = len(steps) * tuning.step_epochs
-        if tuning.epochs <= needed:
-            raise ConfigError(f"{tuning.epochs} fine-tuning epochs for {len(steps)} intermediate budgets of "
-                              f"{tuning.step_epochs} epochs each; expected more than {needed}, so the budget gets some")
+        check_gradual(self.decomposition, self.finetune)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -157,3 +157,10 @@ def test_keep_last_returns_the_last_epoch_even_when_no_epoch_beat_the_start(teac
     assert not torch.equal(last[0].weight, teacher[0].weight)
     with pytest.raises(ConfigError, match="Unknown keep 'first'; known: best, last"):
         finetune(teacher, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, settings=settings, keep="first")
+
+
+def test_compress_refuses_a_gradual_schedule_without_a_budget_before_any_work(teacher):
+    spec = ModelSpec("colours", teacher, (3, 8, 8), (0.5,) * 3, (1.0,) * 3)
+    with pytest.raises(ConfigError, match=r"gradual \[0.8\] needs a budget to end at"):
+        compress(spec, colour_data(100, 5), settings=Decomposition(gradual=(0.8,)), tuning=Finetune(epochs=3),
+                 progress=False, log=lambda _: None)

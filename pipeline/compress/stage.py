@@ -18,7 +18,7 @@ from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
-from targets import Decomposition, Finetune
+from targets import Decomposition, Finetune, check_gradual
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
     budget = parse_budget(settings.budget) if settings.budget else None
     check_budget(spec, settings)
+    check_gradual(settings, tuning)
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
     common = dict(spec=spec, samples=samples, settings=settings, layer_latency=layer_latency, seed=seed,
@@ -146,7 +147,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
                                  heldout=train_set.take(splits["heldout"]), mean=spec.mean, std=spec.std, seed=seed,
                                  progress=progress)
         started, steps, student = time.perf_counter(), [], spec.module
-        for fraction in settings.gradual if budget is not None else ():
+        for fraction in settings.gradual:
             step_budget = dataclasses.replace(budget, fraction=fraction)
             factored, step_plan, _, spent = _factor(student, budget=step_budget, **common)
             # the step's last epoch, not its best held-out one: the held-out images are in the teacher's training
