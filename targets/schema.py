@@ -125,6 +125,7 @@ class Finetune:
     feature_weight: float
     bn: str
     step_epochs: int  # at each intermediate budget of `Decomposition.gradual`
+    ema_decay: float  # 0: no weight averaging
     heldout_samples: int
 
     def __post_init__(self):
@@ -134,6 +135,8 @@ class Finetune:
         _at_least("batch_size", self.batch_size, 1, "a positive batch size")
         _at_least("heldout_samples", self.heldout_samples, 0, "0 or a positive count")
         _at_least("step_epochs", self.step_epochs, 1, "at least one epoch per intermediate budget")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay}; expected 0 (no averaging) or a decay in (0, 1)")
 
 
 @defaults_from("thresholds")

@@ -60,7 +60,7 @@ def test_a_second_budget_reuses_the_sensitivities(budgeted, tmp_path, cifar_dir,
 def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_path, cifar_dir):
     profile = tmp_path / "steps.toml"
     profile.write_text('name = "steps"\ndescription = "seednet by steps"\nruntime = "onnxruntime"\n'
-                       "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\n")
+                       "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\nema_decay = 0.99\n")
     assert main(["deploy", "--target", str(profile), "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.8",
                  "--finetune-epochs", "2", "--out", str(tmp_path / "d"), "--quiet"]) in (0, 1)
     report = json.loads((tmp_path / "d" / "report.json").read_text())
@@ -68,7 +68,8 @@ def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_pat
     assert [s["budget"] for s in tuned["steps"]] == ["macs:0.9"] and len(seconds["steps"]) == 2
     assert [e["budget"] for e in tuned["epochs"]] == ["macs:0.9", "macs:0.8"]
     assert report["variants"]["factored_int8"]["macs"] <= 0.8 * report["variants"]["dense_fp32"]["macs"]
-    assert "by steps: macs:0.9 for 1 epochs" in (tmp_path / "d" / "report.md").read_text()
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert "weights averaged with decay 0.99) by steps: macs:0.9 for 1 epochs" in text
 
 
 def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains(tmp_path, cifar_dir):

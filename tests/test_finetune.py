@@ -80,7 +80,35 @@ def test_finetune_improves_a_damaged_student_and_handles_batchnorm(teacher, bn):
     assert stats_kept == (bn == "frozen")
 
 
+def damaged(teacher: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.add_(0.5 * torch.randn_like(student[0].weight))
+        student[5].bias[0] += 4 * student[5].weight.norm()  # a classifier that calls most images class 0
+    return student
+
+
+def test_weight_averaging_keeps_the_average_of_the_trained_weights(teacher):
+    student, data, heldout = damaged(teacher), colour_data(512, 2), colour_data(300, 3)
+
+    def tuned(decay: float) -> tuple[nn.Module, dict]:
+        return finetune(student, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, progress=False, keep="last",
+                        settings=Finetune(epochs=1, lr=1e-2, batch_size=32, ema_decay=decay))
+
+    (last, _), (frozen, _), (averaged, history) = tuned(0.0), tuned(1 - 1e-9), tuned(0.5)
+    moved = lambda a, b: (a[0].weight - b[0].weight).abs().max().item()  # noqa: E731
+    assert moved(last, student) > 0.05  # training moved the weights ...
+    assert moved(frozen, student) < 1e-6  # ... an average that never forgets its start did not
+    assert moved(averaged, last) > 1e-4 and moved(averaged, student) > 0.05  # a short memory sits near the end
+    assert history["start_heldout_top1"] < 0.5 and history["epochs"][0]["heldout_top1"] > 0.9
+    assert torch.equal(averaged[1].running_mean, student[1].running_mean)  # frozen statistics are not averaged
+    assert history["ema_decay"] == 0.5
+
+
 def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match=r"ema_decay=1.0; expected 0 \(no averaging\) or a decay in \(0, 1\)"):
+        Finetune(ema_decay=1.0)
     with pytest.raises(ConfigError, match="Unknown bn value 'fold'; known: frozen, reestimate"):
         Finetune(epochs=1, bn="fold")
     with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-2"):

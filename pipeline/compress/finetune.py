@@ -5,8 +5,9 @@ per image than the label, which is what makes a few epochs on 2 CPU cores enough
 by default: its statistics stay those of the dense model (the data-aware fit keeps every layer's output
 distribution), so training optimises exactly the folded function that is exported and quantized, and
 small batches cannot skew the statistics. `bn="reestimate"` trains with batch statistics instead and
-re-estimates the running ones at the end. The checkpoint with the best held-out top-1 (images of the
-training split that are never trained on) is kept, the starting point included.
+re-estimates the running ones at the end. With `ema_decay` the weights evaluated and kept are an exponential
+moving average of the trained ones (torch's AveragedModel; Polyak & Juditsky 1992). The checkpoint with the best
+held-out top-1 (images of the training split that are never trained on) is kept, the starting point included.
 """
 
 import copy
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from calib import Dataset, preprocess
@@ -103,7 +105,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     held_x = preprocess(heldout.x, mean=mean, std=std)
     start_top1 = top1(torch_logits(model, held_x), heldout.y)
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
-    history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "heldout_samples": len(heldout.y),
+    history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "ema_decay": settings.ema_decay,
+               "heldout_samples": len(heldout.y),
                "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
     points = feature_points(model, teacher) if feature_weight else []
@@ -114,6 +117,13 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     # Adam's per-parameter steps are bounded by lr whatever the gradient's scale.
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * steps_per_epoch))
+    # Buffers are not averaged: frozen BatchNorm statistics stay the dense model's, re-estimated ones are
+    # recomputed for the averaged weights at each epoch's end.
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
+                             use_buffers=False) if settings.ema_decay else None
+    if averaged:
+        averaged.update_parameters(model)  # the average starts at the student, not after the first step
+    evaluated = averaged.module if averaged else model
     for epoch in range(epochs):
         started = time.perf_counter()
         model.train()
@@ -137,20 +147,22 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
             loss.backward()
             optimiser.step()
             schedule.step()
+            if averaged:
+                averaged.update_parameters(model)
             losses.append(loss.item())
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", heldout=f"{best[0]:.2%}")
         if bn == "reestimate":
-            _reestimate(model, train_set, mean=mean, std=std, batches=50, batch_size=batch_size, seed=seed + epoch)
-        model.eval()
-        held_top1 = top1(torch_logits(model, held_x), heldout.y)
+            _reestimate(evaluated, train_set, mean=mean, std=std, batches=50, batch_size=batch_size, seed=seed + epoch)
+        evaluated.eval()
+        held_top1 = top1(torch_logits(evaluated, held_x), heldout.y)
         seconds = time.perf_counter() - started
         history["epochs"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5),
                                   "heldout_top1": held_top1, "seconds": round(seconds, 3)})
         tqdm.write(f"fine-tune epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, held-out top-1 "
                    f"{held_top1:.2%} (start {start_top1:.2%}), {seconds:.0f} s")
         if held_top1 > best[0] or keep == "last":
-            best = (held_top1, copy.deepcopy(model.state_dict()), epoch + 1)
+            best = (held_top1, copy.deepcopy(evaluated.state_dict()), epoch + 1)
     if taps:
         for tap in taps:
             tap.close()
