@@ -106,9 +106,16 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     start_top1 = top1(torch_logits(model, held_x), heldout.y)
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
     history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "ema_decay": settings.ema_decay,
-               "heldout_samples": len(heldout.y),
-               "train_samples": len(train_set.y)}
+               "heldout_samples": len(heldout.y), "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
+    # Made before the feature hooks, which its copy of the model would otherwise carry. Buffers are not
+    # averaged: frozen BatchNorm statistics stay the dense model's, re-estimated ones are recomputed for the
+    # averaged weights at each epoch's end.
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
+                             use_buffers=False) if settings.ema_decay else None
+    if averaged:
+        averaged.update_parameters(model)  # the average starts at the student, not after the first step
+    evaluated = averaged.module if averaged else model
     points = feature_points(model, teacher) if feature_weight else []
     history["feature_points"] = points
     taps = (_Features(model, points), _Features(teacher, points)) if points else None
@@ -117,13 +124,6 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     # Adam's per-parameter steps are bounded by lr whatever the gradient's scale.
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * steps_per_epoch))
-    # Buffers are not averaged: frozen BatchNorm statistics stay the dense model's, re-estimated ones are
-    # recomputed for the averaged weights at each epoch's end.
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
-                             use_buffers=False) if settings.ema_decay else None
-    if averaged:
-        averaged.update_parameters(model)  # the average starts at the student, not after the first step
-    evaluated = averaged.module if averaged else model
     for epoch in range(epochs):
         started = time.perf_counter()
         model.train()
