@@ -124,6 +124,7 @@ class Finetune:
     alpha: float
     feature_weight: float
     bn: str
+    optimizer: str
     step_epochs: int  # at each intermediate budget of `Decomposition.gradual`
     ema_decay: float  # 0: no weight averaging
     heldout_samples: int
@@ -132,6 +133,7 @@ class Finetune:
         if self.epochs < 0:
             raise ConfigError(f"FINETUNE_EPOCHS={self.epochs}; expected 0 (no fine-tuning) or a positive count")
         _choice("bn", self.bn, ("frozen", "reestimate"))
+        _choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _at_least("batch_size", self.batch_size, 1, "a positive batch size")
         _at_least("heldout_samples", self.heldout_samples, 0, "0 or a positive count")
         _at_least("step_epochs", self.step_epochs, 1, "at least one epoch per intermediate budget")

@@ -11,7 +11,7 @@ from torch import nn
 
 from calib import Dataset
 from pipeline.compress.budget.macs import count
-from pipeline.compress.finetune import distillation_loss, feature_loss, feature_points, finetune
+from pipeline.compress.finetune import OPTIMISERS, distillation_loss, feature_loss, feature_points, finetune
 from pipeline.compress.stage import compress
 from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
@@ -106,7 +106,26 @@ def test_weight_averaging_keeps_the_average_of_the_trained_weights(teacher):
     assert history["ema_decay"] == 0.5
 
 
+def test_sgd_with_batch_statistics_recovers_a_damaged_student(teacher):
+    student = damaged(teacher)
+    _, history = finetune(student, teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3, std=(1.0,) * 3,
+                          progress=False, settings=Finetune(epochs=2, lr=0.05, batch_size=32, bn="reestimate",
+                                                            optimizer="sgd"))
+    assert history["start_heldout_top1"] < 0.5 and history["best_heldout_top1"] > 0.9
+    assert history["optimizer"] == "sgd"
+
+
+def test_every_optimizer_a_profile_may_name_is_built():
+    # the schema names the same set: its refusal below lists "adamw, sgd"
+    for name, build in OPTIMISERS.items():
+        Finetune(optimizer=name)  # accepted by the profile schema
+        assert isinstance(build([nn.Parameter(torch.zeros(1))], lr=0.1, weight_decay=0.0), torch.optim.Optimizer)
+
+
 def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="Unknown optimizer value 'adam'; known: adamw, sgd"):
+        Finetune(optimizer="adam")
+
     with pytest.raises(ConfigError, match=r"ema_decay=1.0; expected 0 \(no averaging\) or a decay in \(0, 1\)"):
         Finetune(ema_decay=1.0)
     with pytest.raises(ConfigError, match="Unknown bn value 'fold'; known: frozen, reestimate"):

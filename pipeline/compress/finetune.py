@@ -26,6 +26,16 @@ from pipeline.metrics import top1, torch_logits
 from pipeline.zoo.train import augment
 from targets import Finetune
 
+# Adam by default, not SGD: with BatchNorm frozen the weights lose their scale invariance, and on ResNet-20 some
+# gradients were 5x their weights' norm at the first step; SGD diverged within 2 steps even at lr 0.002.
+# Adam's per-parameter steps are bounded by lr whatever the gradient's scale. With batch statistics
+# (bn="reestimate") the scale invariance is back and SGD is the optimiser the CIFAR ResNets were trained with.
+OPTIMISERS = {
+    "adamw": lambda params, *, lr, weight_decay: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+    "sgd": lambda params, *, lr, weight_decay: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9,
+                                                             nesterov=True),
+}
+
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -105,7 +115,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     held_x = preprocess(heldout.x, mean=mean, std=std)
     start_top1 = top1(torch_logits(model, held_x), heldout.y)
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
-    history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "ema_decay": settings.ema_decay,
+    history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "optimizer": settings.optimizer,
+               "ema_decay": settings.ema_decay,
                "heldout_samples": len(heldout.y), "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
     # Made before the feature hooks, which its copy of the model would otherwise carry. Buffers are not
@@ -119,10 +130,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     points = feature_points(model, teacher) if feature_weight else []
     history["feature_points"] = points
     taps = (_Features(model, points), _Features(teacher, points)) if points else None
-    # Adam, not SGD: with BatchNorm frozen the weights lose their scale invariance, and on ResNet-20 some
-    # gradients were 5x their weights' norm at the first step; SGD diverged within 2 steps even at lr 0.002.
-    # Adam's per-parameter steps are bounded by lr whatever the gradient's scale.
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimiser = OPTIMISERS[settings.optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * steps_per_epoch))
     for epoch in range(epochs):
         started = time.perf_counter()

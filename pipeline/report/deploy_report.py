@@ -81,9 +81,11 @@ def tuning_sentence(tuned: dict) -> str:
     steps = [f"{s['budget']} for {len(s['epochs'])} epochs (held-out {s['start_heldout_top1']:.2%} -> "
              f"{s['best_heldout_top1']:.2%})" for s in tuned.get("steps", ())]
     gradual = f" by steps: {', then '.join(steps)}; at the budget" if steps else ""
+    optimiser = f", {tuned['optimizer']}" if "optimizer" in tuned else ""  # records from before the setting
     averaged = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
-            f"this host, BatchNorm {tuned['bn']}{averaged}){gradual}: held-out top-1 {tuned['start_heldout_top1']:.2%} -> "
+            f"this host, BatchNorm {tuned['bn']}{optimiser}{averaged}){gradual}: held-out top-1 "
+            f"{tuned['start_heldout_top1']:.2%} -> "
             f"{tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, {tuned['heldout_samples']:,} training "
             "images never trained on).")
 
