@@ -127,6 +127,8 @@ class Finetune:
     optimizer: str
     step_epochs: int  # at each intermediate budget of `Decomposition.gradual`
     ema_decay: float  # 0: no weight averaging
+    mixup: float  # Beta(mixup, mixup) mixing of each batch; 0: none
+    seed: int  # added to the run's seed for shuffling, augmentation and mixing
     heldout_samples: int
 
     def __post_init__(self):
@@ -139,6 +141,9 @@ class Finetune:
         _at_least("step_epochs", self.step_epochs, 1, "at least one epoch per intermediate budget")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay}; expected 0 (no averaging) or a decay in (0, 1)")
+        if self.mixup < 0.0:
+            raise ConfigError(f"mixup={self.mixup}; expected 0 (no mixing) or a positive Beta concentration")
+        _at_least("seed", self.seed, 0, "0 or a positive offset")
 
 
 @defaults_from("thresholds")

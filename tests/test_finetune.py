@@ -11,7 +11,14 @@ from torch import nn
 
 from calib import Dataset
 from pipeline.compress.budget.macs import count
-from pipeline.compress.finetune import OPTIMISERS, distillation_loss, feature_loss, feature_points, finetune
+from pipeline.compress.finetune import (
+    OPTIMISERS,
+    distillation_loss,
+    feature_loss,
+    feature_points,
+    finetune,
+    mix,
+)
 from pipeline.compress.stage import compress
 from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
@@ -115,6 +122,35 @@ def test_sgd_with_batch_statistics_recovers_a_damaged_student(teacher):
     assert history["optimizer"] == "sgd"
 
 
+def test_mixup_blends_a_batch_with_itself_in_another_order():
+    x = np.arange(4 * 2 * 2 * 1, dtype=np.float32).reshape(4, 2, 2, 1)
+    blended, partner, weight = mix(x, np.random.default_rng(0), concentration=1.0)
+    assert sorted(partner) == [0, 1, 2, 3] and 0.0 < weight < 1.0 and blended.dtype == np.float32
+    np.testing.assert_allclose(blended, weight * x + (1 - weight) * x[partner], rtol=1e-6)
+    # a small concentration puts the weight near 0 or 1: blends stay close to one image
+    weights = [mix(x, np.random.default_rng(s), concentration=0.05)[2] for s in range(50)]
+    assert np.mean([min(w, 1 - w) < 0.05 for w in weights]) > 0.7
+
+
+def test_mixup_distillation_recovers_a_damaged_student(teacher):
+    _, history = finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
+                          std=(1.0,) * 3, progress=False, settings=Finetune(epochs=2, lr=1e-2, batch_size=32, mixup=1.0))
+    assert history["start_heldout_top1"] < 0.5 and history["best_heldout_top1"] > 0.9
+    assert history["mixup"] == 1.0
+
+
+def test_the_seed_setting_changes_only_the_training_noise(teacher):
+    def run(seed: int) -> dict:
+        return finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
+                        std=(1.0,) * 3, progress=False, keep="last",
+                        settings=Finetune(epochs=1, lr=1e-2, batch_size=32, seed=seed))[1]
+
+    first, again, other = run(0), run(0), run(1)
+    assert first["epochs"][0]["loss"] == again["epochs"][0]["loss"]  # a run is reproducible ...
+    assert first["epochs"][0]["loss"] != other["epochs"][0]["loss"]  # ... and another seed is another run
+    assert (first["seed"], other["seed"]) == (0, 1) and first["start_heldout_top1"] == other["start_heldout_top1"]
+
+
 def test_every_optimizer_a_profile_may_name_is_built():
     # the schema names the same set: its refusal below lists "adamw, sgd"
     for name, build in OPTIMISERS.items():
@@ -128,6 +164,10 @@ def test_bad_settings_are_refused():
 
     with pytest.raises(ConfigError, match=r"ema_decay=1.0; expected 0 \(no averaging\) or a decay in \(0, 1\)"):
         Finetune(ema_decay=1.0)
+    with pytest.raises(ConfigError, match=r"mixup=-0.2; expected 0 \(no mixing\) or a positive Beta concentration"):
+        Finetune(mixup=-0.2)
+    with pytest.raises(ConfigError, match="seed=-1; expected 0 or a positive offset"):
+        Finetune(seed=-1)
     with pytest.raises(ConfigError, match="Unknown bn value 'fold'; known: frozen, reestimate"):
         Finetune(epochs=1, bn="fold")
     with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-2"):

@@ -6,7 +6,9 @@ by default: its statistics stay those of the dense model (the data-aware fit kee
 distribution), so training optimises exactly the folded function that is exported and quantized, and
 small batches cannot skew the statistics. `bn="reestimate"` trains with batch statistics instead and
 re-estimates the running ones at the end. With `ema_decay` the weights evaluated and kept are an exponential
-moving average of the trained ones (torch's AveragedModel; Polyak & Juditsky 1992). The checkpoint with the best
+moving average of the trained ones (torch's AveragedModel; Polyak & Juditsky 1992). With `mixup` each batch is
+blended with itself in another order and the teacher judges the blends (function matching, Beyer et al. 2022,
+"Knowledge distillation: A good teacher is patient and consistent"). The checkpoint with the best
 held-out top-1 (images of the training split that are never trained on) is kept, the starting point included.
 """
 
@@ -43,10 +45,19 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                       alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)."""
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels); `labels` are class indices
+    or, for mixed images, class probabilities."""
     soft = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
                     log_target=True, reduction="batchmean")
     return alpha * temperature**2 * soft + (1 - alpha) * F.cross_entropy(student, labels)
+
+
+def mix(x: np.ndarray, rng: np.random.Generator, *, concentration: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """mixup (Zhang et al. 2018): the batch blended with itself in a random order by one weight drawn from
+    Beta(concentration, concentration); returns the blends, each one's partner and the original's weight."""
+    weight = float(rng.beta(concentration, concentration))
+    order = rng.permutation(len(x))
+    return (weight * x + (1 - weight) * x[order]).astype(x.dtype), order, weight
 
 
 def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -107,7 +118,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
         raise unknown("keep", keep, ("best", "last"))
     epochs, lr, batch_size, bn = settings.epochs, settings.lr, settings.batch_size, settings.bn
     weight_decay, temperature, alpha = settings.weight_decay, settings.temperature, settings.alpha
-    feature_weight = settings.feature_weight
+    feature_weight, mixup = settings.feature_weight, settings.mixup
+    seed += settings.seed
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(student)
@@ -117,6 +129,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
     history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "optimizer": settings.optimizer,
                "ema_decay": settings.ema_decay,
+               "mixup": mixup, "seed": seed,
                "heldout_samples": len(heldout.y), "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
     # Made before the feature hooks, which its copy of the model would otherwise carry. Buffers are not
@@ -144,11 +157,17 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
                    leave=False)
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = torch.from_numpy(preprocess(augment(train_set.x[idx], rng), mean=mean, std=std))
+            x = preprocess(augment(train_set.x[idx], rng), mean=mean, std=std)
+            labels = torch.from_numpy(train_set.y[idx]).long()
+            if mixup:
+                x, partner, weight = mix(x, rng, concentration=mixup)
+            x = torch.from_numpy(x)
             with torch.no_grad():
                 target = teacher(x)
-            loss = distillation_loss(model(x), target, torch.from_numpy(train_set.y[idx]).long(),
-                                     temperature=temperature, alpha=alpha)
+            if mixup:  # the label term follows the blend: class probabilities in the same proportions
+                eye = torch.eye(target.shape[1])
+                labels = weight * eye[labels] + (1 - weight) * eye[labels[torch.from_numpy(partner)]]
+            loss = distillation_loss(model(x), target, labels, temperature=temperature, alpha=alpha)
             if taps:
                 loss = loss + feature_weight * feature_loss(taps[0].outputs, taps[1].outputs)
             optimiser.zero_grad(set_to_none=True)

@@ -83,6 +83,8 @@ def tuning_sentence(tuned: dict) -> str:
     gradual = f" by steps: {', then '.join(steps)}; at the budget" if steps else ""
     optimiser = f", {tuned['optimizer']}" if "optimizer" in tuned else ""  # records from before the setting
     averaged = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
+    averaged += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
+    averaged += f", seed {tuned['seed']}" if tuned.get("seed") else ""
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
             f"this host, BatchNorm {tuned['bn']}{optimiser}{averaged}){gradual}: held-out top-1 "
             f"{tuned['start_heldout_top1']:.2%} -> "
