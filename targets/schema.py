@@ -141,8 +141,7 @@ class Finetune:
         _at_least("step_epochs", self.step_epochs, 1, "at least one epoch per intermediate budget")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay}; expected 0 (no averaging) or a decay in (0, 1)")
-        if self.mixup < 0.0:
-            raise ConfigError(f"mixup={self.mixup}; expected 0 (no mixing) or a positive Beta concentration")
+        _at_least("mixup", self.mixup, 0.0, "0 (no mixing) or a positive Beta concentration")
         _at_least("seed", self.seed, 0, "0 or a positive offset")
 
 

@@ -133,9 +133,13 @@ def test_mixup_blends_a_batch_with_itself_in_another_order():
 
 
 def test_mixup_distillation_recovers_a_damaged_student(teacher):
-    _, history = finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
-                          std=(1.0,) * 3, progress=False, settings=Finetune(epochs=2, lr=1e-2, batch_size=32, mixup=1.0))
+    def run(mixup: float) -> dict:
+        return finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
+                        std=(1.0,) * 3, progress=False, settings=Finetune(epochs=2, lr=1e-2, batch_size=32, mixup=mixup))[1]
+
+    history, plain = run(1.0), run(0.0)
     assert history["start_heldout_top1"] < 0.5 and history["best_heldout_top1"] > 0.9
+    assert history["epochs"][0]["loss"] != plain["epochs"][0]["loss"]  # the batches really were blended
     assert history["mixup"] == 1.0
 
 

@@ -82,11 +82,11 @@ def tuning_sentence(tuned: dict) -> str:
              f"{s['best_heldout_top1']:.2%})" for s in tuned.get("steps", ())]
     gradual = f" by steps: {', then '.join(steps)}; at the budget" if steps else ""
     optimiser = f", {tuned['optimizer']}" if "optimizer" in tuned else ""  # records from before the setting
-    averaged = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
-    averaged += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
-    averaged += f", seed {tuned['seed']}" if tuned.get("seed") else ""
+    extras = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
+    extras += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
+    extras += f", seed {tuned['seed']}" if tuned.get("seed") else ""
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
-            f"this host, BatchNorm {tuned['bn']}{optimiser}{averaged}){gradual}: held-out top-1 "
+            f"this host, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
             f"{tuned['start_heldout_top1']:.2%} -> "
             f"{tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, {tuned['heldout_samples']:,} training "
             "images never trained on).")
