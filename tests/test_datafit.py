@@ -23,7 +23,7 @@ def outputs(layer, x):
         return layer(x)
 
 
-@pytest.mark.parametrize("method,ranks", [("tucker2", (24, 16)), ("svd", (48,))])
+@pytest.mark.parametrize("method,ranks", [("tucker2", (24, 16)), ("svd", (48,)), ("channel-svd", (24,))])
 def test_full_rank_data_aware_chains_reproduce_the_layer(method, ranks):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1, stride=(1, 2))
@@ -70,7 +70,7 @@ def test_effective_weight_is_what_the_chain_computes():
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 7, 3, padding=1, bias=False)
     x = torch.randn(4, 6, 9, 9)
-    for method, ranks in (("tucker2", (3, 4)), ("svd", (5,)), ("cp", (4,))):
+    for method, ranks in (("tucker2", (3, 4)), ("svd", (5,)), ("channel-svd", (5,)), ("cp", (4,))):
         chain, fitted, _ = fit_chain(conv, METHODS[method], ranks)
         w = METHODS[method].effective_weight(chain, conv)
         assert torch.allclose(chain(x), nn.functional.conv2d(x, w, padding=1), atol=1e-4), method

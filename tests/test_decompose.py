@@ -84,7 +84,7 @@ def test_full_rank_decomposition_of_a_whole_network_changes_nothing():
     net = SeedNet().eval()
     x = torch.randn(4, 3, 32, 32)
     # energy 1.0 keeps every singular value; layers that would not save MACs at that rank stay dense
-    for method in ("svd", "tucker2", "slice-svd"):
+    for method in ("svd", "channel-svd", "tucker2", "slice-svd"):
         model, plan = decompose(net, settings=plain(method=method, rank="energy:1.0"), input_shape=(3, 32, 32), progress=False)
         with torch.no_grad():
             assert torch.allclose(model(x), net(x), atol=1e-4), method
@@ -96,7 +96,7 @@ def test_rank_above_a_layers_maximum_is_an_error_naming_the_layer():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: cp, slice-svd, svd, tucker2"):
+    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: channel-svd, cp, slice-svd, svd, tucker2"):
         decompose(SeedNet(), settings=plain(method="pca"), input_shape=(3, 32, 32))
 
 
@@ -178,7 +178,8 @@ class EveryKind(nn.Module):
         return self.head(self.depthwise(torch.relu(self.pointwise(x))).mean(1).flatten(1))
 
 
-@pytest.mark.parametrize("method,rank", [("svd", "0.5"), ("tucker2", "0.5"), ("slice-svd", "2"), ("cp", "4")])
+@pytest.mark.parametrize("method,rank", [("svd", "0.5"), ("channel-svd", "0.5"), ("tucker2", "0.5"), ("slice-svd", "2"),
+                                         ("cp", "4")])
 def test_collapse_puts_back_exactly_what_a_trained_chain_computes(method, rank):
     torch.manual_seed(0)
     net = EveryKind().eval()

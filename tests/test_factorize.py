@@ -33,7 +33,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / max(b.norm(), 1e-12))
 
 
-@pytest.mark.parametrize("method", ["svd", "slice-svd", "tucker2"])
+@pytest.mark.parametrize("method", ["svd", "channel-svd", "slice-svd", "tucker2"])
 @FAST
 @given(case=convs())
 def test_full_rank_factorisation_reproduces_the_conv(method, case):

@@ -220,6 +220,53 @@ class SpatialSVD(Method):
 
 
 @register
+class ChannelSVD(Method):
+    """Channel decomposition (Zhang et al. 2016, "Accelerating very deep convolutional networks for
+    classification and detection"): a kxk conv to r channels, then a 1x1 conv. The truncated SVD of the
+    (Cout, Cin*kh*kw) weight matrix, whitened by the input patches' second moment when fitted to data; the
+    scheme of the published low-rank ResNet results (LC, TRP, HALOC)."""
+
+    name = "channel-svd"
+
+    def max_ranks(self, layer):
+        cout, cin, kh, kw = layer.weight.shape
+        return (min(cin * kh * kw, cout),)
+
+    def unfoldings(self, layer):
+        w = layer.weight.detach().double().numpy()
+        return [w.reshape(w.shape[0], -1).T]
+
+    def skeleton(self, layer, ranks):
+        (r,) = ranks
+        cout, cin = layer.weight.shape[:2]
+        spatial = nn.Conv2d(cin, r, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                            dilation=layer.dilation, bias=False)
+        return nn.Sequential(spatial, nn.Conv2d(r, cout, 1, bias=layer.bias is not None))
+
+    def _fit_weights(self, layer, chain, w, *, seed):
+        cout = w.shape[0]
+        r = chain[0].out_channels
+        u, s, vt = torch.linalg.svd(w.reshape(cout, -1), full_matrices=False)
+        root = s[:r].sqrt()
+        _assign(chain[0], root[:, None] * vt[:r])
+        _assign(chain[1], u[:, :r] * root)
+        return ((u[:, :r] * s[:r]) @ vt[:r]).reshape(w.shape), ""
+
+    def fit_data(self, layer, chain, x, y, *, seed=0):
+        w = layer.weight.detach().double()
+        rows = datafit.patches(x, chain[0])  # the kxk receptive fields, in the weight's (Cin, kh, kw) order
+        first, second = datafit.whitened_split(datafit.second_moment(datafit.sample_rows(rows, seed=seed)[0]),
+                                               w.reshape(w.shape[0], -1).T, chain[0].out_channels)
+        datafit.set_weight(chain[0], first.T)
+        datafit.set_weight(chain[1], second.T)
+        return ""
+
+    def effective_weight(self, chain, layer):
+        spatial, pointwise = (m.weight.detach().double() for m in chain)
+        return torch.einsum("or,rcij->ocij", pointwise[:, :, 0, 0], spatial).float()
+
+
+@register
 class SliceSVD(Method):
     """The founding document's scheme: an SVD of every kxk slice of every (filter, input channel) pair, as a
     grouped kx1 conv, a channel shuffle and a grouped 1xk conv. One rank for every slice (the groups need one)."""
