@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("model", ["seednet", "resnet20"])
-@pytest.mark.parametrize("method", [None, "svd", "cp", "tucker2"])
+@pytest.mark.parametrize("method", [None, "svd", "channel-svd", "cp", "tucker2"])
 def test_model_converts_and_tflm_follows_onnxruntime(model, method, cifar_dir, resnet20_weights, tmp_path):
     spec = load_model(model, resnet20_weights if model == "resnet20" else None)
     train, test = load_dataset("train", cifar_dir), load_dataset("test", cifar_dir)
