@@ -43,6 +43,19 @@ def test_inputs_in_a_subspace_are_reproduced_exactly_at_that_rank_where_weight_t
     assert datafit.output_error(weight_space, x, y) > 0.3
 
 
+def test_channel_decomposition_reproduces_inputs_of_few_patch_dimensions_at_that_rank():
+    """Inputs along one channel direction give 3x3 patches in 9 dimensions: the whitened fit is exact at rank 9,
+    where truncating the weights alone misses most of the output."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    x = low_dim_inputs(32, 1)
+    y = outputs(conv, x)
+    data_aware, _, _ = fit_chain(conv, METHODS["channel-svd"], (9,), x=x, y=y)
+    weight_space, _, _ = fit_chain(conv, METHODS["channel-svd"], (9,))
+    assert datafit.output_error(data_aware, x, y) < 1e-4
+    assert datafit.output_error(weight_space, x, y) > 0.3
+
+
 def test_linear_and_svd_data_aware_beat_weight_space_on_correlated_inputs():
     torch.manual_seed(0)
     fc = nn.Linear(40, 30)

@@ -59,6 +59,14 @@ def _assign(module: nn.Module, weight: np.ndarray | torch.Tensor) -> None:
                                            .reshape(module.weight.shape))
 
 
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(left, right, product): the rank-`rank` Eckart-Young approximation of `matrix` as left @ right, the
+    singular values split evenly (square roots) so both factors have the same scale."""
+    u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vt[:rank], (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
 class Method:
     """One factorisation of one layer type. Subclasses set `name` and `layer_type` and fill in the rest."""
 
@@ -151,12 +159,10 @@ class LinearSVD(Method):
                              nn.Linear(r, layer.out_features, bias=layer.bias is not None))
 
     def _fit_weights(self, layer, chain, w, *, seed):
-        r = chain[0].out_features
-        u, s, vt = torch.linalg.svd(w, full_matrices=False)
-        root = s[:r].sqrt()
-        _assign(chain[0], root[:, None] * vt[:r])
-        _assign(chain[1], u[:, :r] * root)
-        return (u[:, :r] * s[:r]) @ vt[:r], ""
+        left, right, approx = _truncated_svd(w, chain[0].out_features)
+        _assign(chain[0], right)
+        _assign(chain[1], left)
+        return approx, ""
 
     def fits_data(self, layer):
         return True
@@ -196,10 +202,9 @@ class SpatialSVD(Method):
     def _fit_weights(self, layer, chain, w, *, seed):
         cout, cin, kh, kw = w.shape
         r = chain[0].out_channels
-        u, s, vt = torch.linalg.svd(w.permute(1, 2, 0, 3).reshape(cin * kh, cout * kw), full_matrices=False)
-        root = s[:r].sqrt()
-        vertical = (u[:, :r] * root).T.reshape(r, cin, kh, 1)
-        horizontal = (root[:, None] * vt[:r]).reshape(r, cout, kw).permute(1, 0, 2)
+        left, right, _ = _truncated_svd(w.permute(1, 2, 0, 3).reshape(cin * kh, cout * kw), r)
+        vertical = left.T.reshape(r, cin, kh, 1)
+        horizontal = right.reshape(r, cout, kw).permute(1, 0, 2)
         _assign(chain[0], vertical)
         _assign(chain[1], horizontal)
         return torch.einsum("rci,orj->ocij", vertical[..., 0], horizontal), ""
@@ -244,13 +249,10 @@ class ChannelSVD(Method):
         return nn.Sequential(spatial, nn.Conv2d(r, cout, 1, bias=layer.bias is not None))
 
     def _fit_weights(self, layer, chain, w, *, seed):
-        cout = w.shape[0]
-        r = chain[0].out_channels
-        u, s, vt = torch.linalg.svd(w.reshape(cout, -1), full_matrices=False)
-        root = s[:r].sqrt()
-        _assign(chain[0], root[:, None] * vt[:r])
-        _assign(chain[1], u[:, :r] * root)
-        return ((u[:, :r] * s[:r]) @ vt[:r]).reshape(w.shape), ""
+        left, right, approx = _truncated_svd(w.reshape(w.shape[0], -1), chain[0].out_channels)
+        _assign(chain[0], right)
+        _assign(chain[1], left)
+        return approx.reshape(w.shape), ""
 
     def fit_data(self, layer, chain, x, y, *, seed=0):
         w = layer.weight.detach().double()
