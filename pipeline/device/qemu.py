@@ -40,10 +40,16 @@ def _mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def command(root: Path, *args: str) -> tuple[list[str], dict]:
-    """argv and environment that run the guest's python 3.11 on `args` as a Cortex-A72."""
+def command(root: Path, *args: str, plugin: str | None = None) -> tuple[list[str], dict]:
+    """argv and environment that run the guest's python 3.11 on `args` as a Cortex-A72; with `plugin` (a
+    `-plugin` value) under the dynamic qemu-aarch64, as the static build cannot load plugins. The block profile
+    is then made deterministic: one thread for every BLAS and a fixed hash seed (CYCLES.md)."""
     env = {**os.environ, "QEMU_CPU": "cortex-a72", "PYTHONPATH": "/opt/site", "PYTHONDONTWRITEBYTECODE": "1"}
-    return [shutil.which("qemu-aarch64-static") or "qemu-aarch64-static", "-L", str(root),
+    if plugin is None:
+        return [shutil.which("qemu-aarch64-static") or "qemu-aarch64-static", "-L", str(root),
+                str(root / "usr/bin/python3.11"), *args], env
+    env.update(PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return [shutil.which("qemu-aarch64") or "qemu-aarch64", "-plugin", plugin, "-L", str(root),
             str(root / "usr/bin/python3.11"), *args], env
 
 

@@ -4,9 +4,11 @@ board's own latency of several models.
 Needs only numpy and onnxruntime, so any board with Python can take it. Usage:
     python runner.py MODEL INPUTS.npy OUTPUTS.npy
     python runner.py --latency RUNS WARMUP MODEL [MODEL ...]   # one line per model: latency_ms NAME MEDIAN
+    python runner.py --marks RUNS MAGIC INPUT.npy MODEL [MODEL ...]   # for the block profiler (pipeline/cycles)
 Exit code 3 means a package is missing; the message names it.
 """
 
+import os
 import platform
 import statistics
 import sys
@@ -23,6 +25,10 @@ except ImportError as exc:
 def open_session(model: str) -> "ort.InferenceSession":
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one thread: what every board has, and what the host's figures use
+    options.inter_op_num_threads = 1
+    # no spinning thread waiting for work: under emulation it would add work that depends on the host's timing
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -44,9 +50,35 @@ def latency(runs: int, warmup: int, models: list[str]) -> None:
     print(f"onnxruntime {ort.__version__} on {platform.machine()}")
 
 
+def mark(magic: int) -> None:
+    """A phase boundary the block-profile plugin watches for: lseek on no file fails at once and changes nothing."""
+    try:
+        os.lseek(-1, magic, 0)
+    except OSError:
+        pass
+
+
+def marks(runs: int, magic: int, inputs: str, models: list[str]) -> None:
+    """Each model: one warm-up inference (weights are packed on the first), then `runs` inferences between two
+    marks, so the plugin's segment 2k + 1 holds model k's inferences and nothing else."""
+    x = np.load(inputs)
+    for model in models:
+        session = open_session(model)
+        feed = {session.get_inputs()[0].name: x[None]}
+        session.run(None, feed)
+        mark(magic)
+        for _ in range(runs):
+            session.run(None, feed)
+        mark(magic)
+    print(f"onnxruntime {ort.__version__} on {platform.machine()}")
+
+
 def main() -> None:
     if sys.argv[1] == "--latency":
         latency(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+        return
+    if sys.argv[1] == "--marks":
+        marks(int(sys.argv[2]), int(sys.argv[3], 0), sys.argv[4], sys.argv[5:])
         return
     model, inputs, outputs = sys.argv[1:4]
     session = open_session(model)

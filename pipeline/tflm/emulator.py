@@ -4,7 +4,9 @@ The firmware reads `inputs.bin` and writes `outputs.bin` over semihosting in a s
 each inference's instructions, the first inference's per-operator instructions, the arena it used and its
 stack high-water mark. Under `-icount shift=0` qemu runs one instruction per virtual nanosecond, so the counts
 are deterministic: the same ELF and inputs give the same figures on any host, loaded or not (FIRMWARE.md).
-These are instructions, not cycles: qemu models no pipeline, caches or flash wait states.
+These are instructions, not cycles: qemu models no pipeline, caches or flash wait states. With
+`profile_blocks` the run also loads the block-profile plugin (pipeline/cycles), which the firmware's
+`cycle_mark()` calls split into inferences and operators, for cycles estimated on the core's model.
 """
 
 import re
@@ -15,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cycles import Profile, plugin_path, read_profile
+from pipeline.cycles.plugin import plugin_arg
+from pipeline.cycles.tools import require
 from pipeline.errors import DeviceError
 from pipeline.tflm.build import CPUS, check_toolchain
 
@@ -30,6 +35,16 @@ class FirmwareRun:
     layers: tuple[tuple[str, int], ...]  # (operator, instructions) of the first inference, in order
     arena_used_bytes: int
     stack_used_bytes: int
+    profile: Profile | None = None  # the block profile, when asked for
+
+
+def symbol_address(elf: Path, name: str) -> int:
+    """Where `name` lies in the ELF (arm-none-eabi-nm), for the plugin's mark."""
+    done = subprocess.run(["arm-none-eabi-nm", str(elf)], capture_output=True, text=True, check=False)
+    found = re.search(rf"^([0-9a-f]+) T {re.escape(name)}$", done.stdout, re.M)
+    if found is None:
+        raise DeviceError(f"{elf.name} has no {name}(): it was linked by an older harness; deploy again")
+    return int(found[1], 16)
 
 
 def size(elf: Path) -> dict[str, int]:
@@ -44,14 +59,19 @@ def size(elf: Path) -> dict[str, int]:
             "data_bytes": sections.get(".data", 0), "bss_bytes": sections.get(".bss", 0)}
 
 
-def run_firmware(elf: Path, x_int8: np.ndarray, *, cpu: str, timeout: float = 3600) -> FirmwareRun:
+def run_firmware(elf: Path, x_int8: np.ndarray, *, cpu: str, timeout: float = 3600,
+                 profile_blocks: bool = False) -> FirmwareRun:
     """Run `elf` on `cpu`'s emulated board over the int8 inputs (NHWC, one per row)."""
     check_toolchain()
+    plugin = []
+    if profile_blocks:
+        require("llvm-mc", "llvm-mca", "gcc")
+        plugin = ["-plugin", plugin_arg(plugin_path(), Path("blocks.prof"), mark=symbol_address(elf, "cycle_mark"))]
     with tempfile.TemporaryDirectory(prefix="cnn-deploy-firmware-") as tmp:
         np.ascontiguousarray(x_int8, dtype=np.int8).tofile(Path(tmp) / "inputs.bin")
         argv = ["qemu-system-arm", "-M", CPUS[cpu].machine, "-cpu", cpu, "-display", "none", "-serial", "null",
                 "-monitor", "none", "-semihosting-config", "enable=on,target=native",
-                "-icount", "shift=0,align=off,sleep=off", "-kernel", str(Path(elf).resolve())]
+                "-icount", "shift=0,align=off,sleep=off", *plugin, "-kernel", str(Path(elf).resolve())]
         try:
             done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
@@ -61,6 +81,7 @@ def run_firmware(elf: Path, x_int8: np.ndarray, *, cpu: str, timeout: float = 36
             raise DeviceError(f"The firmware {elf.name} failed on the emulated {cpu} ({why}): "
                               f"{done.stderr.strip()[-300:]}")
         outputs = np.fromfile(Path(tmp) / "outputs.bin", np.int8).reshape(len(x_int8), -1)
+        profile = read_profile(Path(tmp) / "blocks.prof") if profile_blocks else None
     text = done.stderr
     return FirmwareRun(
         outputs=outputs,
@@ -68,4 +89,5 @@ def run_firmware(elf: Path, x_int8: np.ndarray, *, cpu: str, timeout: float = 36
         layers=tuple((tag, int(n)) for tag, n in re.findall(r"^layer \d+ (\S+) (\d+)$", text, re.M)),
         arena_used_bytes=int(re.search(r"^arena_used (\d+)$", text, re.M)[1]),
         stack_used_bytes=int(re.search(r"^stack_used (\d+)$", text, re.M)[1]),
+        profile=profile,
     )

@@ -1,7 +1,8 @@
 """An int8 model as firmware on its emulated board: link it, run real images, check it against the host.
 
-The figures are the device's own: instructions per inference and per operator, flash split into runtime and
-model, RAM (data + bss, the arena inside it), the arena the interpreter really used, the stack high-water
+The figures are the device's own: instructions per inference and per operator, estimated cycles and milliseconds
+on the core (pipeline/cycles; left out, with the reason, where its tools are missing), flash split into runtime
+and model, RAM (data + bss, the arena inside it), the arena the interpreter really used, the stack high-water
 mark, and whether every output equals the host TFLM interpreter's bit for bit.
 """
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cycles.tools import MissingTool, require
 from pipeline.tflm import interpreter
+from pipeline.tflm.board_cycles import firmware_cycles
 from pipeline.tflm.build import HARNESS, build_library, library_sources, link_firmware, rebuild_script
 from pipeline.tflm.emulator import run_firmware, size
 from pipeline.tflm.firmware import model_sources
@@ -21,16 +24,29 @@ HARNESS_FILES = ("main.cc", "platform.cc", "platform.h", "startup.c", "link.ld",
 MODEL_FILES = ("model_data.cc", "model_data.h", "model_settings.h")
 
 
+def cycle_tools_missing() -> str | None:
+    """Why board cycles cannot be estimated on this machine (the apt command), or None when they can."""
+    try:
+        require("llvm-mc", "llvm-mca", "gcc")
+    except MissingTool as exc:
+        return str(exc)
+    return None
+
+
 def measure_on_board(tflite: Path, sources: Path, elf: Path, *, cpu: str, root: Path, x_nchw: np.ndarray,
-                     log=print) -> dict:
+                     clock_mhz: float = 0.0, log=print) -> dict:
     """Link `sources` (the model's C files) into `elf`, run it over `x_nchw` on `cpu`'s emulated board and
-    compare with the host interpreter. Returns the figures for report.json."""
+    compare with the host interpreter; cycles are estimated for `cpu` at `clock_mhz` (0: cycles only). Returns
+    the figures for report.json."""
     library = build_library(cpu, root, log=log)
     firmware = link_firmware(sources, elf, cpu_name=cpu, root=root, library=library)
     model_bytes = tflite.read_bytes()
     io = interpreter.io_quant(model_bytes)
     x = interpreter.quantize_input(x_nchw, io)
-    run = run_firmware(firmware.elf, x, cpu=cpu)
+    if len(x) == 1:  # the steady inference is the second: the first also runs the per-operator profiler
+        x = np.concatenate([x, x])
+    missing = cycle_tools_missing()
+    run = run_firmware(firmware.elf, x, cpu=cpu, profile_blocks=missing is None)
     host = interpreter.run_tflm(model_bytes, x).reshape(len(x), -1)
     differing = int(np.any(run.outputs != host, axis=1).sum())
     sections = size(firmware.elf)
@@ -52,6 +68,8 @@ def measure_on_board(tflite: Path, sources: Path, elf: Path, *, cpu: str, root: 
         "bit_exact": differing == 0,
         "outputs_differing": differing,
         "elf": elf.name,
+        "board": firmware_cycles(run, cpu=cpu, clock_mhz=clock_mhz) if missing is None else None,
+        **({"board_missing": missing} if missing else {}),
     }
 
 
@@ -101,7 +119,7 @@ def device_arena(tflite: Path, *, host_arena: int, io: dict, cpu: str, root: Pat
 
 
 def firmware_for_build(folder: Path, *, cpu: str, root: Path, x_nchw: np.ndarray, arenas: dict[str, int],
-                       ios: dict[str, dict], log=print) -> tuple[dict[str, dict], list[str]]:
+                       ios: dict[str, dict], clock_mhz: float = 0.0, log=print) -> tuple[dict[str, dict], list[str]]:
     """Both int8 variants of a microcontroller build as firmware: the factored model from the build's own C
     files into `firmware/` (with everything needed to rebuild it), the dense one into `baseline/`. `arenas`
     holds each variant's kTensorArenaSize from the host's measurement; where the device needs more, the
@@ -126,6 +144,7 @@ def firmware_for_build(folder: Path, *, cpu: str, root: Path, x_nchw: np.ndarray
                 elf = target / "firmware.elf"
             else:
                 target, elf = sources[name], folder / "baseline" / "dense.firmware.elf"
-            figures[name] = {**measure_on_board(tflite, target, elf, cpu=cpu, root=root, x_nchw=x_nchw, log=log),
+            figures[name] = {**measure_on_board(tflite, target, elf, cpu=cpu, root=root, x_nchw=x_nchw,
+                                                clock_mhz=clock_mhz, log=log),
                              "arena_bytes": arena, "device_arena_bytes": needed}
     return figures, notes

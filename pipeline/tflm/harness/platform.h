@@ -13,6 +13,7 @@ __attribute__((noreturn)) void semihost_exit(int code);
 void report(const char* format, ...);  // one line to the host (qemu's stderr)
 void clock_start(void);
 uint64_t clock_ticks(void);  // 25 MHz SysTick: 40 instructions a tick under qemu -icount shift=0
+void cycle_mark(void);  // a phase boundary for the host's block profiler (pipeline/cycles); no effect on a board
 }
 
 #endif  // CNN_DEPLOY_PLATFORM_H_
