@@ -1,7 +1,8 @@
 """Deploy orchestration: the only place that knows the order of the stages (`STAGES`).
 
-compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> time on a
-board (DEVICE=ssh://...) -> emit -> firmware (microcontrollers) -> device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
+compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> board cycles
+(ARM Linux boards: the ONNX variants in the emulated Pi) -> time on a board (DEVICE=ssh://...) -> emit -> firmware
+(microcontrollers, with their board cycles) -> device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
 assembled in a staging folder beside the output and swapped in only when complete, so a failure or Ctrl-C
 leaves the previous build intact.
 """
@@ -28,6 +29,7 @@ from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
 from pipeline.metrics import VariantReport
 from pipeline.onnx.chain import to_onnx
+from pipeline.ort.board_cycles import onnx_cycles
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
@@ -155,6 +157,34 @@ def measure_variants(build: Build) -> None:
                      flash=details["flash_bytes"], largest=details["largest_tensors"], target=build.profile.name)
 
 
+def set_board_estimate(build: Build, name: str, figures: dict) -> None:
+    """A variant's estimated board figures; its latency becomes the board's estimate unless a board timed it."""
+    variant = build.variants[name]
+    measured = variant.latency_on.startswith("measured")
+    estimate = figures["ms"] is not None and not measured
+    build.variants[name] = dataclasses.replace(
+        variant, board=figures, latency_ms=figures["ms"] if estimate else variant.latency_ms,
+        latency_on=f"estimated for the {figures['core']} at {figures['clock_mhz']:g} MHz" if estimate else variant.latency_on)
+
+
+def estimate_board_cycles(build: Build) -> None:
+    """ARM Linux boards: the four ONNX variants run by the aarch64 ONNX Runtime in the emulated board, their
+    executed blocks timed on the board's core. Where the tools are missing the deploy goes on and says so."""
+    profile = build.profile
+    if profile.runtime != "onnxruntime" or not profile.core:
+        return
+    _stage(f"estimate {profile.core} cycles of the four variants (aarch64 ONNX Runtime in qemu, llvm-mca)")
+    try:
+        figures = onnx_cycles([build.onnx[name] for name in VARIANTS], sample=build.eval_x[0], core=profile.core,
+                              clock_mhz=profile.board.clock_mhz, log=_stage)
+    except DeviceError as exc:
+        build.notes.append(f"board cycles not estimated, latency is this host's: {exc}")
+        _stage(f"board cycles not estimated: {exc}")
+        return
+    for name, measured in zip(VARIANTS, figures, strict=True):
+        set_board_estimate(build, name, measured)
+
+
 def time_on_board(build: Build) -> None:
     """With a board that keeps time (DEVICE=ssh://...), the ONNX Runtime variants' latency is the board's."""
     if build.board is None or build.board.kind != "ssh" or build.profile.runtime != "onnxruntime":
@@ -164,9 +194,8 @@ def time_on_board(build: Build) -> None:
     times, about = time_on_device(build.board, [build.onnx[name] for name in VARIANTS], runs=evaluation.latency_runs,
                                   warmup=evaluation.latency_warmup)
     for name, latency in zip(VARIANTS, times, strict=True):
-        variant = build.variants[name]
-        build.variants[name] = dataclasses.replace(variant, latency_ms=round(latency, 4),
-                                                   details={**variant.details, "latency_on": f"{build.board.spec} ({about})"})
+        build.variants[name] = dataclasses.replace(build.variants[name], latency_ms=round(latency, 4),
+                                                   latency_on=f"measured on {build.board.spec} ({about})")
 
 
 def emit_artefacts(build: Build) -> None:
@@ -192,10 +221,14 @@ def build_firmware(build: Build) -> None:
     margin_arenas = {n: arena_with_margin(d["arena_bytes"], margin) for n, d in details.items()}
     figures, notes = firmware_for_build(
         build.staging, cpu=firmware.cpu, root=root, x_nchw=x, log=_stage, arenas=margin_arenas,
-        ios={n: io_of(d, build.model_io) for n, d in details.items()})
+        ios={n: io_of(d, build.model_io) for n, d in details.items()}, clock_mhz=build.profile.board.clock_mhz)
     build.notes += notes
     for name, measured in figures.items():
         build.variants[name].details["firmware"] = measured
+        if measured["board"]:
+            set_board_estimate(build, name, measured["board"])
+        elif "board_missing" in measured and measured["board_missing"] not in " ".join(build.notes):
+            build.notes.append(f"board cycles not estimated, instructions only: {measured['board_missing']}")
         if not measured["bit_exact"]:
             build.failures.append(f"firmware on {firmware.cpu}: {name} outputs differ from the host TFLM interpreter "
                                   f"on {measured['outputs_differing']} of {measured['samples']} images")
@@ -217,7 +250,8 @@ def check_device(build: Build) -> None:
     job = device_check_job(build.staging, runtime=build.profile.runtime, target=build.profile.name,
                            thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
                            eval_y=test.y[idx], device=parse_device(device.default), accept=True,
-                           firmware=dataclasses.asdict(build.profile.firmware))
+                           firmware=dataclasses.asdict(build.profile.firmware),
+                           board={**dataclasses.asdict(build.profile.board), "core": build.profile.core})
     report, written = connect().run([job], desc="device check", progress=False, log=_stage)[0]
     keep_written(build.staging, written)
     build.failures += [f"device check on {report.device}: {f}" for f in report.failures]
@@ -262,8 +296,8 @@ def write_build_manifest(build: Build) -> None:
 
 
 STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, convert_models, measure_variants,
-                                               time_on_board, emit_artefacts, build_firmware, check_device,
-                                               compare_with_dense, write_report, write_build_manifest)
+                                               estimate_board_cycles, time_on_board, emit_artefacts, build_firmware,
+                                               check_device, compare_with_dense, write_report, write_build_manifest)
 
 
 # ---- what differs between runtimes ------------------------------------------------------------------------

@@ -43,9 +43,12 @@ class VariantReport:
     peak_activation_bytes: int
     top1: float
     agreement: float
-    latency_ms: float
+    latency_ms: float  # the board's: measured on it, else estimated for it, else this host's (see latency_on)
     runtime: str
     machine: str
     per_class: dict[str, float] = field(default_factory=dict)
     layers: tuple[dict, ...] = ()
     details: dict = field(default_factory=dict)  # runtime-specific figures (TFLM arena, ORT agreement, ...)
+    host_latency_ms: float | None = None  # wall time on this host, whatever latency_ms is
+    latency_on: str = ""  # where latency_ms comes from, in words
+    board: dict | None = None  # one inference estimated on the board's core: instructions, cycles, ms

@@ -3,6 +3,7 @@ board, stating only what differs from its base, each value with its reason."""
 
 from targets.schema import (
     TARGETS_DIR,
+    Board,
     Decomposition,
     DeviceCheck,
     Evaluation,
@@ -17,5 +18,5 @@ from targets.schema import (
     load_target,
 )
 
-__all__ = ["TARGETS_DIR", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Firmware", "Memory", "Quantization",
+__all__ = ["TARGETS_DIR", "Board", "Decomposition", "DeviceCheck", "Evaluation", "Finetune", "Firmware", "Memory", "Quantization",
            "TargetProfile", "Thresholds", "check_gradual", "known_targets", "load_target"]

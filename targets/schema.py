@@ -218,6 +218,22 @@ class Firmware:
         _at_least("max_instruction_rise", self.max_instruction_rise, 0, "a fraction >= 0")
 
 
+@defaults_from("board")
+class Board:
+    """The board the figures are for: the core whose model estimates its cycles, and its clock."""
+
+    core: str  # "" = the firmware's cpu (microcontrollers), else none
+    clock_mhz: float  # 0 = unknown: cycles without milliseconds
+    max_cycle_rise: float  # a fraction of the baseline's estimated cycles per inference
+
+    def __post_init__(self):
+        from pipeline.cycles.cores import CORES
+
+        _choice("core", self.core, ("", *CORES))
+        _at_least("clock_mhz", self.clock_mhz, 0, "0 (unknown) or the core's clock in MHz")
+        _at_least("max_cycle_rise", self.max_cycle_rise, 0, "a fraction >= 0")
+
+
 @defaults_from("evaluation")
 class Evaluation:
     """How the four variants are measured: on how many test images, and how latency is timed."""
@@ -257,7 +273,9 @@ def check_gradual(decomposition: Decomposition, tuning: Finetune) -> None:
 RUNTIMES = ("onnxruntime", "tflite-micro")
 SECTIONS = {"quantization": Quantization, "decomposition": Decomposition, "finetune": Finetune,
             "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck,
-            "firmware": Firmware}
+            "firmware": Firmware, "board": Board}
+# the cores each runtime's board can be estimated on: ONNX Runtime runs in the emulated Pi's aarch64 guest
+RUNTIME_CORES = {"onnxruntime": ("", "cortex-a72"), "tflite-micro": ("", "cortex-m4", "cortex-m7")}
 
 
 @dataclass(frozen=True)
@@ -273,10 +291,20 @@ class TargetProfile:
     memory: Memory = field(default_factory=Memory)
     device: DeviceCheck = field(default_factory=DeviceCheck)
     firmware: Firmware = field(default_factory=Firmware)
+    board: Board = field(default_factory=Board)
 
     def __post_init__(self):
         _choice("runtime", self.runtime, RUNTIMES)
         check_gradual(self.decomposition, self.finetune)
+        _choice(f"board.core for runtime {self.runtime}", self.board.core, RUNTIME_CORES[self.runtime])
+        if self.board.core and self.firmware.cpu and self.board.core != self.firmware.cpu:
+            raise ConfigError(f"board.core {self.board.core!r} differs from firmware.cpu {self.firmware.cpu!r}; "
+                              "the firmware runs on the board's core: leave board.core empty")
+
+    @property
+    def core(self) -> str:
+        """The core whose cycles are estimated: the board's, else the firmware's; "" = none."""
+        return self.board.core or self.firmware.cpu
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,6 +323,9 @@ class TargetProfile:
 
 def known_targets(folder: Path = TARGETS_DIR) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml"))
+
+
+ALIAS = "alias"  # a profile file that only names another: an older name kept for a board profile
 
 
 def _build(cls, data: dict, where: str, *, base=None):
@@ -335,7 +366,12 @@ def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
     path = Path(name) if name.endswith(".toml") else folder / f"{name}.toml"
     if not path.is_file():
         raise unknown("target", name, known_targets(folder))
-    data = _resolve(_read(path), path.stem)
+    data = _read(path)
+    if ALIAS in data:
+        if set(data) != {ALIAS} or data[ALIAS] == path.stem:
+            raise ConfigError(f"{path.stem}: an alias file holds only `{ALIAS} = \"<another target>\"`")
+        return load_target(data[ALIAS], folder=folder)
+    data = _resolve(data, path.stem)
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     sections = {k: _build(cls, data.get(k, {}), f"{path.stem}.{k}") for k, cls in SECTIONS.items()}
     unknown_sections = [k for k, v in top.items() if isinstance(v, dict)]

@@ -22,6 +22,7 @@ from pipeline.errors import DeviceError
 from pipeline.util import cache_dir, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
+VERSION = 2  # of how blocks are prepared for llvm-mca: a change invalidates the cached timings
 INVALID = re.compile(r":(\d+):\d+: warning: invalid instruction encoding")
 MCA_ERROR = re.compile(r":(\d+):\d+: error:")
 REGION = re.compile(r"^\[\d+\] Code Region - b(\d+)$")
@@ -31,8 +32,13 @@ def _key(block: Block) -> str:
     return f"{block.code.hex()}/{','.join(map(str, block.sizes))}"
 
 
+def model_key(core: Core) -> str:
+    """What a block's timing depends on besides its bytes: a change here times every block again."""
+    return sha256_json([llvm_version(), ITERATIONS, VERSION, core.triple, core.calls])[:12]
+
+
 def _cache_file(core: Core) -> Path:
-    return cache_dir("cycles", f"mca-{core.name}-{sha256_json([llvm_version(), ITERATIONS, core.triple])[:12]}.json")
+    return cache_dir("cycles", f"mca-{core.name}-{model_key(core)}.json")
 
 
 def _read_cache(path: Path) -> dict:
@@ -42,19 +48,15 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def _instruction_lines(block: Block) -> list[str]:
-    lines, at = [], 0
-    for size in block.sizes:
-        lines.append("[" + " ".join(f"0x{b:02x}" for b in block.code[at:at + size]) + "]")
-        at += size
-    return lines
+def _instruction_lines(core: Core, block: Block) -> list[str]:
+    return ["[" + " ".join(f"0x{b:02x}" for b in insn) + "]" for insn in core.split(block.code, block.instructions)]
 
 
 def disassemble(core: Core, blocks: list[Block]) -> list[list[str] | None]:
     """Each block's instructions as assembly text; None for a block with an instruction LLVM cannot decode."""
     lines, owner = [], []
     for i, block in enumerate(blocks):
-        for line in _instruction_lines(block):
+        for line in _instruction_lines(core, block):
             lines.append(line)
             owner.append(i)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -89,7 +91,7 @@ def _mca(core: Core, texts: dict[int, list[str]]) -> dict[int, float]:
         source, starts = [".syntax unified", ".thumb"] if core.triple.startswith("thumb") else [], []
         for index, text in pending.items():
             starts.append((len(source) + 1, index))
-            source += [f"# LLVM-MCA-BEGIN b{index}", *text, "# LLVM-MCA-END"]
+            source += [f"# LLVM-MCA-BEGIN b{index}", *map(core.timed_as, text), "# LLVM-MCA-END"]
         with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
             f.write("\n".join(source) + "\n")
         try:

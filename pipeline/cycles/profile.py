@@ -9,8 +9,8 @@ from pipeline.errors import DeviceError
 
 @dataclass(frozen=True)
 class Block:
-    code: bytes  # the block's instruction bytes as the guest holds them
-    sizes: tuple[int, ...]  # each instruction's length in bytes
+    code: bytes  # the block's instruction bytes as the guest holds them (QEMU 7.2 may add a peek beyond its end)
+    sizes: tuple[int, ...]  # each instruction's length in bytes, as QEMU reported it
 
     @property
     def instructions(self) -> int:

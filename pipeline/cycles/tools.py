@@ -28,3 +28,12 @@ def llvm_version() -> str:
     require("llvm-mca")
     done = subprocess.run(["llvm-mca", "--version"], capture_output=True, text=True, check=False)
     return next((line.strip() for line in done.stdout.splitlines() if "version" in line), "unknown")
+
+
+def missing(*tools: str) -> str | None:
+    """Why `tools` cannot run here (the apt command), or None when they all can."""
+    try:
+        require(*tools)
+    except MissingTool as exc:
+        return str(exc)
+    return None

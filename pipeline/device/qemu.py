@@ -40,17 +40,26 @@ def _mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def command(root: Path, *args: str, plugin: str | None = None) -> tuple[list[str], dict]:
-    """argv and environment that run the guest's python 3.11 on `args` as a Cortex-A72; with `plugin` (a
-    `-plugin` value) under the dynamic qemu-aarch64, as the static build cannot load plugins. The block profile
-    is then made deterministic: one thread for every BLAS and a fixed hash seed (CYCLES.md)."""
+def command(root: Path, *args: str) -> tuple[list[str], dict]:
+    """argv and environment that run the guest's python 3.11 on `args` as a Cortex-A72."""
     env = {**os.environ, "QEMU_CPU": "cortex-a72", "PYTHONPATH": "/opt/site", "PYTHONDONTWRITEBYTECODE": "1"}
-    if plugin is None:
-        return [shutil.which("qemu-aarch64-static") or "qemu-aarch64-static", "-L", str(root),
-                str(root / "usr/bin/python3.11"), *args], env
-    env.update(PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    return [shutil.which("qemu-aarch64") or "qemu-aarch64", "-plugin", plugin, "-L", str(root),
+    return [shutil.which("qemu-aarch64-static") or "qemu-aarch64-static", "-L", str(root),
             str(root / "usr/bin/python3.11"), *args], env
+
+
+def profiled_command(root: Path, workdir: Path, *args: str, plugin: str) -> tuple[list[str], dict]:
+    """argv and environment that run the guest's python on `args` (paths relative to `workdir`, the process's
+    working directory) under the dynamic qemu-aarch64 with `plugin` (the static build cannot load plugins).
+
+    What the guest executes must not depend on the host: its environment is fixed, every BLAS runs one thread,
+    the hash seed is fixed (CYCLES.md), and every path it sees is relative and the same on every host (the root
+    is linked into `workdir` as `root`), since path lengths move the guest's stack and heap and with them the
+    alignment-dependent paths of copy and vector loops."""
+    (workdir / "root").symlink_to(root)
+    env = {"QEMU_CPU": "cortex-a72", "PYTHONPATH": "/opt/site", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
+    return [shutil.which("qemu-aarch64") or "qemu-aarch64", "-plugin", plugin, "-L", "root", "-0", "python3",
+            "root/usr/bin/python3.11", *args], env
 
 
 def check(root: Path) -> str:

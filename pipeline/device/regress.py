@@ -16,7 +16,7 @@ import numpy as np
 from calib import Hint, balanced_subset, load_dataset, preprocess
 from pipeline.cluster import Job, board_resource, connect
 from pipeline.device.transports import Device, parse_device, run_firmware_on_device, run_on_device
-from pipeline.errors import InputError
+from pipeline.errors import DeviceError, InputError
 from pipeline.metrics import agreement, top1
 from pipeline.onnx.run import run, session
 from pipeline.util import markdown_table, sha256_bytes, sha256_file, write_bytes, write_text
@@ -46,6 +46,7 @@ class RegressReport:
     baseline: dict
     thresholds: dict
     instructions: int | None  # per inference, on an emulated microcontroller
+    board: dict | None  # one inference estimated on the board's core (cycles, ms), or {"missing": why}
     passed: bool
     failures: tuple[str, ...]
     device_seconds: float
@@ -60,6 +61,7 @@ class RegressReport:
                   f"{self.host_max_diff:.4g}{steps}",
                   f"device baseline: {self.baseline['status']}",
                   *([f"instructions per inference: {self.instructions:,}"] if self.instructions else []),
+                  *([_board_line(self.board)] if self.board else []),
                   f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
                   f"\n{'PASSED' if self.passed else 'FAILED'}: top-1 drop {self.top1_drop * 100:+.2f} points "
                   f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}), agreement {self.agreement:.2%} "
@@ -71,6 +73,27 @@ class RegressReport:
         data = asdict(self)
         data["failures"] = list(self.failures)
         return data
+
+
+def _board_line(board: dict) -> str:
+    if "missing" in board:
+        return f"estimated cycles: not here ({board['missing']})"
+    ms = f" = {board['ms']:.3f} ms at {board['clock_mhz']:g} MHz" if board["ms"] is not None else ""
+    return f"estimated cycles per inference on the {board['core']}: {board['cycles']:,}{ms} (llvm-mca, deterministic)"
+
+
+def board_estimate(runtime: str, device: Device, artefact: Path, *, sample: np.ndarray, board: dict | None,
+                   log=print) -> dict | None:
+    """Estimated cycles of an ONNX Runtime artefact on the emulated Pi's core (None where the profile names no
+    core or the device is not the emulated Pi; {"missing": why} where the tools are not here)."""
+    if runtime != "onnxruntime" or device.kind != "qemu" or not (board or {}).get("core"):
+        return None
+    from pipeline.ort.board_cycles import onnx_cycles
+
+    try:
+        return onnx_cycles([artefact], sample=sample, core=board["core"], clock_mhz=board["clock_mhz"], log=log)[0]
+    except DeviceError as exc:
+        return {"missing": str(exc)}
 
 
 def output_scale(artefact: Path) -> float | None:
@@ -97,16 +120,21 @@ def _in_steps(difference: float, artefact: Path) -> float | None:
 
 
 def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str, inputs_sha: str, accept: bool,
-                           instructions: int | None = None, max_rise: float = 0.0) -> dict:
+                           instructions: int | None = None, max_rise: float = 0.0, cycles: int | None = None,
+                           max_cycle_rise: float = 0.0) -> dict:
     if accept or not path.is_file():
         buffer = io.BytesIO()
         np.savez(buffer, outputs=outputs, artefact_sha256=artefact_sha, inputs_sha256=inputs_sha,
-                 instructions=-1 if instructions is None else instructions)
+                 instructions=-1 if instructions is None else instructions, cycles=-1 if cycles is None else cycles)
         write_bytes(path, buffer.getvalue())
         return {"status": "recorded" + (" (accepted)" if accept else " (first run on this device)"), "ok": True}
     with np.load(path, allow_pickle=False) as saved:
         old, old_artefact, old_inputs = saved["outputs"], str(saved["artefact_sha256"]), str(saved["inputs_sha256"])
         old_instructions = int(saved["instructions"]) if "instructions" in saved else -1
+        old_cycles = int(saved["cycles"]) if "cycles" in saved else -1
+    if cycles is not None and old_cycles > 0 and cycles > old_cycles * (1 + max_cycle_rise):
+        return {"status": f"SLOWER: {cycles:,} estimated cycles per inference against {old_cycles:,} accepted "
+                          f"(+{cycles / old_cycles - 1:.2%}, {max_cycle_rise:.2%} allowed)", "ok": False}
     if instructions is not None and old_instructions > 0 and instructions > old_instructions * (1 + max_rise):
         return {"status": f"SLOWER: {instructions:,} instructions per inference against {old_instructions:,} accepted "
                           f"(+{instructions / old_instructions - 1:.2%}, {max_rise:.2%} allowed)", "ok": False}
@@ -144,26 +172,29 @@ def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) 
 
 def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
                     eval_y: np.ndarray, device: Device, accept: bool, firmware: dict | None = None,
-                    log=print) -> RegressReport:
+                    board: dict | None = None, log=print) -> RegressReport:
     """`firmware` (the profile's [firmware] section) runs a microcontroller build's ELF on its emulated board
-    when the device is `qemu`."""
+    when the device is `qemu`; `board` (its [board] section) gives the core and clock its cycles are estimated
+    for, and how much they may rise over the accepted baseline."""
     _check_complete(folder, runtime=runtime, target=target, device=device)
     name, on_board = _artefact(runtime, device)
     artefact = folder / name
     log(f"[device] running {artefact.name} on {device.spec} ({len(eval_x)} images)")
-    instructions, key = None, device.key
+    instructions, key, board = None, device.key, board or {}
     if on_board:
-        outputs, seconds, about, instructions = run_firmware_on_device(artefact, folder / ARTEFACT[runtime], eval_x,
-                                                                       cpu=firmware["cpu"])
+        outputs, seconds, about, instructions, estimate = run_firmware_on_device(
+            artefact, folder / ARTEFACT[runtime], eval_x, cpu=firmware["cpu"], clock_mhz=board.get("clock_mhz", 0.0))
         key = f"qemu-{firmware['cpu']}"
     else:
         outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
+        estimate = board_estimate(runtime, device, artefact, sample=eval_x[0], board=board, log=log)
     reference = run(session(folder / "baseline/dense.fp32.onnx"), eval_x)
     host = run(session(folder / HOST_INT8[runtime]), eval_x)
     baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{key}.npz", outputs, artefact_sha=sha256_file(artefact),
                                       inputs_sha=sha256_bytes(np.ascontiguousarray(eval_x).tobytes()), accept=accept,
                                       instructions=instructions,
-                                      max_rise=(firmware or {}).get("max_instruction_rise", 0.0))
+                                      max_rise=(firmware or {}).get("max_instruction_rise", 0.0),
+                                      cycles=(estimate or {}).get("cycles"), max_cycle_rise=board.get("max_cycle_rise", 0.0))
     drop = top1(reference, eval_y) - top1(outputs, eval_y)
     agree = agreement(outputs, reference)
     failures = thresholds.failures(top1_drop=drop, agreement=agree)
@@ -175,7 +206,8 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         agreement=agree, host_top1=top1(host, eval_y), host_agreement=agreement(outputs, host),
         host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline,
         host_max_diff_steps=_in_steps(float(np.max(np.abs(outputs - host))), folder / ARTEFACT[runtime]), thresholds=asdict(thresholds),
-        passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions)
+        passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions,
+        board=estimate)
 
 
 def check_packed(files: dict[str, bytes], **settings) -> tuple[RegressReport, dict[str, bytes]]:
@@ -233,7 +265,15 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     return device_check_job(folder, runtime=profile["runtime"], target=profile["name"], device=dev,
                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], accept=accept,
-                            firmware=profile.get("firmware"))
+                            firmware=profile.get("firmware"), board=_board_section(profile))
+
+
+def _board_section(profile: dict) -> dict | None:
+    """The [board] section of a build's recorded profile, its core resolved (builds from before it have none)."""
+    board = profile.get("board")
+    if board is None:
+        return None
+    return {**board, "core": board["core"] or (profile.get("firmware") or {}).get("cpu", "")}
 
 
 def regress_all(build_dirs: list[str | Path], *, device: str | None = None, eval_samples: int | None = None,

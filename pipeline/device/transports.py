@@ -18,9 +18,11 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from pipeline.cycles.tools import missing as missing_tools
 from pipeline.device import qemu
 from pipeline.errors import DeviceError
 from pipeline.tflm import interpreter as tflm
+from pipeline.tflm.board_cycles import CYCLE_TOOLS, firmware_cycles
 from pipeline.tflm.emulator import run_firmware
 
 RUNNER = Path(__file__).with_name("runner.py")  # copied to the device and run there
@@ -74,16 +76,19 @@ def run_on_device(device: Device, model: Path, x: np.ndarray, *, log=print) -> t
     return out, time.perf_counter() - started, about
 
 
-def run_firmware_on_device(elf: Path, tflite: Path, x: np.ndarray, *, cpu: str) -> tuple[np.ndarray, float, str, int]:
+def run_firmware_on_device(elf: Path, tflite: Path, x: np.ndarray, *, cpu: str,
+                           clock_mhz: float = 0.0) -> tuple[np.ndarray, float, str, int, dict]:
     """A microcontroller build on its emulated board: (dequantized outputs, seconds, what ran, median
-    instructions per inference)."""
+    instructions per inference, estimated board figures or {"missing": why})."""
     started = time.perf_counter()
     model_bytes = tflite.read_bytes()
     io = tflm.io_quant(model_bytes)
-    run = run_firmware(elf, tflm.quantize_input(x, io), cpu=cpu)
+    missing = missing_tools(*CYCLE_TOOLS)
+    run = run_firmware(elf, tflm.quantize_input(x, io), cpu=cpu, profile_blocks=missing is None)
     out = tflm.dequantize_output(run.outputs, io)
     instructions = int(np.median(run.instructions[1:] or run.instructions))
-    return out, time.perf_counter() - started, f"firmware on qemu-system-arm {cpu} (TFLM + CMSIS-NN)", instructions
+    board = {"missing": missing} if missing else firmware_cycles(run, cpu=cpu, clock_mhz=clock_mhz)
+    return out, time.perf_counter() - started, f"firmware on qemu-system-arm {cpu} (TFLM + CMSIS-NN)", instructions, board
 
 
 def _run_qemu(model: Path, x: np.ndarray, tmp: Path, *, log) -> tuple[np.ndarray, str]:

@@ -8,6 +8,7 @@ plugin, the runner, LLVM), so a second deploy of the same files reads them back.
 """
 
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cycles import board_figures, core_named, estimate_segments, plugin_path, read_profile
-from pipeline.cycles.mca import ITERATIONS
+from pipeline.cycles.mca import model_key
 from pipeline.cycles.plugin import SOURCE, plugin_arg
-from pipeline.cycles.tools import llvm_version, require
+from pipeline.cycles.tools import require
 from pipeline.device import qemu
 from pipeline.device.transports import RUNNER
 from pipeline.errors import DeviceError
@@ -32,7 +33,7 @@ RUNS = 2  # inferences counted per model: they cost the same, two show it
 def _key(model: Path, sample: np.ndarray, core: str, runs: int) -> str:
     return sha256_json([sha256_file(model), sha256_bytes(np.ascontiguousarray(sample, np.float32).tobytes()), core,
                         runs, qemu.cache_root().name, sha256_bytes(SOURCE.read_bytes(), RUNNER.read_bytes()),
-                        llvm_version(), ITERATIONS])[:24]
+                        model_key(core_named(core))])[:24]
 
 
 def onnx_cycles(models: list[Path], *, sample: np.ndarray, core: str, clock_mhz: float, runs: int = RUNS,
@@ -47,12 +48,16 @@ def onnx_cycles(models: list[Path], *, sample: np.ndarray, core: str, clock_mhz:
         started = time.perf_counter()
         root = qemu.ensure(log=log)
         with tempfile.TemporaryDirectory(prefix="cnn-deploy-cycles-") as tmp:
-            tmp = Path(tmp)
+            tmp = Path(tmp)  # the guest's working folder: it sees only relative paths, the same on every host
             np.save(tmp / "input.npy", np.ascontiguousarray(sample, np.float32))
+            shutil.copyfile(RUNNER, tmp / RUNNER.name)
+            names = [f"m{k}.onnx" for k in range(len(todo))]
+            for name, i in zip(names, todo, strict=True):
+                shutil.copyfile(models[i], tmp / name)
             plugin = plugin_arg(plugin_path(), tmp / "blocks.prof", syscall=LSEEK, magic=MAGIC)
-            argv, env = qemu.command(root, str(RUNNER), "--marks", str(runs), hex(MAGIC), str(tmp / "input.npy"),
-                                     *(str(models[i].resolve()) for i in todo), plugin=plugin)
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            argv, env = qemu.profiled_command(root, tmp, RUNNER.name, "--marks", str(runs), hex(MAGIC), "input.npy",
+                                              *names, plugin=plugin)
+            done = subprocess.run(argv, env=env, cwd=tmp, capture_output=True, text=True, check=False)
             if done.returncode:
                 raise DeviceError(f"The emulated Raspberry Pi failed to run the cycle count (exit {done.returncode}): "
                                   f"{done.stderr.strip()[-300:]}")

@@ -26,12 +26,14 @@ def measure_onnx(path, *, eval_x: np.ndarray, eval_y: np.ndarray, class_names, r
     logits = np.concatenate([run(sess, eval_x[i:i + 500]) for i in
                              tqdm(range(0, len(eval_x), 500), desc=f"measure {label}", unit="batch", leave=False,
                                   disable=not progress)])
+    host_ms = round(latency_ms(path, sample=eval_x[0], runs=latency_runs, warmup=latency_warmup), 4)
     report = VariantReport(
         macs=cost.macs, params=cost.params, bytes=path.stat().st_size, peak_activation_bytes=cost.peak_activation_bytes,
         top1=top1(logits, eval_y), agreement=agreement(logits, reference if reference is not None else logits),
-        latency_ms=round(latency_ms(path, sample=eval_x[0], runs=latency_runs, warmup=latency_warmup), 4),
+        latency_ms=host_ms,
         runtime=f"onnxruntime {ort.__version__}", machine=host_machine(),
         per_class=per_class(logits, eval_y, class_names),
+        host_latency_ms=host_ms, latency_on=f"this host ({host_machine()}), not the board",
         layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params}
                      for layer in cost.layers),
     )

@@ -40,11 +40,18 @@ def worse_than_dense(variants: Mapping[str, VariantReport], plan: DecompositionP
     board_f, board_d = factored.details.get("firmware"), dense.details.get("firmware")
     slower = [f"{p.name} ({p.latency:,.4g} vs {p.dense_latency:,.4g})" for p in plan.layers
               if p.method and p.latency is not None and p.dense_latency is not None and p.latency > p.dense_latency]
-    if board_f and board_d and board_f["instructions"] > board_d["instructions"]:
+    measured = dense.latency_on.startswith("measured")  # a board's own timing outranks any estimate
+    if factored.board and dense.board and not measured:  # estimated on the board's core: exact, no tolerance
+        if factored.board["cycles"] > dense.board["cycles"]:
+            warnings.append(f"estimated cycles on the {factored.board['core']}: {factored.board['cycles']:,} per "
+                            f"inference against {dense.board['cycles']:,} dense "
+                            f"(+{factored.board['cycles'] / dense.board['cycles'] - 1:.1%}); factored layers slower "
+                            f"than their dense layer: {_few(slower)}")
+    elif board_f and board_d and board_f["instructions"] > board_d["instructions"]:
         warnings.append(f"instructions on {board_f['cpu']}: {board_f['instructions']:,} per inference against "
                         f"{board_d['instructions']:,} dense; factored layers slower than their dense layer: {_few(slower)}")
     elif not board_f and factored.latency_ms > dense.latency_ms * (1 + latency_tolerance):
-        where = dense.details.get("latency_on") or f"{dense.machine}, {dense.runtime}"
+        where = dense.latency_on or f"{dense.machine}, {dense.runtime}"
         timed = any(p.latency is not None for p in plan.layers)
         warnings.append(f"latency: {factored.latency_ms:.4g} ms per inference against {dense.latency_ms:.4g} ms dense "
                         f"(+{factored.latency_ms / dense.latency_ms - 1:.1%}, timed on {where}); "

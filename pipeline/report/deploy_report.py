@@ -36,10 +36,15 @@ class DeployReport:
         return data
 
     def summary_table(self) -> str:
-        lines = [markdown_table(("variant", "MACs", "params", "bytes", "peak act. B", "top-1", "agreement", "latency ms"),
+        lines = [markdown_table(("variant", "MACs", "params", "bytes", "peak act. B", "top-1", "agreement", "latency ms",
+                                 "host ms"),
                                 [(name, f"{v.macs:,}", f"{v.params:,}", f"{v.bytes:,}", f"{v.peak_activation_bytes:,}",
-                                  f"{v.top1:.2%}", f"{v.agreement:.2%}", f"{v.latency_ms:.3f}")
+                                  f"{v.top1:.2%}", f"{v.agreement:.2%}", _latency_cell(v),
+                                  f"{v.host_latency_ms:.3f}" if v.host_latency_ms is not None else "-")
                                  for name, v in self.variants.items()])]
+        estimated = {n: v for n, v in self.variants.items() if v.board}
+        if estimated:
+            lines += ["", board_table(estimated)]
         micro = {n: v.details for n, v in self.variants.items() if "arena_bytes" in v.details}
         if micro:
             lines += ["", markdown_table(
@@ -59,6 +64,29 @@ class DeployReport:
             lines.append(f"WARNING: factoring made {len(self.warnings)} cost(s) worse than dense int8:")
             lines.extend(f"  - {warning}" for warning in self.warnings)
         return "\n".join(lines)
+
+
+def _latency_cell(variant: VariantReport) -> str:
+    """The board's latency, marked where it is this host's instead (no estimate, no board)."""
+    return f"{variant.latency_ms:.3f}" + ("" if variant.board or variant.latency_on.startswith("measured") else " (host)")
+
+
+def board_table(variants: dict[str, VariantReport]) -> str:
+    """One inference of each variant on the board's core, estimated; a board's own timing beside it."""
+    first = next(iter(variants.values())).board
+    dense = {n.split("_")[1]: v.board["cycles"] for n, v in variants.items() if n.startswith("dense")}
+    clock = f" at {first['clock_mhz']:g} MHz" if first["clock_mhz"] else ""
+    measured = any(v.latency_on.startswith("measured") for v in variants.values())
+    head = (f"on the board: {first['core']}{clock}", "instructions", "est. cycles", "est. ms", "cycles vs dense",
+            *(["measured ms"] if measured else []))
+    rows = []
+    for name, v in variants.items():
+        b = v.board
+        base = dense.get(name.split("_")[1])
+        rows.append((name, f"{b['instructions']:,}", f"{b['cycles']:,}", f"{b['ms']:.3f}" if b["ms"] is not None else "-",
+                     f"{b['cycles'] / base:.3f}" if base else "-",
+                     *([f"{v.latency_ms:.3f}" if v.latency_on.startswith("measured") else "-"] if measured else [])))
+    return markdown_table(head, rows)
 
 
 def _compression_lines(record: dict) -> list[str]:
@@ -93,13 +121,17 @@ def tuning_sentence(tuned: dict) -> str:
 
 
 def _latency_source(report: DeployReport) -> str:
-    """Say plainly whose latency the table shows."""
-    board = next((v.details["latency_on"] for v in report.variants.values() if "latency_on" in v.details), None)
-    if board:
-        return f"The latency column was timed on the board itself: {board}."
-    firmware = any("firmware" in v.details for v in report.variants.values())
-    return (f"That latency is this host's, not the {report.target}'s: no board kept time for it"
-            f"{' (the firmware section counts instructions on the emulated part)' if firmware else ''}.")
+    """Say plainly whose latency each figure is."""
+    sources = dict.fromkeys(f"{name}: {v.latency_on}" for name, v in report.variants.items())
+    estimated = next((v.board for v in report.variants.values() if v.board), None)
+    lines = [f"The latency column is the {report.target}'s where it can be: " + "; ".join(sources) + "."]
+    if estimated:
+        lines.append(f"Estimated figures are the blocks the real runtime executed for one inference on the board's ISA "
+                     f"in qemu, each timed by LLVM's {estimated['core']} scheduling model (llvm-mca): deterministic, the "
+                     "same on any host, but caches, memory and flash wait states (and on a Pi, its other cores) are not "
+                     "modelled.")
+    lines.append("The host ms column is this host's wall time, for reference only.")
+    return " ".join(lines)
 
 
 def firmware_table(board: dict[str, dict]) -> str:
@@ -118,18 +150,27 @@ def _firmware_lines(report: DeployReport) -> list[str]:
     figures = report.variants["factored_int8"].details.get("firmware") if "factored_int8" in report.variants else None
     if not figures:
         return []
-    by_op: dict[str, int] = {}
-    for layer in figures["layers"]:
-        by_op[layer["op"]] = by_op.get(layer["op"], 0) + layer["instructions"]
-    total = sum(by_op.values()) or 1
+    board = figures.get("board")
+    counted = board["operators"] if board else figures["layers"]
+    by_op: dict[str, list[int]] = {}
+    for layer in counted:
+        sums = by_op.setdefault(layer["op"], [0, 0, 0])
+        sums[0] += 1
+        sums[1] += layer["instructions"]
+        sums[2] += layer.get("cycles", 0)
+    key = 2 if board else 1
+    total = sum(s[key] for s in by_op.values()) or 1
+    what = ("Cycles are estimated: each executed block timed by LLVM's scheduling model of the core (llvm-mca), with "
+            "no caches or flash wait states modelled." if board else
+            "Cycles were not estimated here (the reason is in the notes): these are instructions.")
     return ["", "## Firmware", "",
             f"TFLite Micro with CMSIS-NN kernels, built with arm-none-eabi-gcc for {figures['cpu']} and run in "
-            "qemu-system-arm with `-icount shift=0`. The counts are instructions, not cycles: qemu models no "
-            "pipeline, caches or flash wait states, so an M4 and an M7 run nearly the same count; on an M4 without "
-            "cache cycles track instructions closely, while an M7's dual issue and caches make it faster per "
-            "instruction. They are deterministic: the same ELF and inputs give the same count on any host.", "",
-            markdown_table(("operator (factored_int8)", "instructions", "share"),
-                           [(op, f"{n:,}", f"{n / total:.1%}") for op, n in sorted(by_op.items(), key=lambda i: -i[1])])]
+            "qemu-system-arm with `-icount shift=0`: the instruction counts are the firmware's own, deterministic on any "
+            f"host. {what}", "",
+            markdown_table(("operator (factored_int8)", "calls", "instructions", *(["est. cycles"] if board else []),
+                            "share"),
+                           [(op, str(s[0]), f"{s[1]:,}", *([f"{s[2]:,}"] if board else []), f"{s[key] / total:.1%}")
+                            for op, s in sorted(by_op.items(), key=lambda i: -i[1][key])])]
 
 
 def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[Path]:
@@ -150,9 +191,8 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         f"Evaluated on {report.eval_samples} test samples of {data['name']} ({data['location']}; "
         f"{len(report.class_names)} classes; {data['train_samples']:,} training and {data['test_samples']:,} test "
         f"samples, none shared: calibration, fitting, rank choice and fine-tuning use only the training ones).{split} "
-        "Accuracy, agreement and latency were computed "
-        f"on the {machine} ({runtimes}; latency at batch 1 on one thread, "
-        f"median). {_latency_source(report)} "
+        f"Accuracy and agreement were computed on the {machine} ({runtimes}; latency at batch 1 on one thread). "
+        f"{_latency_source(report)} "
         "Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs "
         "without VNNI and not on ARM.",
         "",

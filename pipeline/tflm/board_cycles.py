@@ -10,6 +10,8 @@ from pipeline.cycles import board_figures, core_named, estimate_segments
 from pipeline.errors import DeviceError
 from pipeline.tflm.emulator import FirmwareRun
 
+CYCLE_TOOLS = ("llvm-mc", "llvm-mca", "gcc")  # besides the firmware toolchain: the model, and the plugin's compiler
+
 
 def firmware_cycles(run: FirmwareRun, *, cpu: str, clock_mhz: float) -> dict:
     """report.json's board figures for a run made with `profile_blocks`: the core is the firmware's CPU."""

@@ -75,12 +75,14 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
     ort_int8 = run(session(quantized_onnx), eval_x)
     recorded = interpreter.arena_bytes(model_bytes)
     cost = onnx_cost(quantized_onnx)
+    host_ms = round(_tflm_latency_ms(model_bytes, x_int8[0], runs=latency_runs, warmup=latency_warmup), 4)
     report = VariantReport(
         macs=cost.macs, params=cost.params, bytes=len(model_bytes), peak_activation_bytes=peak_activation_bytes(model_bytes),
         top1=top1(logits, eval_y), agreement=agreement(logits, reference),
-        latency_ms=round(_tflm_latency_ms(model_bytes, x_int8[0], runs=latency_runs, warmup=latency_warmup), 4),
+        latency_ms=host_ms,
         runtime=f"tflite-micro {metadata.version('tflite-micro')} (reference kernels)", machine=host_machine(),
         per_class=per_class(logits, eval_y, class_names),
+        host_latency_ms=host_ms, latency_on=f"this host ({host_machine()}), not the board",
         layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params} for layer in cost.layers),
         details={
             "flash_bytes": len(model_bytes),

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cycles.tools import MissingTool, require
+from pipeline.cycles.tools import missing as missing_tools
 from pipeline.tflm import interpreter
-from pipeline.tflm.board_cycles import firmware_cycles
+from pipeline.tflm.board_cycles import CYCLE_TOOLS, firmware_cycles
 from pipeline.tflm.build import HARNESS, build_library, library_sources, link_firmware, rebuild_script
 from pipeline.tflm.emulator import run_firmware, size
 from pipeline.tflm.firmware import model_sources
@@ -22,15 +22,6 @@ from pipeline.util import write_text
 
 HARNESS_FILES = ("main.cc", "platform.cc", "platform.h", "startup.c", "link.ld", "ruy/profiler/instrumentation.h")
 MODEL_FILES = ("model_data.cc", "model_data.h", "model_settings.h")
-
-
-def cycle_tools_missing() -> str | None:
-    """Why board cycles cannot be estimated on this machine (the apt command), or None when they can."""
-    try:
-        require("llvm-mc", "llvm-mca", "gcc")
-    except MissingTool as exc:
-        return str(exc)
-    return None
 
 
 def measure_on_board(tflite: Path, sources: Path, elf: Path, *, cpu: str, root: Path, x_nchw: np.ndarray,
@@ -45,7 +36,7 @@ def measure_on_board(tflite: Path, sources: Path, elf: Path, *, cpu: str, root: 
     x = interpreter.quantize_input(x_nchw, io)
     if len(x) == 1:  # the steady inference is the second: the first also runs the per-operator profiler
         x = np.concatenate([x, x])
-    missing = cycle_tools_missing()
+    missing = missing_tools(*CYCLE_TOOLS)
     run = run_firmware(firmware.elf, x, cpu=cpu, profile_blocks=missing is None)
     host = interpreter.run_tflm(model_bytes, x).reshape(len(x), -1)
     differing = int(np.any(run.outputs != host, axis=1).sum())
