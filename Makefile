@@ -24,7 +24,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup setup-cluster deploy bench regress firmware train setup-device decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster deploy bench mlperf-tiny regress firmware train setup-device decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,13 @@ bench: setup
 		$(if $(FINETUNE_EPOCHS),--epochs $(FINETUNE_EPOCHS)) $(if $(DATA),--data $(DATA)) \
 		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 		$(if $(TASK_THREADS),--threads $(TASK_THREADS))
+
+# MLPerf Tiny's ResNet-8, DS-CNN and MobileNetV1 0.25, dense and factored at BUDGET (default 0.7), estimated in ms
+# on TARGET (default the reference board, nucleo-l4r5zi) beside the published board figures: bench/mlperf-tiny/.
+mlperf-tiny: setup
+	$(BIN)/cnn-deploy mlperf-tiny --target $(if $(filter command line,$(origin TARGET)),$(TARGET),nucleo-l4r5zi) \
+		$(if $(filter command line,$(origin BUDGET)),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
+		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
 # TARGET may name several builds (TARGET="rpi4 cortex-m4"): on a Ray board farm they run at once.
 regress: setup

@@ -94,6 +94,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_mlperf_tiny(args) -> int:
+    from pipeline.bench.mlperf import mlperf_tiny
+
+    path = mlperf_tiny(target=args.target, budget=args.budget, data=args.data, eval_samples=args.eval_samples,
+                       out=args.out)
+    print(path.with_suffix(".md").read_text())
+    print(f"results: {path}; table: {path.with_suffix('.md')}")
+    return 0
+
+
 def _add_compression_flags(p) -> None:
     """The compression settings deploy and decompose share; each overrides the target profile only when given."""
     p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
@@ -275,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
     p.add_argument("--out", default="bench")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("mlperf-tiny", help="ResNet-8, DS-CNN and MobileNetV1 0.25 dense and factored on a Cortex-M "
+                                           "board: estimated ms beside MLPerf Tiny's published board figures")
+    p.add_argument("--target", default="nucleo-l4r5zi", help="a Cortex-M profile (default: MLPerf Tiny's reference board)")
+    p.add_argument("--budget", default="0.7", help="the factored models' budget, as for deploy")
+    p.add_argument("--data", help=DATA_HELP + " (ResNet-8's; default CIFAR-10)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="class-balanced test images ResNet-8 is scored on "
+                                                                  "(0: the full test set)")
+    p.add_argument("--out", default="bench/mlperf-tiny")
+    p.set_defaults(run=cmd_mlperf_tiny)
 
     add_deploy_parser(sub)
     add_regress_parsers(sub)

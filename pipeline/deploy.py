@@ -23,13 +23,13 @@ from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preproc
 from pipeline.cluster import connect
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
+from pipeline.device.board_cycles import onnx_cycles
 from pipeline.device.board_latency import BoardLayerLatency
 from pipeline.device.regress import device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
 from pipeline.metrics import VariantReport
 from pipeline.onnx.chain import to_onnx
-from pipeline.ort.board_cycles import onnx_cycles
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
@@ -108,6 +108,11 @@ class Build:
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         return preprocess(x, mean=self.spec.mean, std=self.spec.std)
 
+    @property
+    def cycle_sample(self) -> np.ndarray:
+        """The input cycles are estimated on: the test set's first, so `make regress` estimates on the same one."""
+        return self.preprocess(self.test_set.x[:1])[0]
+
 
 # ---- the stages, in order ---------------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ def estimate_board_cycles(build: Build) -> None:
         return
     _stage(f"estimate {profile.core} cycles of the four variants (aarch64 ONNX Runtime in qemu, llvm-mca)")
     try:
-        figures = onnx_cycles([build.onnx[name] for name in VARIANTS], sample=build.eval_x[0], core=profile.core,
+        figures = onnx_cycles([build.onnx[name] for name in VARIANTS], sample=build.cycle_sample, core=profile.core,
                               clock_mhz=profile.board.clock_mhz, log=_stage)
     except DeviceError as exc:
         build.notes.append(f"board cycles not estimated, latency is this host's: {exc}")
@@ -251,7 +256,8 @@ def check_device(build: Build) -> None:
                            thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
                            eval_y=test.y[idx], device=parse_device(device.default), accept=True,
                            firmware=dataclasses.asdict(build.profile.firmware),
-                           board={**dataclasses.asdict(build.profile.board), "core": build.profile.core})
+                           board={**dataclasses.asdict(build.profile.board), "core": build.profile.core},
+                           cycle_sample=build.cycle_sample)
     report, written = connect().run([job], desc="device check", progress=False, log=_stage)[0]
     keep_written(build.staging, written)
     build.failures += [f"device check on {report.device}: {f}" for f in report.failures]

@@ -275,7 +275,7 @@ SECTIONS = {"quantization": Quantization, "decomposition": Decomposition, "finet
             "thresholds": Thresholds, "evaluation": Evaluation, "memory": Memory, "device": DeviceCheck,
             "firmware": Firmware, "board": Board}
 # the cores each runtime's board can be estimated on: ONNX Runtime runs in the emulated Pi's aarch64 guest
-RUNTIME_CORES = {"onnxruntime": ("", "cortex-a72"), "tflite-micro": ("", "cortex-m4", "cortex-m7")}
+RUNTIME_CORES = {"onnxruntime": ("cortex-a72",), "tflite-micro": ("cortex-m4", "cortex-m7")}
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,10 @@ class TargetProfile:
     def __post_init__(self):
         _choice("runtime", self.runtime, RUNTIMES)
         check_gradual(self.decomposition, self.finetune)
-        _choice(f"board.core for runtime {self.runtime}", self.board.core, RUNTIME_CORES[self.runtime])
+        cores = RUNTIME_CORES[self.runtime]
+        if self.board.core not in ("", *cores):
+            raise ConfigError(f"board.core {self.board.core!r} cannot be estimated for runtime {self.runtime}; known: "
+                              f"{', '.join(cores)}, or \"\" for none")
         if self.board.core and self.firmware.cpu and self.board.core != self.firmware.cpu:
             raise ConfigError(f"board.core {self.board.core!r} differs from firmware.cpu {self.firmware.cpu!r}; "
                               "the firmware runs on the board's core: leave board.core empty")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -67,3 +68,35 @@ def test_missed_threshold_exits_nonzero_marks_failed_and_keeps_artefacts(tmp_pat
     assert "FAILED" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
     assert (out / "model.int8.onnx").is_file()
+
+
+def test_the_rpi4_report_gives_the_boards_estimated_cycles_and_names_host_time(build):
+    from pipeline.cycles.tools import missing
+
+    if missing("qemu-aarch64", "llvm-mca", "gcc"):
+        pytest.skip(missing("qemu-aarch64", "llvm-mca", "gcc"))
+    out, _ = build
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"].values():
+        board = variant["board"]
+        assert board["core"] == "cortex-a72" and board["clock_mhz"] == 1500 and board["cycles"] > 100_000
+        assert variant["latency_ms"] == board["ms"] == round(board["cycles"] / 1.5e6, 4)
+        assert variant["latency_on"] == "estimated for the cortex-a72 at 1500 MHz"
+        assert variant["host_latency_ms"] > 0 and board["unmodelled_share"] < 0.01
+        assert board["instructions"] > board["cycles"] / 2  # the A72 retires up to three a cycle
+    text = (out / "report.md").read_text()
+    assert "on the board: cortex-a72 at 1500 MHz" in text and "| host ms |" in text and "llvm-mca" in text
+
+
+def test_without_the_cycle_tools_a_deploy_completes_and_says_what_is_missing(tmp_path, cifar_dir, monkeypatch):
+    real = shutil.which
+    monkeypatch.setattr("pipeline.cycles.tools.shutil.which", lambda tool: None if tool.startswith("llvm") else real(tool))
+    out = tmp_path / "rpi4"
+    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
+                 "--quiet"]) in (0, 1)
+    report = json.loads((out / "report.json").read_text())
+    assert any("board cycles not estimated" in n and "apt-get install -y llvm" in n for n in report["notes"])
+    for variant in report["variants"].values():
+        assert variant["board"] is None and variant["latency_on"].startswith("this host")
+        assert variant["latency_ms"] == variant["host_latency_ms"]
+    assert "(host)" in (out / "report.md").read_text()

@@ -24,7 +24,7 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
     assert code == (0 if report["passed"] else 1)
     for name in ("model.tflite", "model_data.cc", "model_data.h", "model_settings.h", "manifest.json", "report.md"):
         assert (out / name).is_file(), name
-    assert report["target"] == "cortex-m4" and report["eval_samples"] == 200
+    assert report["target"] == "nucleo-l4r5zi" and report["eval_samples"] == 200  # what the old name stands for
     int8 = report["variants"]["factored_int8"]
     assert int8["runtime"].startswith("tflite-micro") and report["variants"]["factored_fp32"]["runtime"].startswith("onnxruntime")
     assert int8["bytes"] == (out / "model.tflite").stat().st_size
@@ -43,9 +43,34 @@ def test_cortex_m4_deploy_writes_firmware_files_and_the_same_report_keys(build):
     assert device["baseline"]["status"].startswith("recorded") and (out / "device_baseline" / "tflm.npz").is_file()
 
 
+def test_the_mcu_report_gives_board_cycles_per_variant_and_operator(build):
+    from pipeline.cycles.tools import missing
+
+    if missing("llvm-mca", "gcc", "qemu-system-arm"):
+        pytest.skip(missing("llvm-mca", "gcc", "qemu-system-arm"))
+    out, _ = build
+    report = json.loads((out / "report.json").read_text())
+    for name in ("dense_int8", "factored_int8"):
+        variant = report["variants"][name]
+        board, firmware = variant["board"], variant["details"]["firmware"]
+        assert board["core"] == "cortex-m4" and board["clock_mhz"] == 120 and board["unmodelled_share"] < 0.01
+        # the plugin counts what the firmware's own clock counts, give or take the marks around it
+        assert abs(board["instructions"] - firmware["instructions"]) <= 100
+        assert board["cycles_range"][0] == board["cycles"] == board["cycles_range"][1]
+        assert variant["latency_ms"] == board["ms"] == round(board["cycles"] / 120e3, 4)
+        ops = board["operators"]
+        assert [op["op"] for op in ops] == [layer["op"] for layer in firmware["layers"]]
+        assert 0.9 * board["cycles"] <= sum(op["cycles"] for op in ops) <= board["cycles"]
+    for name in ("dense_fp32", "factored_fp32"):  # TFLM runs int8 only: the fp32 figures are the host's, and say so
+        variant = report["variants"][name]
+        assert variant["board"] is None and variant["latency_on"].startswith("this host")
+    text = (out / "report.md").read_text()
+    assert "on the board: cortex-m4 at 120 MHz" in text and "| est. cycles | share |" in text
+
+
 def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):
     strict = tmp_path / "strict-board.toml"
-    text = (TARGETS_DIR / "cortex-m4.toml").read_text().replace('name = "cortex-m4"', 'name = "strict-board"')
+    text = (TARGETS_DIR / "nrf52840.toml").read_text().replace('name = "nrf52840"', 'name = "strict-board"')
     strict.write_text(text + "\n[thresholds]\nmin_agreement = 0.999\n\n[device]\nsamples = 100\n")
     out = tmp_path / "out"
     assert main(["deploy", "--target", str(strict), "--data", str(cifar_dir), "--eval-samples", "100",
@@ -56,9 +81,9 @@ def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):
 
 
 def test_a_budget_the_model_cannot_meet_fails_with_the_figures(tmp_path, cifar_dir, capsys):
-    text = (TARGETS_DIR / "cortex-m4.toml").read_text()
+    text = (TARGETS_DIR / "nrf52840.toml").read_text()
     tiny = tmp_path / "tiny-board.toml"
-    tiny.write_text(text.replace("ram_bytes = 262144", "ram_bytes = 70000").replace('name = "cortex-m4"', 'name = "tiny-board"'))
+    tiny.write_text(text.replace("ram_bytes = 262144", "ram_bytes = 70000").replace('name = "nrf52840"', 'name = "tiny-board"'))
     out = tmp_path / "out"
     assert main(["deploy", "--target", str(tiny), "--data", str(cifar_dir), "--eval-samples", "50",
                  "--out", str(out), "--quiet"]) == 2

@@ -69,6 +69,30 @@ def test_a_broken_artefact_fails_the_regression(build, tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_estimated_cycles_gate_the_regression_on_the_emulated_pi(build, tmp_path, capsys):
+    from pipeline.cycles.tools import missing
+
+    if shutil.which("qemu-aarch64-static") is None or missing("qemu-aarch64", "llvm-mca", "gcc"):
+        pytest.skip("needs apt packages qemu-user-static, qemu-user and llvm (.ci/run installs them)")
+    board = tmp_path / "rpi4"
+    shutil.copytree(build, board)
+    factored = (board / "model.int8.onnx").read_bytes()
+    report = json.loads((board / "report.json").read_text())["variants"]
+    assert report["factored_int8"]["board"]["cycles"] > report["dense_int8"]["board"]["cycles"] * 1.005
+    (board / "model.int8.onnx").write_bytes((board / "baseline" / "dense.int8.onnx").read_bytes())  # the lighter one
+    assert regress(board, "--device", "qemu", "--accept") == 0
+    accepted = json.loads((board / "regress.json").read_text())
+    assert accepted["board"]["cycles"] == report["dense_int8"]["board"]["cycles"]  # the deploy's figure, again
+    assert regress(board, "--device", "qemu") == 0  # the baseline passes
+    (board / "model.int8.onnx").write_bytes(factored)  # heavier by more than the profile's 0.5%
+    capsys.readouterr()
+    assert regress(board, "--device", "qemu") == 1
+    failed = json.loads((board / "regress.json").read_text())
+    assert failed["baseline"]["status"].startswith(f"SLOWER: {report['factored_int8']['board']['cycles']:,} "
+                                                   "estimated cycles per inference")
+    assert "estimated cycles per inference on the cortex-a72" in capsys.readouterr().out
+
+
 @pytest.fixture()
 def sshd(tmp_path):
     """An sshd of the test's own on 127.0.0.1: own config, host key and client key; stopped by its pid."""

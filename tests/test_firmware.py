@@ -64,6 +64,17 @@ def test_instruction_counts_are_deterministic_and_the_layers_add_up(sources, tmp
     assert [op for op, _ in first.layers] == ["CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"]
 
 
+def test_board_cycles_are_deterministic_and_differ_between_the_m4_and_m7_models(sources, tmp_path):
+    tflite, x = firmware_model("conv_same", tmp_path)
+    figures = {cpu: [measure_on_board(tflite, tmp_path, tmp_path / f"{cpu}.elf", cpu=cpu, root=sources, x_nchw=x[:3],
+                                      clock_mhz=100.0, log=lambda *_: None)["board"] for _ in range(2)]
+               for cpu in ("cortex-m4", "cortex-m7")}
+    for cpu, (first, second) in figures.items():
+        assert first == second and first["core"] == cpu and first["cycles"] > 0
+        assert first["ms"] == round(first["cycles"] / 1e5, 4) and first["operators"][0]["op"] == "CONV_2D"
+    assert figures["cortex-m4"][0]["cycles"] != figures["cortex-m7"][0]["cycles"]
+
+
 def test_the_same_model_links_to_the_same_bytes(sources, tmp_path):
     tflite, _ = firmware_model("conv_same", tmp_path)
     from pipeline.tflm.build import build_library, link_firmware
@@ -89,7 +100,8 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
     for name in ("firmware/firmware.elf", "firmware/firmware.map", "firmware/build.sh", "firmware/main.cc",
                  "firmware/model_data.cc", "baseline/dense.firmware.elf"):
         assert name in manifest["artefacts"], name
-    assert "instructions, not cycles" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "on the board: cortex-m4 at 120 MHz" in text and "Cycles are estimated" in text
     capsys.readouterr()
     assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 0
     assert "instructions per inference" in capsys.readouterr().out
@@ -110,6 +122,19 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
     capsys.readouterr()
     assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 1
     assert "artefact changed" in capsys.readouterr().out
+    # the heavier dense model relinked in its place: the gate on estimated cycles fails before anything else
+    dense = report["variants"]["dense_int8"]
+    assert dense["board"]["cycles"] > report["variants"]["factored_int8"]["board"]["cycles"] * 1.005
+    data = (out / "baseline" / "dense.int8.tflite").read_bytes()
+    (out / "model.tflite").write_bytes(data)
+    model_sources(out, data, arena_bytes=dense["details"]["firmware"]["arena_bytes"],
+                  io={f"{side}_{key}": dense["details"][f"{side}_quantization"][key] for side in ("input", "output")
+                      for key in ("scale", "zero_point")})
+    assert main(["firmware", "--target", "cortex-m4", "--out", str(out), "--samples", "5"]) in (0, 1)
+    capsys.readouterr()
+    assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 1
+    regress = json.loads((out / "regress.json").read_text())
+    assert regress["baseline"]["status"].startswith(f"SLOWER: {regress['board']['cycles']:,} estimated cycles per inference")
 
 
 def test_a_latency_budget_on_a_microcontroller_counts_instructions_on_the_board(sources, tmp_path, monkeypatch):
@@ -151,6 +176,12 @@ def test_more_instructions_than_the_accepted_baseline_is_a_regression(tmp_path):
     assert _compare_with_baseline(path, outputs, accept=False, instructions=1010, **same)["ok"]
     slower = _compare_with_baseline(path, outputs, accept=False, instructions=1020, **same)
     assert not slower["ok"] and slower["status"].startswith("SLOWER: 1,020 instructions per inference against 1,000")
+    cycles = tmp_path / "cycles.npz"
+    _compare_with_baseline(cycles, outputs, accept=True, cycles=50_000, **same)
+    assert _compare_with_baseline(cycles, outputs, accept=False, cycles=50_025, max_cycle_rise=0.0005, **same)["ok"]
+    heavier = _compare_with_baseline(cycles, outputs, accept=False, cycles=50_030, max_cycle_rise=0.0005, **same)
+    assert not heavier["ok"] and heavier["status"] == ("SLOWER: 50,030 estimated cycles per inference against 50,000 "
+                                                       "accepted (+0.06%, 0.05% allowed)")
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def bad_inputs(tmp_path):
         (["--weights", str(tmp_path / "evil.pt")], "would run code"),
         (["--weights", str(tmp_path / "resnet.pt")], "missing keys conv1.bias"),
         (["--model", "vgg16"], "Unknown model 'vgg16'; known:"),
-        (["--target", "rpi5"], "Unknown target 'rpi5'; known: cortex-m4, cortex-m7, rpi4"),
+        (["--target", "rpi5"], "Unknown target 'rpi5'; known: cortex-m4, cortex-m7, nrf52840, nucleo-h743zi, nucleo-l4r5zi, rpi4"),
         (["--method", "pca"], "Unknown method 'pca'; known: channel-svd, cp, slice-svd, svd, tucker2"),
         (["--rank", "0"], "expected a positive integer rank"),
         (["--rank", "-3"], "expected a positive integer rank"),

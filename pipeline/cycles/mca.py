@@ -3,8 +3,9 @@
 Each block's bytes are decoded with `llvm-mc --disassemble` (one instruction per line, so an undecodable one is
 known by its line) and all blocks go through one `llvm-mca` process as code regions: a process per block would
 cost more than the model. A block's figure is llvm-mca's total cycles over its iterations: the block run
-back to back, as a block in a hot loop runs. Blocks the model cannot take (an instruction it does not know)
-count one cycle per instruction and are reported as unmodelled. Results are cached per core and LLVM version by
+back to back, as a block in a hot loop runs. An instruction the model has no timing for (LLVM 14's Cortex-M7 lacks
+IT, for one) is left out of the run and counted at one cycle; a block llvm-mca still rejects counts one cycle per
+instruction and is reported as unmodelled. Results are cached per core and LLVM version by
 the block's bytes, so a block is timed once on a machine.
 """
 
@@ -22,9 +23,10 @@ from pipeline.errors import DeviceError
 from pipeline.util import cache_dir, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
-VERSION = 2  # of how blocks are prepared for llvm-mca: a change invalidates the cached timings
+VERSION = 3  # of how blocks are prepared for llvm-mca: a change invalidates the cached timings
 INVALID = re.compile(r":(\d+):\d+: warning: invalid instruction encoding")
 MCA_ERROR = re.compile(r":(\d+):\d+: error:")
+UNSUPPORTED = re.compile(r"unsupported instruction.*\n.*instruction:\s*(\S+)")
 REGION = re.compile(r"^\[\d+\] Code Region - b(\d+)$")
 
 
@@ -84,14 +86,19 @@ def disassemble(core: Core, blocks: list[Block]) -> list[list[str] | None]:
     return texts
 
 
+def _mnemonic(instruction: str) -> str:
+    return instruction.split("\t", 1)[0]
+
+
 def _mca(core: Core, texts: dict[int, list[str]]) -> dict[int, float]:
     """Cycles per iteration of each block, by index; a block llvm-mca rejects is left out."""
-    pending = dict(texts)
+    pending, untimed = dict(texts), set()
     while pending:
         source, starts = [".syntax unified", ".thumb"] if core.triple.startswith("thumb") else [], []
         for index, text in pending.items():
             starts.append((len(source) + 1, index))
-            source += [f"# LLVM-MCA-BEGIN b{index}", *map(core.timed_as, text), "# LLVM-MCA-END"]
+            timed = [core.timed_as(i) for i in text if _mnemonic(i) not in untimed]
+            source += [f"# LLVM-MCA-BEGIN b{index}", *(timed or ["nop"]), "# LLVM-MCA-END"]
         with tempfile.NamedTemporaryFile("w", suffix=".s", delete=False) as f:
             f.write("\n".join(source) + "\n")
         try:
@@ -101,7 +108,14 @@ def _mca(core: Core, texts: dict[int, list[str]]) -> dict[int, float]:
         finally:
             Path(f.name).unlink()
         if done.returncode == 0:
-            return _parse(done.stdout, expected=set(pending))
+            cycles = _parse(done.stdout, expected=set(pending))
+            # what was left out counts one cycle an instruction (a block of nothing else ran as one nop)
+            return {i: cycles[i] - (not any(_mnemonic(x) not in untimed for x in text))
+                    + sum(_mnemonic(x) in untimed for x in text) for i, text in pending.items()}
+        unsupported = UNSUPPORTED.search(done.stderr)
+        if unsupported and unsupported[1] not in untimed:
+            untimed.add(unsupported[1])
+            continue
         bad = {max((index for start, index in starts if start <= int(m[1])), default=None)
                for m in MCA_ERROR.finditer(done.stderr)} - {None}
         if not bad:

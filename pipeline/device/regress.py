@@ -88,7 +88,7 @@ def board_estimate(runtime: str, device: Device, artefact: Path, *, sample: np.n
     core or the device is not the emulated Pi; {"missing": why} where the tools are not here)."""
     if runtime != "onnxruntime" or device.kind != "qemu" or not (board or {}).get("core"):
         return None
-    from pipeline.ort.board_cycles import onnx_cycles
+    from pipeline.device.board_cycles import onnx_cycles
 
     try:
         return onnx_cycles([artefact], sample=sample, core=board["core"], clock_mhz=board["clock_mhz"], log=log)[0]
@@ -172,10 +172,11 @@ def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) 
 
 def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
                     eval_y: np.ndarray, device: Device, accept: bool, firmware: dict | None = None,
-                    board: dict | None = None, log=print) -> RegressReport:
+                    board: dict | None = None, cycle_sample: np.ndarray | None = None, log=print) -> RegressReport:
     """`firmware` (the profile's [firmware] section) runs a microcontroller build's ELF on its emulated board
     when the device is `qemu`; `board` (its [board] section) gives the core and clock its cycles are estimated
-    for, and how much they may rise over the accepted baseline."""
+    for, and how much they may rise over the accepted baseline; an ONNX model's cycles are estimated on
+    `cycle_sample` (default: the first image checked)."""
     _check_complete(folder, runtime=runtime, target=target, device=device)
     name, on_board = _artefact(runtime, device)
     artefact = folder / name
@@ -187,7 +188,8 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         key = f"qemu-{firmware['cpu']}"
     else:
         outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
-        estimate = board_estimate(runtime, device, artefact, sample=eval_x[0], board=board, log=log)
+        estimate = board_estimate(runtime, device, artefact, sample=eval_x[0] if cycle_sample is None else cycle_sample,
+                                  board=board, log=log)
     reference = run(session(folder / "baseline/dense.fp32.onnx"), eval_x)
     host = run(session(folder / HOST_INT8[runtime]), eval_x)
     baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{key}.npz", outputs, artefact_sha=sha256_file(artefact),
@@ -265,7 +267,8 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     return device_check_job(folder, runtime=profile["runtime"], target=profile["name"], device=dev,
                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], accept=accept,
-                            firmware=profile.get("firmware"), board=_board_section(profile))
+                            firmware=profile.get("firmware"), board=_board_section(profile),
+                            cycle_sample=preprocess(test.x[:1], mean=settings["mean"], std=settings["std"])[0])
 
 
 def _board_section(profile: dict) -> dict | None:

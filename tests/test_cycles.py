@@ -1,0 +1,227 @@
+"""The cycle engine (pipeline/cycles): the block-profile plugin's counts on guest loops of known length, in system
+mode (Cortex-M, marks by a function) and user mode (aarch64 Linux, marks by a syscall); llvm-mca's figures and
+how its report is read; blocks it cannot time; a missing tool; and the same figures twice, with the host busy."""
+
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.cycles import core_named, estimate_segments, plugin_path, read_profile
+from pipeline.cycles.mca import _parse, block_cycles
+from pipeline.cycles.plugin import plugin_arg
+from pipeline.cycles.profile import Block
+from pipeline.cycles.tools import MissingTool, missing, require
+from pipeline.errors import DeviceError
+
+pytestmark = pytest.mark.cycles
+
+
+def needs(*tools):
+    why = missing(*tools)
+    if why:
+        pytest.skip(why)
+
+
+# ---- the plugin on guests of known length ---------------------------------------------------------------
+
+THUMB_LOOP = """
+    .syntax unified
+    .thumb
+    .section .vectors, "a"
+    .word 0x20010000
+    .word reset + 1
+    .text
+    .thumb_func
+    .global cycle_mark
+cycle_mark:
+    bx lr
+    .thumb_func
+reset:
+    bl cycle_mark
+    ldr r0, ={n}
+1:  subs r0, #1
+    bne 1b
+    bl cycle_mark
+    ldr r1, =exit_block
+    movs r0, #0x20
+    bkpt 0xab
+2:  b 2b
+    .align 2
+exit_block:
+    .word 0x20026, 0
+    .ltorg
+"""
+LINK = "MEMORY { FLASH (rx) : ORIGIN = 0, LENGTH = 4M }\nSECTIONS { .text : { KEEP(*(.vectors)) *(.text*) } > FLASH }\n"
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_plugin_counts_a_known_thumb_loop_exactly_between_function_marks(tmp_path, n):
+    needs("arm-none-eabi-gcc", "qemu-system-arm", "gcc")
+    (tmp_path / "loop.S").write_text(THUMB_LOOP.format(n=n))
+    (tmp_path / "link.ld").write_text(LINK)
+    subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-nostdlib", "-nostartfiles", "-T", "link.ld",
+                    "-o", "loop.elf", "loop.S"], cwd=tmp_path, check=True)
+    mark = int(subprocess.run(["arm-none-eabi-nm", "loop.elf"], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.split(" T cycle_mark")[0].split()[-1], 16)
+    subprocess.run(["qemu-system-arm", "-M", "mps2-an386", "-cpu", "cortex-m4", "-display", "none", "-monitor", "none",
+                    "-semihosting-config", "enable=on,target=native", "-icount", "shift=0",
+                    "-plugin", plugin_arg(plugin_path(), tmp_path / "p.txt", mark=mark), "-kernel", "loop.elf"],
+                   cwd=tmp_path, check=True, timeout=60)
+    profile = read_profile(tmp_path / "p.txt")
+    assert profile.marks == 2
+    # the mark's return, ldr + subs + bne, the loop's subs + bne n - 1 more times, the bl to the second mark
+    (between,) = estimate_segments(profile, core_named("cortex-m4"), [[1]])
+    assert between.instructions == 1 + 3 + 2 * (n - 1) + 1
+    assert between.unmodelled_instructions == 0 and between.cycles > between.instructions * 0.5
+
+
+MAGIC = 0xC7C1E5
+AARCH64_LOOP = """
+    .globl _start
+_start:
+    mov x0, #-1
+    movz x1, #0xc1e5
+    movk x1, #0xc7, lsl #16
+    mov x2, #0
+    mov x8, #62
+    svc #0
+    movz x3, #{n}
+1:  subs x3, x3, #1
+    b.ne 1b
+    mov x0, #-1
+    movz x1, #0xc1e5
+    movk x1, #0xc7, lsl #16
+    mov x2, #0
+    mov x8, #62
+    svc #0
+    mov x0, #0
+    mov x8, #93
+    svc #0
+"""
+
+
+def _aarch64_executable(code: bytes) -> bytes:
+    """A static ELF64 executable of one loadable segment: header, program header, then the code (entry)."""
+    base, start = 0x400000, 64 + 56
+    size = start + len(code)
+    header = struct.pack("<4s5B7x2H I3Q I6H", b"\x7fELF", 2, 1, 1, 0, 0, 2, 183, 1, base + start, 64, 0, 0,
+                         64, 56, 1, 0, 0, 0)
+    segment = struct.pack("<2I6Q", 1, 5, 0, base, base, size, size, 0x1000)
+    return header + segment + code
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_plugin_counts_a_known_aarch64_loop_exactly_between_syscall_marks(tmp_path, n):
+    needs("qemu-aarch64", "llvm-mc", "llvm-objcopy", "gcc")
+    (tmp_path / "loop.s").write_text(AARCH64_LOOP.format(n=n))
+    subprocess.run(["llvm-mc", "-triple=aarch64", "-filetype=obj", "-o", "loop.o", "loop.s"], cwd=tmp_path, check=True)
+    subprocess.run(["llvm-objcopy", "-O", "binary", "--only-section=.text", "loop.o", "loop.bin"], cwd=tmp_path, check=True)
+    (tmp_path / "loop").write_bytes(_aarch64_executable((tmp_path / "loop.bin").read_bytes()))
+    (tmp_path / "loop").chmod(0o755)
+    subprocess.run(["qemu-aarch64", "-plugin", plugin_arg(plugin_path(), tmp_path / "p.txt", syscall=62, magic=MAGIC),
+                    "./loop"], cwd=tmp_path, check=True, timeout=60)
+    profile = read_profile(tmp_path / "p.txt")
+    assert profile.marks == 2
+    # movz + subs + b.ne, the loop n - 1 more times, then the second mark's six instructions up to its svc
+    (between,) = estimate_segments(profile, core_named("cortex-a72"), [[1]])
+    assert between.instructions == 3 + 2 * (n - 1) + 6
+
+
+# ---- llvm-mca -------------------------------------------------------------------------------------------
+
+MCA_REPORT = """
+[0] Code Region - b3
+
+Iterations:        100
+Instructions:      200
+Total Cycles:      103
+Total uOps:        200
+
+[1] Code Region - b7
+
+Iterations:        100
+Instructions:      400
+Total Cycles:      145
+"""
+
+
+def test_llvm_mca_regions_are_read_as_cycles_per_iteration():
+    assert _parse(MCA_REPORT, expected={3, 7}) == {3: 1.03, 7: 1.45}
+    with pytest.raises(DeviceError, match="reported 2 of 3 code regions"):
+        _parse(MCA_REPORT, expected={3, 7, 9})
+
+
+def test_known_blocks_take_the_cycles_of_the_cores_model():
+    needs("llvm-mc", "llvm-mca")
+    adds = Block(bytes.fromhex("01300130"), (2, 2))  # adds r0, #1 twice: dependent, one a cycle
+    call = Block(bytes.fromhex("00f032f8"), (4,))  # bl: timed as the branch it costs (llvm-mca says 100 cycles)
+    a64 = Block(bytes.fromhex("2000028b" "00040091"), (4, 4))  # add x0, x1, x2; add x0, x0, #1
+    undecodable = Block(bytes.fromhex("ffffffff" "00040091"), (4, 4))
+    m4 = block_cycles(core_named("cortex-m4"), [adds, call])
+    assert m4[adds] == (2.01, True) and m4[call][1] and m4[call][0] < 5
+    a72 = block_cycles(core_named("cortex-a72"), [a64, undecodable])
+    assert a72[a64] == (1.03, True)
+    assert a72[undecodable] == (2.0, False)  # counted one cycle per instruction, and said so
+
+
+def test_thumb_instructions_are_split_by_their_encoding_not_by_qemus_lengths():
+    # QEMU 7.2 reports a Thumb block's last instruction with a peek at the next one: cmp r0, #0 + half of a bl
+    core = core_named("cortex-m4")
+    assert core.split(bytes.fromhex("002800f0"), 1) == [bytes.fromhex("0028")]
+    assert core.split(bytes.fromhex("00f032f8" "0130"), 2) == [bytes.fromhex("00f032f8"), bytes.fromhex("0130")]
+    assert core.timed_as("bl\t#100") == "b.w\t#100" and core.timed_as("blx\tr3") == "bx\tr3"
+
+
+def test_a_missing_tool_is_one_error_naming_the_apt_command(monkeypatch):
+    monkeypatch.setattr("pipeline.cycles.tools.shutil.which", lambda tool: None)
+    with pytest.raises(MissingTool, match=r"needs qemu-aarch64, llvm-mca, not installed here; run: "
+                                          r"apt-get install -y qemu-user llvm$"):
+        require("qemu-aarch64", "llvm-mca")
+    assert "apt-get install -y llvm" in missing("llvm-mc")
+
+
+# ---- determinism ----------------------------------------------------------------------------------------
+
+def _conv_model(path):
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.device
+def test_the_same_model_gives_the_same_cycles_twice_and_with_the_host_busy(tmp_path):
+    needs("qemu-aarch64", "llvm-mca", "gcc")
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("the emulated Pi needs mmdebstrap (.ci/run installs it)")
+    from pipeline.device.board_cycles import onnx_cycles
+
+    model = _conv_model(tmp_path / "conv.onnx")
+    sample = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
+
+    def fresh():
+        shutil.rmtree(plugin_path().parent / "onnx", ignore_errors=True)  # the guest runs again, not the cache
+        (figures,) = onnx_cycles([model], sample=sample, core="cortex-a72", clock_mhz=1500)
+        assert not figures["cached"]
+        return figures["instructions"], figures["cycles"]
+
+    idle = fresh()
+    burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"])
+               for _ in range(2)]
+    try:
+        busy = fresh()
+    finally:
+        for burner in burners:
+            burner.kill()
+    assert idle == busy and idle[0] > 10_000
+    (again,) = onnx_cycles([model], sample=sample, core="cortex-a72", clock_mhz=1500)
+    assert again["cached"] and (again["instructions"], again["cycles"]) == idle and again["ms"] == round(idle[1] / 1.5e6, 4)
