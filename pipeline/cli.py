@@ -194,9 +194,14 @@ def cmd_firmware(args) -> int:
         figures, notes = firmware_for_build(
             staging, cpu=cpu, root=root, x_nchw=preprocess(test.x[idx], mean=settings["mean"], std=settings["std"]),
             arenas={n: arena_with_margin(d["arena_bytes"], profile["memory"]["arena_margin"]) for n, d in details.items()},
-            ios={n: io_of(d, {**settings, "class_names": report.get("class_names")}) for n, d in details.items()})
+            ios={n: io_of(d, {**settings, "class_names": report.get("class_names")}) for n, d in details.items()},
+            clock_mhz=(profile.get("board") or {}).get("clock_mhz", 0.0))
         for name, measured in figures.items():
-            report["variants"][name]["details"]["firmware"] = measured
+            variant = report["variants"][name]
+            variant["details"]["firmware"] = measured
+            if measured["board"] and measured["board"]["ms"] is not None:  # the board's estimate, as deploy sets it
+                variant.update(board=measured["board"], latency_ms=measured["board"]["ms"],
+                               latency_on=f"estimated for the {cpu} at {measured['board']['clock_mhz']:g} MHz")
         write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
         made = [*sorted((staging / "firmware").rglob("*")), *(staging / "baseline").glob("dense.firmware.*"),
                 *(staging / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]

@@ -188,14 +188,20 @@ def test_a_missing_tool_is_one_error_naming_the_apt_command(monkeypatch):
 
 # ---- determinism ----------------------------------------------------------------------------------------
 
-def _conv_model(path):
+def _int8_conv_model(folder):
+    """A conv + ReLU quantized by the project's chain: what `make regress` gates is an int8 artefact."""
+    from pipeline.onnx.quantize import quantize_onnx
+    from targets import Quantization
+
     rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w")
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
-    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+    weight = numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "conv.onnx")
+    calibration = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    return quantize_onnx(folder / "conv.onnx", folder / "conv.int8.onnx", calibration=calibration,
+                         settings=Quantization())
 
 
 @pytest.mark.device
@@ -205,7 +211,7 @@ def test_the_same_model_gives_the_same_cycles_twice_and_with_the_host_busy(tmp_p
         pytest.skip("the emulated Pi needs mmdebstrap (.ci/run installs it)")
     from pipeline.device.board_cycles import onnx_cycles
 
-    model = _conv_model(tmp_path / "conv.onnx")
+    model = _int8_conv_model(tmp_path)
     sample = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
 
     def fresh():

@@ -7,6 +7,11 @@
    EBADF and has no effect). At every mark the plugin writes each block's executions since the previous mark,
    so the host can sum the work of one inference, or of one operator, and nothing else.
 
+   Under qemu-user every guest thread is a vCPU of its own. A runtime may keep a thread that spins without a
+   syscall (ONNX Runtime does), whose instructions would land in whatever segment is open for as long as the host
+   lets it run; so with `vcpu=N` only vCPU N is counted (the first thread is 0), by a callback per block instead
+   of the inline add.
+
    Output (`out=PATH`), one record a line:
      B id vaddr n_insns size,size,... hexbytes     a block as translated
      M                                             a mark: the segment before it ends here
@@ -56,7 +61,7 @@ typedef struct {
 static Block *chunks[1 << 16]; /* up to 268 M translations, allocated a chunk at a time */
 static uint32_t n_blocks;
 static FILE *out;
-static uint64_t mark_addr = UINT64_MAX, syscall_no = UINT64_MAX, magic = UINT64_MAX;
+static uint64_t mark_addr = UINT64_MAX, syscall_no = UINT64_MAX, magic = UINT64_MAX, only_vcpu = UINT64_MAX;
 static uint64_t marks;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -82,9 +87,14 @@ static void flush_segment(int with_mark) {
 
 static void on_mark(unsigned int vcpu, void *udata) { flush_segment(1); }
 
+static void on_exec(unsigned int vcpu, void *udata) {
+  if (vcpu == only_vcpu) ++((Block *)udata)->count;
+}
+
 static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint64_t a1, uint64_t a2, uint64_t a3,
                        uint64_t a4, uint64_t a5, uint64_t a6, uint64_t a7, uint64_t a8) {
-  if ((uint64_t)num == syscall_no && (int32_t)a1 == -1 && a2 == magic) flush_segment(1);
+  if ((uint64_t)num == syscall_no && (int32_t)a1 == -1 && a2 == magic && (only_vcpu == UINT64_MAX || vcpu == only_vcpu))
+    flush_segment(1);
 }
 
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
@@ -113,7 +123,10 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
   /* Thumb code is entered at odd addresses; the block's address is even */
   if (mark_addr != UINT64_MAX && vaddr == (mark_addr & ~(uint64_t)1))
     qemu_plugin_register_vcpu_tb_exec_cb(tb, on_mark, QEMU_PLUGIN_CB_NO_REGS, NULL);
-  qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &block_at(index)->count, 1);
+  if (only_vcpu == UINT64_MAX)
+    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &block_at(index)->count, 1);
+  else
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, on_exec, QEMU_PLUGIN_CB_NO_REGS, block_at(index));
 }
 
 static void at_exit(qemu_plugin_id_t id, void *udata) {
@@ -130,8 +143,9 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
     else if (!strncmp(argv[i], "mark=", 5)) mark_addr = strtoull(argv[i] + 5, NULL, 0);
     else if (!strncmp(argv[i], "syscall=", 8)) syscall_no = strtoull(argv[i] + 8, NULL, 0);
     else if (!strncmp(argv[i], "magic=", 6)) magic = strtoull(argv[i] + 6, NULL, 0);
+    else if (!strncmp(argv[i], "vcpu=", 5)) only_vcpu = strtoull(argv[i] + 5, NULL, 0);
     else {
-      fprintf(stderr, "blockprof: unknown argument %s; known: out=, mark=, syscall=, magic=\n", argv[i]);
+      fprintf(stderr, "blockprof: unknown argument %s; known: out=, mark=, syscall=, magic=, vcpu=\n", argv[i]);
       return 1;
     }
   }

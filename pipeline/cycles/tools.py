@@ -8,7 +8,7 @@ from pipeline.errors import DeviceError
 
 # which Debian package brings each tool
 PACKAGES = {"qemu-aarch64": "qemu-user", "qemu-system-arm": "qemu-system-arm", "llvm-mc": "llvm", "llvm-mca": "llvm",
-            "gcc": "gcc"}
+            "gcc": "gcc", "setarch": "util-linux"}
 
 
 class MissingTool(DeviceError):

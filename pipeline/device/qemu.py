@@ -5,6 +5,7 @@ cached per ONNX Runtime and numpy version, and checked before use. Only numerics
 """
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -52,14 +53,50 @@ def profiled_command(root: Path, workdir: Path, *args: str, plugin: str) -> tupl
     working directory) under the dynamic qemu-aarch64 with `plugin` (the static build cannot load plugins).
 
     What the guest executes must not depend on the host: its environment is fixed, every BLAS runs one thread,
-    the hash seed is fixed (CYCLES.md), and every path it sees is relative and the same on every host (the root
-    is linked into `workdir` as `root`), since path lengths move the guest's stack and heap and with them the
-    alignment-dependent paths of copy and vector loops."""
+    the hash seed is fixed (CYCLES.md), every path it sees is relative and the same on every host (the root is
+    linked into `workdir` as `root`; python's -P keeps the folder's name out of sys.path), since path lengths
+    move the guest's stack and heap and with them the alignment-dependent paths of copy and vector loops; and
+    address-space randomisation is off for qemu (setarch -R), whose guest addresses are the host's mmap
+    addresses: ONNX Runtime keys some maps by pointer, so where its objects land changes the work it does. The
+    guest's random numbers come from a seeded generator (qemu's -seed) and the CPU facts it reads from /sys are a
+    Pi 4's, not the host's (`write_board_facts`)."""
+    write_board_facts(root)
     (workdir / "root").symlink_to(root)
+    # ORT_DISABLE_TELEMETRY: ONNX Runtime's Linux wheels start a telemetry thread on a timer, whose allocations
+    # interleave with the inference's by the host's timing and move where its tensors land
     env = {"QEMU_CPU": "cortex-a72", "PYTHONPATH": "/opt/site", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
-           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
-    return [shutil.which("qemu-aarch64") or "qemu-aarch64", "-plugin", plugin, "-L", "root", "-0", "python3",
-            "root/usr/bin/python3.11", *args], env
+           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "ORT_DISABLE_TELEMETRY": "1", "LANG": "C.UTF-8",
+           "PATH": "/usr/bin:/bin"}
+    return ["setarch", platform.machine(), "-R", shutil.which("qemu-aarch64") or "qemu-aarch64", "-plugin", plugin,
+            "-seed", "0", "-L", "root", "-0", "python3", "root/usr/bin/python3.11", "-P", *args], env
+
+
+# What a Raspberry Pi 4's kernel says of its CPUs, for the readers in the guest (ONNX Runtime's cpuinfo sizes its
+# kernels' blocking by the caches): four Cortex-A72s, 32 KB L1 data and 48 KB L1 instruction caches each, 1 MB of
+# shared L2 (BCM2711; Arm Cortex-A72 TRM). qemu-user reads a guest path under -L's root first, else the host's.
+_CACHES = (("0", "1", "Data", "32K", "2", "0"), ("1", "1", "Instruction", "48K", "3", "0"),
+           ("2", "2", "Unified", "1024K", "16", "0-3"))
+
+
+def write_board_facts(root: Path) -> None:
+    cpu = root / "sys/devices/system/cpu"
+    if (cpu / "complete").is_file():
+        return
+    facts = {"possible": "0-3", "present": "0-3", "online": "0-3", "kernel_max": "3"}
+    for n in range(4):
+        facts |= {f"cpu{n}/topology/physical_package_id": "0", f"cpu{n}/topology/core_id": str(n),
+                  f"cpu{n}/topology/core_siblings_list": "0-3", f"cpu{n}/topology/thread_siblings_list": str(n),
+                  f"cpu{n}/cpufreq/cpuinfo_max_freq": "1500000", f"cpu{n}/cpufreq/cpuinfo_min_freq": "600000"}
+        for index, level, kind, size, ways, shared in _CACHES:
+            sets = int(size[:-1]) * 1024 // (64 * int(ways))
+            facts |= {f"cpu{n}/cache/index{index}/{key}": value for key, value in (
+                ("level", level), ("type", kind), ("size", size), ("ways_of_associativity", ways),
+                ("coherency_line_size", "64"), ("number_of_sets", str(sets)),
+                ("shared_cpu_list", shared if shared != "0" else str(n)))}
+    for name, value in facts.items():
+        (cpu / name).parent.mkdir(parents=True, exist_ok=True)
+        (cpu / name).write_text(value + "\n")
+    (cpu / "complete").write_text("")
 
 
 def check(root: Path) -> str:
