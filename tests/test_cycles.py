@@ -82,24 +82,22 @@ def test_plugin_counts_a_known_thumb_loop_exactly_between_function_marks(tmp_pat
 
 
 MAGIC = 0xC7C1E5
+AARCH64_MARK = """
+    mov x0, #-1
+    movz x1, #0xc1e5
+    movk x1, #0xc7, lsl #16
+    mov x2, #0
+    mov x8, #62
+    svc #0
+"""  # lseek(-1, MAGIC, SEEK_SET): six instructions
 AARCH64_LOOP = """
     .globl _start
 _start:
-    mov x0, #-1
-    movz x1, #0xc1e5
-    movk x1, #0xc7, lsl #16
-    mov x2, #0
-    mov x8, #62
-    svc #0
+{mark}
     movz x3, #{n}
 1:  subs x3, x3, #1
     b.ne 1b
-    mov x0, #-1
-    movz x1, #0xc1e5
-    movk x1, #0xc7, lsl #16
-    mov x2, #0
-    mov x8, #62
-    svc #0
+{mark}
     mov x0, #0
     mov x8, #93
     svc #0
@@ -119,7 +117,7 @@ def _aarch64_executable(code: bytes) -> bytes:
 @pytest.mark.parametrize("n", [1, 1000])
 def test_plugin_counts_a_known_aarch64_loop_exactly_between_syscall_marks(tmp_path, n):
     needs("qemu-aarch64", "llvm-mc", "llvm-objcopy", "gcc")
-    (tmp_path / "loop.s").write_text(AARCH64_LOOP.format(n=n))
+    (tmp_path / "loop.s").write_text(AARCH64_LOOP.format(n=n, mark=AARCH64_MARK))
     subprocess.run(["llvm-mc", "-triple=aarch64", "-filetype=obj", "-o", "loop.o", "loop.s"], cwd=tmp_path, check=True)
     subprocess.run(["llvm-objcopy", "-O", "binary", "--only-section=.text", "loop.o", "loop.bin"], cwd=tmp_path, check=True)
     (tmp_path / "loop").write_bytes(_aarch64_executable((tmp_path / "loop.bin").read_bytes()))

@@ -60,12 +60,16 @@ def test_the_mcu_report_gives_board_cycles_per_variant_and_operator(build):
         assert variant["latency_ms"] == board["ms"] == round(board["cycles"] / 120e3, 4)
         ops = board["operators"]
         assert [op["op"] for op in ops] == [layer["op"] for layer in firmware["layers"]]
+        convs = [op for op in ops if op["op"] == "CONV_2D"]
+        assert convs and all(op["macs"] > 0 and op["kernel"] for op in convs)
+        assert sum(op["macs"] for op in ops) == variant["macs"]  # the graph's MACs, operator by operator
         assert 0.9 * board["cycles"] <= sum(op["cycles"] for op in ops) <= board["cycles"]
     for name in ("dense_fp32", "factored_fp32"):  # TFLM runs int8 only: the fp32 figures are the host's, and say so
         variant = report["variants"][name]
         assert variant["board"] is None and variant["latency_on"].startswith("this host")
     text = (out / "report.md").read_text()
-    assert "on the board: cortex-m4 at 120 MHz" in text and "| est. cycles | share |" in text
+    assert "on the board: cortex-m4 at 120 MHz" in text and "| est. cycles | cycles/MAC | share |" in text
+    assert "| CONV_2D 5x5 " in text  # seednet's convolutions, by kernel
 
 
 def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):

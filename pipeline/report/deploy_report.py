@@ -155,23 +155,25 @@ def _firmware_lines(report: DeployReport) -> list[str]:
     board = figures.get("board")
     counted = board["operators"] if board else figures["layers"]
     by_op: dict[str, list[int]] = {}
-    for layer in counted:
-        sums = by_op.setdefault(layer["op"], [0, 0, 0])
-        sums[0] += 1
-        sums[1] += layer["instructions"]
-        sums[2] += layer.get("cycles", 0)
+    for layer in counted:  # convolutions by kernel shape: a 3x1 and a 3x3 conv cost differently per MAC
+        sums = by_op.setdefault(" ".join(filter(None, (layer["op"], layer.get("kernel")))), [0, 0, 0, 0])
+        for i, value in enumerate((1, layer["instructions"], layer.get("cycles", 0), layer.get("macs", 0))):
+            sums[i] += value
     key = 2 if board else 1
     total = sum(s[key] for s in by_op.values()) or 1
     what = ("Cycles are estimated: each executed block timed by LLVM's scheduling model of the core (llvm-mca), with "
-            "no caches or flash wait states modelled." if board else
+            "no caches or flash wait states modelled. Cycles per MAC show where factoring pays: a factored chain's thin "
+            "convolutions cost more per MAC than the dense kernel they replace." if board else
             "Cycles were not estimated here (the reason is in the notes): these are instructions.")
     return ["", "## Firmware", "",
             f"TFLite Micro with CMSIS-NN kernels, built with arm-none-eabi-gcc for {figures['cpu']} and run in "
             "qemu-system-arm with `-icount shift=0`: the instruction counts are the firmware's own, deterministic on any "
             f"host. {what}", "",
-            markdown_table(("operator (factored_int8)", "calls", "instructions", *(["est. cycles"] if board else []),
-                            "share"),
-                           [(op, str(s[0]), f"{s[1]:,}", *([f"{s[2]:,}"] if board else []), f"{s[key] / total:.1%}")
+            markdown_table(("operator (factored_int8)", "calls", "MACs", "instructions", *(["est. cycles", "cycles/MAC"]
+                                                                                            if board else []), "share"),
+                           [(op, str(s[0]), f"{s[3]:,}" if s[3] else "-", f"{s[1]:,}",
+                             *([f"{s[2]:,}", f"{s[2] / s[3]:.2f}" if s[3] else "-"] if board else []),
+                             f"{s[key] / total:.1%}")
                             for op, s in sorted(by_op.items(), key=lambda i: -i[1][key])])]
 
 

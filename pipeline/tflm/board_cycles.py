@@ -13,8 +13,9 @@ from pipeline.tflm.emulator import FirmwareRun
 CYCLE_TOOLS = ("llvm-mc", "llvm-mca", "gcc")  # besides the firmware toolchain: the model, and the plugin's compiler
 
 
-def firmware_cycles(run: FirmwareRun, *, cpu: str, clock_mhz: float) -> dict:
-    """report.json's board figures for a run made with `profile_blocks`: the core is the firmware's CPU."""
+def firmware_cycles(run: FirmwareRun, *, cpu: str, clock_mhz: float, shapes: list[dict] | None = None) -> dict:
+    """report.json's board figures for a run made with `profile_blocks`: the core is the firmware's CPU. `shapes`
+    (`firmware.operator_shapes`, in the same order) adds each operator's kernel and MACs."""
     profile, layers, n = run.profile, len(run.layers), len(run.instructions)
     if profile is None or profile.marks != 2 * layers + 2 * n:
         got = "no profile" if profile is None else f"{profile.marks} marks"
@@ -28,5 +29,7 @@ def firmware_cycles(run: FirmwareRun, *, cpu: str, clock_mhz: float) -> dict:
     middle = sorted(steady, key=lambda c: c.cycles)[len(steady) // 2]
     ops = [{"op": tag, "instructions": c.instructions, "cycles": c.cycles}
            for (tag, _), c in zip(run.layers, costs[len(inferences):], strict=True)]
+    if shapes is not None and [s["op"] for s in shapes] == [op["op"] for op in ops]:
+        ops = [{**op, "kernel": s["kernel"], "macs": s["macs"]} for op, s in zip(ops, shapes, strict=True)]
     return board_figures(middle, core=core, clock_mhz=clock_mhz, operators=ops,
                          cycles_range=[min(c.cycles for c in steady), max(c.cycles for c in steady)])

@@ -17,6 +17,27 @@ def model_ops(model_bytes: bytes) -> list[str]:
     return [builtin_name(code.builtinCode) for code in model.operatorCodes]
 
 
+def operator_shapes(model_bytes: bytes) -> list[dict]:
+    """Each operator in execution order: its name, kernel (e.g. "3x1" for a convolution) and MACs, so a per-operator
+    cost can be read per kernel shape."""
+    model = tfl.ModelT.InitFromPackedBuf(model_bytes, 0)
+    graph = model.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        name = builtin_name(model.operatorCodes[op.opcodeIndex].builtinCode)
+        out = graph.tensors[op.outputs[0]].shape
+        weight = graph.tensors[op.inputs[1]].shape if len(op.inputs) > 1 else None
+        kernel, macs = "", 0
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D") and weight is not None:  # weights (O|1, KH, KW, I|C)
+            kernel = f"{weight[1]}x{weight[2]}" + (" depthwise" if name == "DEPTHWISE_CONV_2D" else "")
+            per_output = weight[1] * weight[2] * (weight[3] if name == "CONV_2D" else 1)
+            macs = int(math.prod(out[1:])) * int(per_output)
+        elif name == "FULLY_CONNECTED" and weight is not None:
+            macs = int(math.prod(weight))
+        found.append({"op": name, "kernel": kernel, "macs": macs})
+    return found
+
+
 def arena_with_margin(measured: int, margin: float) -> int:
     """Measured arena plus the profile's margin, rounded up to 16 bytes (TFLM aligns its allocations)."""
     return int(math.ceil(measured * (1 + margin) / 16) * 16)

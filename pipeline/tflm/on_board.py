@@ -17,7 +17,7 @@ from pipeline.tflm import interpreter
 from pipeline.tflm.board_cycles import CYCLE_TOOLS, firmware_cycles
 from pipeline.tflm.build import HARNESS, build_library, library_sources, link_firmware, rebuild_script
 from pipeline.tflm.emulator import run_firmware, size
-from pipeline.tflm.firmware import model_sources
+from pipeline.tflm.firmware import model_sources, operator_shapes
 from pipeline.util import write_text
 
 HARNESS_FILES = ("main.cc", "platform.cc", "platform.h", "startup.c", "link.ld", "ruy/profiler/instrumentation.h")
@@ -59,7 +59,8 @@ def measure_on_board(tflite: Path, sources: Path, elf: Path, *, cpu: str, root: 
         "bit_exact": differing == 0,
         "outputs_differing": differing,
         "elf": elf.name,
-        "board": firmware_cycles(run, cpu=cpu, clock_mhz=clock_mhz) if missing is None else None,
+        "board": firmware_cycles(run, cpu=cpu, clock_mhz=clock_mhz, shapes=operator_shapes(model_bytes))
+        if missing is None else None,
         **({"board_missing": missing} if missing else {}),
     }
 
