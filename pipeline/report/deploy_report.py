@@ -122,9 +122,12 @@ def tuning_sentence(tuned: dict) -> str:
 
 def _latency_source(report: DeployReport) -> str:
     """Say plainly whose latency each figure is."""
-    sources = dict.fromkeys(f"{name}: {v.latency_on}" for name, v in report.variants.items())
+    sources: dict[str, list[str]] = {}
+    for name, variant in report.variants.items():
+        sources.setdefault(variant.latency_on, []).append(name)
     estimated = next((v.board for v in report.variants.values() if v.board), None)
-    lines = [f"The latency column is the {report.target}'s where it can be: " + "; ".join(sources) + "."]
+    lines = [f"The latency column is the {report.target}'s where it can be: "
+             + "; ".join(f"{', '.join(names)}: {source}" for source, names in sources.items()) + "."]
     if estimated:
         lines.append(f"Estimated figures are the blocks the real runtime executed for one inference on the board's ISA "
                      f"in qemu, each timed by LLVM's {estimated['core']} scheduling model (llvm-mca): deterministic, the "
