@@ -17,10 +17,6 @@ class Cost:
     def ms(self, clock_mhz: float) -> float | None:
         return self.cycles / (clock_mhz * 1e3) if clock_mhz else None
 
-    def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.instructions + other.instructions, self.cycles + other.cycles,
-                    self.unmodelled_instructions + other.unmodelled_instructions)
-
     def scaled(self, divisor: int) -> "Cost":
         """One of `divisor` equal runs (N inferences counted together)."""
         return Cost(round(self.instructions / divisor), round(self.cycles / divisor),

@@ -3,8 +3,9 @@
 The aarch64 ONNX Runtime runs in the emulated Pi under the dynamic `qemu-aarch64` with the block-profile plugin
 (pipeline/cycles); the device runner marks each model's inferences with a syscall the plugin watches, after a
 warm-up inference, so loading, weight packing and Python's start drop out. Each model runs alone in its own guest
-process (several at once), so its figure does not depend on what else was measured with it. The figures are cached by what determines them (the model's and input's bytes, the guest, the
-plugin, the runner, LLVM), so a second deploy of the same files reads them back.
+process (several at once), so its figure does not depend on what else was measured with it. The figures are cached
+by what determines them (the model's and input's bytes, the guest and how it is run, the plugin, the runner, LLVM),
+so a second deploy of the same files reads them back.
 """
 
 import concurrent.futures
@@ -34,7 +35,8 @@ RUNS = 2  # inferences counted per model: they cost the same, two show it
 
 def _key(model: Path, sample: np.ndarray, core: str, runs: int) -> str:
     return sha256_json([sha256_file(model), sha256_bytes(np.ascontiguousarray(sample, np.float32).tobytes()), core,
-                        runs, qemu.cache_root().name, sha256_bytes(SOURCE.read_bytes(), RUNNER.read_bytes()),
+                        runs, qemu.cache_root().name,
+                        sha256_bytes(*(f.read_bytes() for f in (SOURCE, RUNNER, Path(qemu.__file__), Path(__file__)))),
                         model_key(core_named(core))])[:24]
 
 
