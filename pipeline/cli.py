@@ -168,6 +168,7 @@ def cmd_firmware(args) -> int:
 
     from calib import Hint, balanced_subset, load_dataset, preprocess
     from pipeline.errors import InputError
+    from pipeline.metrics import estimated_on
     from pipeline.report.deploy_report import firmware_table
     from pipeline.tflm.build import sources_root
     from pipeline.tflm.firmware import arena_with_margin, io_of
@@ -200,8 +201,8 @@ def cmd_firmware(args) -> int:
             variant = report["variants"][name]
             variant["details"]["firmware"] = measured
             if measured["board"] and measured["board"]["ms"] is not None:  # the board's estimate, as deploy sets it
-                variant.update(board=measured["board"], latency_ms=measured["board"]["ms"],
-                               latency_on=f"estimated for the {cpu} at {measured['board']['clock_mhz']:g} MHz")
+                variant.update(board=measured["board"], latency_ms=measured["board"]["ms"], latency_source="estimated",
+                               latency_on=estimated_on(measured["board"]))
         write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
         made = [*sorted((staging / "firmware").rglob("*")), *(staging / "baseline").glob("dense.firmware.*"),
                 *(staging / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]

@@ -25,10 +25,10 @@ from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
 from pipeline.device.board_cycles import onnx_cycles
 from pipeline.device.board_latency import BoardLayerLatency
-from pipeline.device.regress import device_check_job, keep_written
+from pipeline.device.regress import board_settings, device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
-from pipeline.metrics import VariantReport
+from pipeline.metrics import VariantReport, estimated_on
 from pipeline.onnx.chain import to_onnx
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
@@ -164,12 +164,10 @@ def measure_variants(build: Build) -> None:
 
 def set_board_estimate(build: Build, name: str, figures: dict) -> None:
     """A variant's estimated board figures; its latency becomes the board's estimate unless a board timed it."""
-    variant = build.variants[name]
-    measured = variant.latency_on.startswith("measured")
-    estimate = figures["ms"] is not None and not measured
-    build.variants[name] = dataclasses.replace(
-        variant, board=figures, latency_ms=figures["ms"] if estimate else variant.latency_ms,
-        latency_on=f"estimated for the {figures['core']} at {figures['clock_mhz']:g} MHz" if estimate else variant.latency_on)
+    variant = dataclasses.replace(build.variants[name], board=figures)
+    if figures["ms"] is not None and variant.latency_source == "host":
+        variant = variant.with_latency("estimated", figures["ms"], estimated_on(figures))
+    build.variants[name] = variant
 
 
 def estimate_board_cycles(build: Build) -> None:
@@ -199,8 +197,8 @@ def time_on_board(build: Build) -> None:
     times, about = time_on_device(build.board, [build.onnx[name] for name in VARIANTS], runs=evaluation.latency_runs,
                                   warmup=evaluation.latency_warmup)
     for name, latency in zip(VARIANTS, times, strict=True):
-        build.variants[name] = dataclasses.replace(build.variants[name], latency_ms=round(latency, 4),
-                                                   latency_on=f"measured on {build.board.spec} ({about})")
+        build.variants[name] = build.variants[name].with_latency("measured", round(latency, 4),
+                                                                 f"measured on {build.board.spec} ({about})")
 
 
 def emit_artefacts(build: Build) -> None:
@@ -256,7 +254,7 @@ def check_device(build: Build) -> None:
                            thresholds=build.profile.thresholds, eval_x=build.preprocess(test.x[idx]),
                            eval_y=test.y[idx], device=parse_device(device.default), accept=True,
                            firmware=dataclasses.asdict(build.profile.firmware),
-                           board={**dataclasses.asdict(build.profile.board), "core": build.profile.core},
+                           board=board_settings(build.profile.to_dict()),
                            cycle_sample=build.cycle_sample)
     report, written = connect().run([job], desc="device check", progress=False, log=_stage)[0]
     keep_written(build.staging, written)

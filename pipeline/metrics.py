@@ -1,12 +1,15 @@
 """What a model variant measures: top-1, per-class accuracy and top-1 agreement from logits of any runtime,
 and the record of one measured variant (report.json's `variants` entries)."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from pipeline.util import host_machine
 
 
 def torch_logits(module: nn.Module, x_nchw: np.ndarray, *, batch_size: int = 500, progress: str | None = None) -> np.ndarray:
@@ -50,5 +53,27 @@ class VariantReport:
     layers: tuple[dict, ...] = ()
     details: dict = field(default_factory=dict)  # runtime-specific figures (TFLM arena, ORT agreement, ...)
     host_latency_ms: float | None = None  # wall time on this host, whatever latency_ms is
-    latency_on: str = ""  # where latency_ms comes from, in words
+    latency_source: str = "host"  # what latency_ms is: one of LATENCY_SOURCES
+    latency_on: str = ""  # the same in words, for the report
     board: dict | None = None  # one inference estimated on the board's core: instructions, cycles, ms
+
+    def __post_init__(self):
+        if self.latency_source not in LATENCY_SOURCES:
+            raise ValueError(f"latency_source {self.latency_source!r}; known: {', '.join(LATENCY_SOURCES)}")
+
+    def with_latency(self, source: str, latency_ms: float, on: str) -> "VariantReport":
+        """The same variant with its latency from a better source (see LATENCY_SOURCES)."""
+        return dataclasses.replace(self, latency_ms=latency_ms, latency_source=source, latency_on=on)
+
+
+# where a variant's latency_ms comes from, best first: timed on the board, estimated for it, this host's wall time
+LATENCY_SOURCES = ("measured", "estimated", "host")
+
+
+def on_this_host() -> str:
+    return f"this host ({host_machine()}), not the board"
+
+
+def estimated_on(board: dict) -> str:
+    """`board` as `pipeline.cycles.board_figures` writes it."""
+    return f"estimated for the {board['core']} at {board['clock_mhz']:g} MHz"

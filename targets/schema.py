@@ -364,16 +364,18 @@ def _resolve(data: dict, where: str) -> dict:
     return _merge(_resolve(_read(path), family), data)
 
 
-def load_target(name: str, *, folder: Path = TARGETS_DIR) -> TargetProfile:
+def load_target(name: str, *, folder: Path = TARGETS_DIR, _alias_of: str | None = None) -> TargetProfile:
     """A target by name (`targets/<name>.toml`), or a board of the user's own as a path to a .toml file."""
     path = Path(name) if name.endswith(".toml") else folder / f"{name}.toml"
     if not path.is_file():
-        raise unknown("target", name, known_targets(folder))
+        raise unknown("target" if _alias_of is None else f"target (named by alias {_alias_of!r})", name,
+                      known_targets(folder))
     data = _read(path)
     if ALIAS in data:
-        if set(data) != {ALIAS} or data[ALIAS] == path.stem:
-            raise ConfigError(f"{path.stem}: an alias file holds only `{ALIAS} = \"<another target>\"`")
-        return load_target(data[ALIAS], folder=folder)
+        if set(data) != {ALIAS} or not isinstance(data[ALIAS], str) or _alias_of is not None:
+            raise ConfigError(f"{path.stem}: an alias file holds only `{ALIAS} = \"<target>\"`, naming a profile that "
+                              f"is not itself an alias; got {sorted(data)}" + (f" via alias {_alias_of!r}" if _alias_of else ""))
+        return load_target(data[ALIAS], folder=folder, _alias_of=path.stem)
     data = _resolve(data, path.stem)
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     sections = {k: _build(cls, data.get(k, {}), f"{path.stem}.{k}") for k, cls in SECTIONS.items()}

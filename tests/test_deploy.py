@@ -81,7 +81,7 @@ def test_the_rpi4_report_gives_the_boards_estimated_cycles_and_names_host_time(b
         board = variant["board"]
         assert board["core"] == "cortex-a72" and board["clock_mhz"] == 1500 and board["cycles"] > 100_000
         assert variant["latency_ms"] == board["ms"] == round(board["cycles"] / 1.5e6, 4)
-        assert variant["latency_on"] == "estimated for the cortex-a72 at 1500 MHz"
+        assert variant["latency_source"] == "estimated" and variant["latency_on"] == "estimated for the cortex-a72 at 1500 MHz"
         assert variant["host_latency_ms"] > 0 and board["unmodelled_share"] < 0.01
         assert board["instructions"] > board["cycles"] / 2  # the A72 retires up to three a cycle
     text = (out / "report.md").read_text()
@@ -97,6 +97,7 @@ def test_without_the_cycle_tools_a_deploy_completes_and_says_what_is_missing(tmp
     report = json.loads((out / "report.json").read_text())
     assert any("board cycles not estimated" in n and "apt-get install -y llvm" in n for n in report["notes"])
     for variant in report["variants"].values():
-        assert variant["board"] is None and variant["latency_on"].startswith("this host")
+        assert variant["board"] is None and variant["latency_source"] == "host"
+        assert variant["latency_on"].startswith("this host")
         assert variant["latency_ms"] == variant["host_latency_ms"]
     assert "(host)" in (out / "report.md").read_text()

@@ -66,7 +66,8 @@ def test_the_mcu_report_gives_board_cycles_per_variant_and_operator(build):
         assert 0.9 * board["cycles"] <= sum(op["cycles"] for op in ops) <= board["cycles"]
     for name in ("dense_fp32", "factored_fp32"):  # TFLM runs int8 only: the fp32 figures are the host's, and say so
         variant = report["variants"][name]
-        assert variant["board"] is None and variant["latency_on"].startswith("this host")
+        assert variant["board"] is None and variant["latency_source"] == "host"
+        assert variant["latency_on"].startswith("this host")
     text = (out / "report.md").read_text()
     assert "on the board: cortex-m4 at 120 MHz" in text and "| est. cycles | cycles/MAC | share |" in text
     assert "| CONV_2D 5x5 " in text  # seednet's convolutions, by kernel

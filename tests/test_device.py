@@ -169,7 +169,8 @@ def test_a_deploy_with_a_board_times_the_layer_table_and_the_variants_on_it(sshd
                  "--device", board, "--out", str(out), "--quiet"]) in (0, 1)
     report = json.loads((out / "report.json").read_text())
     for variant in report["variants"].values():  # the board's own time, the estimate beside it
-        assert variant["latency_on"].startswith(f"measured on {board}") and variant["latency_ms"] > 0
+        assert variant["latency_source"] == "measured" and variant["latency_on"].startswith(f"measured on {board}")
+        assert variant["latency_ms"] > 0
         assert variant["board"] is None or variant["board"]["ms"] > 0
     allocation = report["decomposition"]["allocation"]
     assert allocation["latency_unit"] == f"ms on {board} (ONNX Runtime, one thread)"

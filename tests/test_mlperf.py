@@ -35,3 +35,14 @@ def test_models_without_weights_get_seeded_weights_and_inputs_of_their_shape(tmp
     with np.load(data) as arrays:
         assert arrays["x_train"].shape == (512, 49, 10, 1) and arrays["x_test"].dtype == np.uint8
         assert set(arrays["y_train"]) == set(range(len(ZOO["dscnn"].class_names)))
+
+
+def test_a_target_without_firmware_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    from pipeline.bench.mlperf import mlperf_tiny
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Target 'rpi4' runs onnxruntime without firmware"):
+        mlperf_tiny(target="rpi4", out=tmp_path / "m")
+    assert not (tmp_path / "m").exists()

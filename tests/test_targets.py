@@ -54,6 +54,19 @@ def test_the_old_core_names_are_the_nucleo_boards():
     assert load_target("cortex-m7") == load_target("nucleo-h743zi")
 
 
+def test_an_alias_names_one_real_profile(tmp_path):
+    (tmp_path / "a.toml").write_text('alias = "b"\n')
+    (tmp_path / "b.toml").write_text('alias = "a"\n')
+    with pytest.raises(ConfigError, match="b: an alias file holds only .* via alias 'a'"):
+        load_target("a", folder=tmp_path)
+    (tmp_path / "c.toml").write_text('alias = "nowhere"\n')
+    with pytest.raises(ConfigError, match="Unknown target \\(named by alias 'c'\\) 'nowhere'; known: a, b, c"):
+        load_target("c", folder=tmp_path)
+    (tmp_path / "d.toml").write_text('alias = "b"\nname = "d"\n')
+    with pytest.raises(ConfigError, match="d: an alias file holds only"):
+        load_target("d", folder=tmp_path)
+
+
 def test_a_board_core_the_runtime_cannot_be_estimated_on_is_refused(tmp_path):
     (tmp_path / "pi.toml").write_text('name = "pi"\ndescription = "x"\nruntime = "onnxruntime"\n'
                                       '[board]\ncore = "cortex-m4"\n')

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.util import markdown_table, write_bytes, write_text
 from pipeline.zoo import ZOO
+from targets import load_target
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ def mlperf_tiny(*, target: str = "nucleo-l4r5zi", budget: str = "0.7", data: str
     `out/mlperf-tiny.json` and `out/mlperf-tiny.md`, the estimated milliseconds beside the published ones."""
     from pipeline.deploy import deploy  # the orchestration, which this command runs once per model
 
+    profile = load_target(target)  # an unknown or non-Cortex-M target is refused before any work
+    if not profile.firmware.cpu:
+        raise ConfigError(f"Target {target!r} runs {profile.runtime} without firmware; MLPerf Tiny's published figures "
+                          "are for Cortex-M boards: give one, e.g. nucleo-l4r5zi")
     out = Path(out)
     rows = []
     for name, published in PUBLISHED.items():
@@ -111,7 +117,9 @@ def render(rows: list[dict], *, target: str, budget: str, clock_mhz: float | Non
           _cell(r["published_ms"]["xcube_ms"])) for r in rows])
     return "\n".join([
         f"# MLPerf Tiny on {target}", "",
-        f"Estimated milliseconds per inference at {clock_mhz:g} MHz for TFLite Micro + CMSIS-NN firmware (this "
+        (f"Estimated milliseconds per inference at {clock_mhz:g} MHz" if clock_mhz else
+         "No milliseconds estimated here (no clock, or the cycle tools are missing: the builds' notes say which)")
+        + f" for TFLite Micro + CMSIS-NN firmware (this "
         f"project's), dense and factored at budget {budget}, beside the latencies published for NUCLEO-L4R5ZI "
         "(Cortex-M4F at 120 MHz): the MLPerf Tiny v0.5 reference submission (TFLM 2.3.1) and the v1.0 microTVM and ST "
         "X-CUBE-AI results.", "",

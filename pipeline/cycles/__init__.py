@@ -2,8 +2,9 @@
 emulation with a block-profile plugin of our own (`blockprof.c`), the guest marks what to count (one inference,
 one operator), and every executed block is timed by LLVM's scheduling model of the target core (`llvm-mca`).
 
-Deterministic: the same artefact gives the same figures on any host, loaded or idle. What the estimate leaves
-out: caches, memory and flash wait states, and (on the Pi) more than one core.
+Deterministic: the same artefact gives the same figures on any host, loaded or idle (firmware exactly; ONNX
+Runtime under qemu-user to a few parts in a million). What the estimate leaves out: caches, memory and flash wait
+states, and (on the Pi) more than one core.
 """
 
 from pipeline.cycles.cores import CORES, Core, core_named

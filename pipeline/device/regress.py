@@ -79,7 +79,7 @@ def _board_line(board: dict) -> str:
     if "missing" in board:
         return f"estimated cycles: not here ({board['missing']})"
     ms = f" = {board['ms']:.3f} ms at {board['clock_mhz']:g} MHz" if board["ms"] is not None else ""
-    return f"estimated cycles per inference on the {board['core']}: {board['cycles']:,}{ms} (llvm-mca, deterministic)"
+    return f"estimated cycles per inference on the {board['core']}: {board['cycles']:,}{ms} (llvm-mca)"
 
 
 def board_estimate(runtime: str, device: Device, artefact: Path, *, sample: np.ndarray, board: dict | None,
@@ -267,12 +267,13 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     return device_check_job(folder, runtime=profile["runtime"], target=profile["name"], device=dev,
                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], accept=accept,
-                            firmware=profile.get("firmware"), board=_board_section(profile),
+                            firmware=profile.get("firmware"), board=board_settings(profile),
                             cycle_sample=preprocess(test.x[:1], mean=settings["mean"], std=settings["std"])[0])
 
 
-def _board_section(profile: dict) -> dict | None:
-    """The [board] section of a build's recorded profile, its core resolved (builds from before it have none)."""
+def board_settings(profile: dict) -> dict | None:
+    """A profile's [board] section (as a dict, e.g. a build's recorded profile), its core resolved as
+    `TargetProfile.core` does; None for builds from before the section."""
     board = profile.get("board")
     if board is None:
         return None

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from pipeline.metrics import VariantReport, agreement, per_class, top1
+from pipeline.metrics import VariantReport, agreement, on_this_host, per_class, top1
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
 from pipeline.util import host_machine, median_ms
@@ -33,7 +33,7 @@ def measure_onnx(path, *, eval_x: np.ndarray, eval_y: np.ndarray, class_names, r
         latency_ms=host_ms,
         runtime=f"onnxruntime {ort.__version__}", machine=host_machine(),
         per_class=per_class(logits, eval_y, class_names),
-        host_latency_ms=host_ms, latency_on=f"this host ({host_machine()}), not the board",
+        host_latency_ms=host_ms, latency_on=on_this_host(),
         layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params}
                      for layer in cost.layers),
     )

@@ -40,7 +40,7 @@ def worse_than_dense(variants: Mapping[str, VariantReport], plan: DecompositionP
     board_f, board_d = factored.details.get("firmware"), dense.details.get("firmware")
     slower = [f"{p.name} ({p.latency:,.4g} vs {p.dense_latency:,.4g})" for p in plan.layers
               if p.method and p.latency is not None and p.dense_latency is not None and p.latency > p.dense_latency]
-    measured = dense.latency_on.startswith("measured")  # a board's own timing outranks any estimate
+    measured = dense.latency_source == "measured"  # a board's own timing outranks any estimate
     if factored.board and dense.board and not measured:  # estimated on the board's core: exact, no tolerance
         if factored.board["cycles"] > dense.board["cycles"]:
             warnings.append(f"estimated cycles on the {factored.board['core']}: {factored.board['cycles']:,} per "

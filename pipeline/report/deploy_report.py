@@ -68,7 +68,7 @@ class DeployReport:
 
 def _latency_cell(variant: VariantReport) -> str:
     """The board's latency, marked where it is this host's instead (no estimate, no board)."""
-    return f"{variant.latency_ms:.3f}" + ("" if variant.board or variant.latency_on.startswith("measured") else " (host)")
+    return f"{variant.latency_ms:.3f}" + (" (host)" if variant.latency_source == "host" else "")
 
 
 def board_table(variants: dict[str, VariantReport]) -> str:
@@ -76,7 +76,7 @@ def board_table(variants: dict[str, VariantReport]) -> str:
     first = next(iter(variants.values())).board
     dense = {n.split("_")[1]: v.board["cycles"] for n, v in variants.items() if n.startswith("dense")}
     clock = f" at {first['clock_mhz']:g} MHz" if first["clock_mhz"] else ""
-    measured = any(v.latency_on.startswith("measured") for v in variants.values())
+    measured = any(v.latency_source == "measured" for v in variants.values())
     head = (f"on the board: {first['core']}{clock}", "instructions", "est. cycles", "est. ms", "cycles vs dense",
             *(["measured ms"] if measured else []))
     rows = []
@@ -85,7 +85,7 @@ def board_table(variants: dict[str, VariantReport]) -> str:
         base = dense.get(name.split("_")[1])
         rows.append((name, f"{b['instructions']:,}", f"{b['cycles']:,}", f"{b['ms']:.3f}" if b["ms"] is not None else "-",
                      f"{b['cycles'] / base:.3f}" if base else "-",
-                     *([f"{v.latency_ms:.3f}" if v.latency_on.startswith("measured") else "-"] if measured else [])))
+                     *([f"{v.latency_ms:.3f}" if v.latency_source == "measured" else "-"] if measured else [])))
     return markdown_table(head, rows)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 from tqdm import tqdm
 
-from pipeline.metrics import VariantReport, agreement, per_class, top1
+from pipeline.metrics import VariantReport, agreement, on_this_host, per_class, top1
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
 from pipeline.tflm import interpreter
@@ -82,7 +82,7 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
         latency_ms=host_ms,
         runtime=f"tflite-micro {metadata.version('tflite-micro')} (reference kernels)", machine=host_machine(),
         per_class=per_class(logits, eval_y, class_names),
-        host_latency_ms=host_ms, latency_on=f"this host ({host_machine()}), not the board",
+        host_latency_ms=host_ms, latency_on=on_this_host(),
         layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params} for layer in cost.layers),
         details={
             "flash_bytes": len(model_bytes),
