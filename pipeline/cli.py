@@ -60,12 +60,12 @@ def cmd_decompose(args) -> int:
     if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
         from calib import load_data
         from pipeline.compress.stage import compress
-        from pipeline.deploy import layer_latency_for
+        from pipeline.deploy import layer_cost_for
 
         data = load_data(args.data, hint=_hint(spec))
         data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
         result = compress(spec, data.train, settings=settings, tuning=tuning,
-                          layer_latency=layer_latency_for(profile), seed=args.seed)
+                          layer_cost=layer_cost_for(profile), seed=args.seed)
         model, plan = result.model, result.plan
     else:
         from pipeline.compress.decompose import decompose

@@ -8,6 +8,7 @@ leaves the previous build intact.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -21,10 +22,13 @@ import torch
 
 from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preprocess
 from pipeline.cluster import connect
+from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
+from pipeline.cycles.tools import require
+from pipeline.device.board_cycles import TOOLS as ONNX_CYCLE_TOOLS
 from pipeline.device.board_cycles import onnx_cycles
-from pipeline.device.board_latency import BoardLayerLatency
+from pipeline.device.layer_cycles import OnnxLayerCycles
 from pipeline.device.regress import board_settings, device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
@@ -36,10 +40,11 @@ from pipeline.ort.measure import measure_onnx
 from pipeline.report.compare import worse_than_dense
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
+from pipeline.tflm.board_cycles import CYCLE_TOOLS
 from pipeline.tflm.build import check_toolchain, sources_root
 from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.firmware import arena_with_margin, emit_mcu, io_of
-from pipeline.tflm.layer_cost import FirmwareLayerLatency
+from pipeline.tflm.layer_cost import FirmwareLayerCycles
 from pipeline.tflm.measure import measure_tflite
 from pipeline.tflm.on_board import firmware_for_build
 from pipeline.util import staging_beside, swap_in
@@ -108,6 +113,13 @@ class Build:
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         return preprocess(x, mean=self.spec.mean, std=self.spec.std)
 
+    @functools.cached_property
+    def calibration(self) -> np.ndarray:
+        """The images every int8 variant is calibrated on: one calibration shared by every target."""
+        train = self.train_set
+        return self.preprocess(train.x[balanced_subset(train.y, self.profile.quantization.calibration_samples,
+                                                       seed=SEED)])
+
     @property
     def cycle_sample(self) -> np.ndarray:
         """The input cycles are estimated on: the test set's first, so `make regress` estimates on the same one."""
@@ -121,21 +133,18 @@ def compress_model(build: Build) -> None:
     how = f"budget {settings.budget}" if settings.budget else f"{settings.method}, rank {settings.rank}"
     fine = f", then {tuning.epochs} epochs of distillation" if tuning.epochs else ""
     _stage(f"decompose {build.spec.name} ({how}{fine})")
-    build.compressed = compress(build.spec, build.train_set, settings=settings, tuning=tuning,
-                                layer_latency=layer_latency_for(build.profile, board=build.board, log=_stage), seed=SEED,
-                                progress=build.progress, log=_stage)
-    print(build.compressed.plan.table(), flush=True)
+    cost = layer_cost_for(build.profile, calibration=build.calibration, sample=build.cycle_sample, log=_stage)
+    build.compressed = compress(build.spec, build.train_set, settings=settings, tuning=tuning, layer_cost=cost,
+                                seed=SEED, progress=build.progress, log=_stage)
+    print(build.compressed.plan_table(), flush=True)
 
 
 def export_models(build: Build) -> None:
     build.baseline.mkdir()
-    train = build.train_set
-    calibration = build.preprocess(train.x[balanced_subset(train.y, build.profile.quantization.calibration_samples,
-                                                           seed=SEED)])
     for name, module in (("dense", build.spec.module), ("factored", build.compressed.model)):
         _stage(f"export + simplify + quantize ({name})")
         pair = to_onnx(module, build.baseline, name, check_inputs=build.eval_x[:CHECK_SAMPLES],
-                       calibration=calibration, quantization=build.profile.quantization)
+                       calibration=build.calibration, quantization=build.profile.quantization)
         build.onnx.update({f"{name}_fp32": pair.fp32, f"{name}_int8": pair.int8})
         build.notes += [f"{name}: {note}" for note in pair.notes]
 
@@ -273,8 +282,26 @@ def compare_with_dense(build: Build) -> None:
             inner[layer.name] = max(sizes)
     build.warnings = worse_than_dense(build.variants, build.compressed.plan, intermediate_bytes=inner,
                                       latency_tolerance=build.profile.evaluation.latency_tolerance)
+    build.warnings += check_cycle_budget(build)
     for warning in build.warnings:
         _stage(f"warning: {warning}")
+
+
+def check_cycle_budget(build: Build) -> list[str]:
+    """A cycle budget is the whole int8 model's: the allocation's prediction (per-layer costs) against the board's
+    estimate of the two deployed int8 models, recorded in the allocation; a miss is a warning with both figures."""
+    allocation = build.compressed.allocation
+    dense, factored = (build.variants[n].board for n in ("dense_int8", "factored_int8"))
+    if not allocation or not allocation["budget"].startswith("cycles:") or not dense or not factored:
+        return []
+    kept = factored["cycles"] / dense["cycles"]
+    allocation["whole_model_kept"] = round(kept, 4)
+    fraction = parse_budget(allocation["budget"]).fraction
+    if kept <= fraction:
+        return []
+    return [f"budget {allocation['budget']} missed on the whole model: factored int8 {factored['cycles']:,} estimated "
+            f"cycles = {kept:.3f} of dense int8 {dense['cycles']:,} (the per-layer costs predicted "
+            f"{allocation['kept']:.3f}); lower the budget by the difference"]
 
 
 def write_report(build: Build) -> None:
@@ -285,7 +312,7 @@ def write_report(build: Build) -> None:
                           thresholds=build.profile.to_dict()["thresholds"], passed=not build.failures,
                           top1_drop=round(float(drop), 6), notes=tuple(build.notes), failures=tuple(build.failures),
                           device=build.device, wall_seconds=round(time.perf_counter() - build.started, 1))
-    build.report, build.reports = report, write_reports(build.staging, report, build.compressed.plan.table())
+    build.report, build.reports = report, write_reports(build.staging, report, build.compressed.plan_table())
 
 
 def write_build_manifest(build: Build) -> None:
@@ -359,21 +386,30 @@ RUNTIMES = {
 }
 
 
-def layer_latency_for(profile: TargetProfile, *, board: Device | None = None, log=print):
-    """The target's own per-layer cost for the allocation: instructions on the emulated Cortex-M where the
-    profile has firmware and the toolchain is here; on an ONNX Runtime board reached over SSH, its own
-    latency; else int8 latency in ONNX Runtime on this host."""
-    if profile.runtime == "onnxruntime" and board is not None and board.kind == "ssh":
-        return BoardLayerLatency(profile.quantization, board)
-    if profile.runtime == "tflite-micro" and profile.firmware.cpu:
-        try:
+def layer_cost_for(profile: TargetProfile, *, calibration: np.ndarray | None = None, sample: np.ndarray | None = None,
+                   log=print):
+    """The target's own per-layer cost for the allocation: estimated cycles on the board's core (the emulated board
+    runs the target's runtime; firmware on a microcontroller), the same on every host. A target without a core gets
+    this host's ONNX Runtime latency, which only a latency weight uses. `calibration` and `sample` are the deploy's
+    (the dense model's count is then the report's). Missing cycle tools are an error where the budget counts cycles,
+    else a fallback to the host's latency, said in the log."""
+    budget = profile.decomposition.budget
+    try:
+        if profile.runtime == "tflite-micro" and profile.firmware.cpu:
             check_toolchain()
-            return FirmwareLayerLatency(profile.quantization, cpu=profile.firmware.cpu,
-                                        root=sources_root(profile.firmware.sources), log=log)
-        except DeviceError as exc:
-            if profile.decomposition.budget.startswith("latency"):
-                raise DeviceError(f"BUDGET={profile.decomposition.budget} on {profile.name} counts instructions "
-                                  f"on the emulated board: {exc}") from exc
+            require(*CYCLE_TOOLS)
+            return FirmwareLayerCycles(profile.quantization, cpu=profile.firmware.cpu,
+                                       root=sources_root(profile.firmware.sources), calibration=calibration,
+                                       sample=sample, log=log)
+        if profile.runtime == "onnxruntime" and profile.core:
+            require(*ONNX_CYCLE_TOOLS)
+            return OnnxLayerCycles(profile.quantization, core=profile.core, calibration=calibration, sample=sample,
+                                   log=log)
+    except DeviceError as exc:
+        if budget and parse_budget(budget).resource == "cycles":
+            raise DeviceError(f"BUDGET={budget} on {profile.name} counts estimated cycles on the emulated board: "
+                              f"{exc}") from exc
+        log(f"per-layer cycles not estimated, the allocation weighs this host's latency: {exc}")
     return OrtLayerLatency(profile.quantization)
 
 

@@ -63,7 +63,7 @@ def test_parameter_budget_counts_parameters():
 
 
 @pytest.mark.parametrize("text,error", [("0", "in (0, 1]"), ("1.01", "in (0, 1]"), ("-0.5", "in (0, 1]"),
-                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params, latency")])
+                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params, cycles, latency")])
 def test_bad_budgets_are_refused(text, error):
     with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         parse_budget(text)
@@ -133,19 +133,35 @@ def test_latency_weight_steers_the_allocation_away_from_slow_shapes():
     steered, summary = allocate(table, budget=CostBudget("macs", 0.7), total=200, latency_weight=1.0)
     assert (steered["a"].method, steered["b"].method) == (None, "tucker2")
     assert summary["layer_latency"] == {"dense": 2.0, "chosen": 1.5}
-    assert "latency 0.5 vs 1 dense" in steered["b"].reason
+    assert "cost 0.5 vs 1 dense" in steered["b"].reason
 
 
-def test_a_latency_budget_keeps_that_fraction_of_the_summed_layer_latency():
-    # the cheapest option in MACs is not the cheapest in latency: the budget follows the latency
+def test_a_cycle_budget_keeps_that_fraction_of_the_whole_models_cycles():
+    # the cheapest option in MACs is not the cheapest in cycles: the budget follows the cycles; the whole model's 24
+    # cycles include 4 outside the layers (adds, pools), which no choice changes
     table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, 9.0),
              Candidate("a", "tucker2", (1,), 50, 5, 0.02, 1.0, 4.0),
              Candidate("b", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("b", "svd", (1,), 40, 4, 0.05, 1.0, 6.0)]
-    choices, summary = allocate(table, budget=parse_budget("latency:0.5"), total=20.0)
-    assert (choices["a"].method, choices["b"].method) == ("tucker2", "svd") and summary["kept"] == 0.5
-    with pytest.raises(ConfigError, match="needs every candidate's latency; not timed: a \\(svd\\)"):
-        allocate([*table[:1], Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, None)], budget=parse_budget("latency:0.9"),
+    choices, summary = allocate(table, budget=parse_budget("cycles:0.6"), total=24.0)
+    assert (choices["a"].method, choices["b"].method) == ("tucker2", "svd") and summary["kept"] == 14 / 24
+    assert parse_budget("latency:0.6") == parse_budget("cycles:0.6")  # the earlier name, kept as an alias
+    with pytest.raises(ConfigError, match="needs every candidate's cycles; not estimated: a \\(svd\\)"):
+        allocate([*table[:1], Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, None)], budget=parse_budget("cycles:0.9"),
                  total=20.0)
+    with pytest.raises(ConfigError, match="out of reach.*0.583 of the cycles"):
+        allocate(table, budget=parse_budget("cycles:0.5"), total=24.0)
+
+
+def test_a_candidate_slower_than_its_dense_layer_on_the_board_is_never_chosen_whatever_the_budget_counts():
+    # a's svd saves the most MACs at the least KL but costs more cycles than the dense layer
+    table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("a", "svd", (1,), 30, 3, 0.001, 1.0, 12.0),
+             Candidate("a", "tucker2", (1,), 50, 5, 0.02, 1.0, 8.0), Candidate("b", None, (), 100, 10, 0.0, 1.0, 10.0)]
+    assert allocate(table, budget=CostBudget("macs", 0.8), total=200)[0]["a"].method == "svd"  # a host cost: weighed only
+    for budget, total in ((CostBudget("macs", 0.8), 200), (CostBudget("params", 0.9), 20), (CostBudget("cycles", 0.95), 20.0)):
+        choices, summary = allocate(table, budget=budget, total=total, never_slower=True)
+        assert choices["a"].method == "tucker2" and summary["slower_than_dense"] == 1
+    with pytest.raises(ConfigError, match="out of reach: the cheapest candidate of every layer still keeps 0.750"):
+        allocate(table, budget=CostBudget("macs", 0.7), total=200, never_slower=True)
 
 
 def test_a_factorisation_that_costs_more_than_its_layer_is_never_an_option():

@@ -137,13 +137,14 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
     assert regress["baseline"]["status"].startswith(f"SLOWER: {regress['board']['cycles']:,} estimated cycles per inference")
 
 
-def test_a_latency_budget_on_a_microcontroller_counts_instructions_on_the_board(sources, tmp_path, monkeypatch):
+@pytest.mark.cycles
+def test_a_cycle_budget_on_a_microcontroller_counts_estimated_cycles_on_the_board(sources, tmp_path, monkeypatch):
     import torch
     from torch import nn
 
     from calib import Dataset
     from pipeline.compress.stage import compress
-    from pipeline.tflm.layer_cost import FirmwareLayerLatency
+    from pipeline.tflm.layer_cost import FirmwareLayerCycles
     from pipeline.zoo import ModelSpec
     from targets import load_target
 
@@ -155,16 +156,19 @@ def test_a_latency_budget_on_a_microcontroller_counts_instructions_on_the_board(
     rng = np.random.default_rng(0)
     data = Dataset(rng.integers(0, 256, (400, 16, 16, 3), dtype=np.uint8), np.arange(400) % 10, "random")
     profile = load_target("cortex-m4").override(
-        decomposition={"budget": "latency:0.7", "fit_samples": 64, "sensitivity_samples": 32},
+        decomposition={"budget": "cycles:0.7", "fit_samples": 64, "sensitivity_samples": 32},
         finetune={"heldout_samples": 100})
-    timer = FirmwareLayerLatency(profile.quantization, cpu="cortex-m4", root=sources, log=lambda *_: None)
-    result = compress(spec, data, settings=profile.decomposition, tuning=profile.finetune, layer_latency=timer,
+    cost = FirmwareLayerCycles(profile.quantization, cpu="cortex-m4", root=sources, log=lambda *_: None)
+    result = compress(spec, data, settings=profile.decomposition, tuning=profile.finetune, layer_cost=cost,
                       progress=False, log=lambda *_: None)
     allocation = result.allocation
-    assert allocation["budget"] == "latency:0.7" and allocation["kept"] <= 0.7
-    assert allocation["latency_unit"] == "instructions on the emulated cortex-m4"
+    assert allocation["budget"] == "cycles:0.7" and allocation["kept"] <= 0.7
+    assert allocation["latency_unit"] == "estimated cortex-m4 cycles" and allocation["never_slower"]
+    # the total is the whole int8 model's cycles as firmware, the operators between its layers included
+    assert allocation["total"] == cost.model(net, (3, 16, 16))
     chosen = [layer for layer in result.plan.layers if layer.method]
     assert chosen and all(layer.latency < layer.dense_latency for layer in chosen)
+    assert "| cycles before | cycles after |" in result.plan_table()
 
 
 def test_more_instructions_than_the_accepted_baseline_is_a_regression(tmp_path):

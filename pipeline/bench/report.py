@@ -18,18 +18,23 @@ def _pct(value) -> str:
 
 def _table(rows: list[dict], dense_top1: float) -> str:
     counted = any(r.get("instructions") for r in rows)  # a Cortex-M target: its firmware's instruction counts
-    head = ("variant", "MACs", "kept", "params", "bytes", "top-1", "vs dense fp32", "latency ms", "speedup",
-            "MAC reduction", "speedup / MAC red.", *(("instructions", "instr. reduction") if counted else ()),
+    timed = any(r.get("cycles") for r in rows)  # the board's estimated cycles
+    head = ("variant", "MACs", "kept", "params", "bytes", "top-1", "vs dense fp32", "host ms", "host speedup",
+            "MAC reduction", "host speedup / MAC red.", *(("instructions", "instr. reduction") if counted else ()),
+            *(("est. cycles", "est. ms", "cycle reduction", "cycle red. / MAC red.") if timed else ()),
             "decompose s", "sensitivity s", "fine-tune s (per epoch)")
     cells = []
     for r in rows:
         ft = "-" if r["finetune_s"] is None else f"{r['finetune_s']:.0f} ({r['finetune_s_per_epoch']:.0f})"
         instructions = ("-", "-") if not r.get("instructions") else (f"{r['instructions']:,}",
                                                                      f"{r['instruction_reduction']:.2f}x")
+        cycles = ("-",) * 4 if not r.get("cycles") else (
+            f"{r['cycles']:,}", "-" if r.get("est_ms") is None else f"{r['est_ms']:.3f}", f"{r['cycle_reduction']:.2f}x",
+            f"{r['cycle_reduction'] / r['mac_reduction']:.2f}")
         cells.append((r["variant"], f"{r['macs']:,}", f"{r['macs_kept']:.3f}", f"{r['params']:,}", f"{r['bytes']:,}",
                       _pct(r["top1"]), f"{(r['top1'] - dense_top1) * 100:+.2f} pt", f"{r['latency_ms']:.3f}",
                       f"{r['speedup']:.2f}x", f"{r['mac_reduction']:.2f}x", f"{r['speedup'] / r['mac_reduction']:.2f}",
-                      *(instructions if counted else ()),
+                      *(instructions if counted else ()), *(cycles if timed else ()),
                       "-" if r["decompose_s"] is None else f"{r['decompose_s']:.1f}",
                       "-" if r["sensitivity_s"] is None else f"{r['sensitivity_s']:.1f}", ft))
     return markdown_table(head, cells)

@@ -29,15 +29,18 @@ from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
-from pipeline.deploy import layer_latency_for
-from pipeline.errors import ConfigError
+from pipeline.cycles.tools import missing
+from pipeline.deploy import layer_cost_for
+from pipeline.device.board_cycles import onnx_cycles
+from pipeline.errors import ConfigError, DeviceError
 from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
+from pipeline.tflm.board_cycles import CYCLE_TOOLS
 from pipeline.tflm.build import sources_root
 from pipeline.tflm.convert import convert_to_tflite
-from pipeline.tflm.on_board import instructions_per_inference
+from pipeline.tflm.on_board import count_on_board
 from pipeline.util import cache_dir, host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
@@ -72,7 +75,7 @@ def compress_point(spec, train_set, target: str, budget: float, epochs: int, cac
             write_text(path, text)
     profile = _grid_profile(target, budget, epochs)
     result = compress(spec, train_set, settings=profile.decomposition, tuning=profile.finetune,
-                      layer_latency=layer_latency_for(profile), seed=SEED, progress=False)
+                      layer_cost=layer_cost_for(profile), seed=SEED, progress=False)
     models, plans = {"oneshot": result.one_shot}, {"oneshot": result.one_shot_plan.to_dict()}
     if epochs:  # the tuned model's chains differ from the one-shot's when compressed gradually
         models["finetuned"], plans["finetuned"] = result.model, result.plan.to_dict()
@@ -119,16 +122,28 @@ def interleaved_latency(paths: dict[str, Path], sample: np.ndarray, *, rounds: i
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def target_instructions(int8_paths: dict[str, Path], profile, x: np.ndarray) -> dict[str, int]:
-    """Instructions per inference of each int8 model as firmware on the profile's emulated Cortex-M (TFLM with
-    CMSIS-NN, the .tflite written beside the ONNX file); empty for a target without firmware."""
-    cpu = profile.firmware.cpu
-    if not cpu:
+def target_counts(int8_paths: dict[str, Path], profile, x: np.ndarray) -> dict[str, dict]:
+    """Each int8 model on the profile's board: estimated cycles and ms on its core (the aarch64 ONNX Runtime in the
+    emulated board, or the firmware on the emulated Cortex-M, whose instructions come too); empty where the
+    target has no core or the cycle tools are missing (the log says which)."""
+    clock, cpu = profile.board.clock_mhz, profile.firmware.cpu
+    counts = {}
+    try:
+        if cpu:
+            root = sources_root(profile.firmware.sources)
+            for name, path in int8_paths.items():
+                data = convert_to_tflite(path, path.with_suffix(".tflite")).read_bytes()
+                counts[name] = count_on_board(data, cpu=cpu, root=root, x_nchw=x, cycles=missing(*CYCLE_TOOLS) is None)
+        elif profile.core:
+            figures = onnx_cycles(list(int8_paths.values()), sample=x[0], core=profile.core, clock_mhz=clock)
+            counts = {name: {"cycles": f["cycles"]} for name, f in zip(int8_paths, figures, strict=True)}
+    except DeviceError as exc:
+        print(f"[bench] {profile.name}: board cycles not estimated: {exc}", flush=True)
         return {}
-    root = sources_root(profile.firmware.sources)
-    return {name: instructions_per_inference(convert_to_tflite(path, path.with_suffix(".tflite")).read_bytes(),
-                                             cpu=cpu, root=root, x_nchw=x)
-            for name, path in int8_paths.items()}
+    for count in counts.values():
+        if "cycles" in count and clock:
+            count["est_ms"] = round(count["cycles"] / (clock * 1e3), 4)
+    return counts
 
 
 @dataclass
@@ -164,7 +179,7 @@ def _prepare(cells: list[Cell], budgets, *, work: Path, threads: int, log) -> No
         profile = _grid_profile(cell.target, missing[0][0], cell.epochs)
         samples = samples_for(cell.spec, cell.train_set, settings=profile.decomposition, tuning=profile.finetune, seed=SEED)
         _, facts = sensitivity_table(cell.spec, samples, settings=profile.decomposition,
-                                     layer_latency=layer_latency_for(profile, log=log), seed=SEED)
+                                     layer_cost=layer_cost_for(profile, log=log), seed=SEED)
         table = Path(facts["path"])
         shipped = {str(table.relative_to(cache_dir())): table.read_text()}
         spec, train = cluster.put(cell.spec), cluster.put(cell.train_set)
@@ -206,7 +221,7 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
     for precision in ("fp32", "int8"):
         paths = {name: v["files"][precision] for name, v in variants.items()}
         latency = interleaved_latency(paths, eval_x[0], rounds=latency_rounds, runs=20, warmup=20)
-        counts = target_instructions(paths, profile, eval_x[:2]) if precision == "int8" else {}
+        counts = target_counts(paths, profile, eval_x[:2]) if precision == "int8" else {}
         dense_cost = onnx_cost(paths["dense"])
         for name, v in variants.items():
             cost = onnx_cost(paths[name])
@@ -219,8 +234,10 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
                 "macs_kept": round(cost.macs / dense_cost.macs, 4), "top1": top1(logits, eval_y),
                 "latency_ms": round(latency[name], 4), "speedup": round(latency["dense"] / latency[name], 3),
                 "mac_reduction": round(dense_cost.macs / cost.macs, 3),
-                "instructions": counts.get(name),
-                "instruction_reduction": round(counts["dense"] / counts[name], 3) if counts else None,
+                "instructions": counts.get(name, {}).get("instructions"),
+                "instruction_reduction": _ratio(counts, "instructions", name),
+                "cycles": counts.get(name, {}).get("cycles"), "est_ms": counts.get(name, {}).get("est_ms"),
+                "cycle_reduction": _ratio(counts, "cycles", name),
                 "decompose_s": spent.get("decompose"), "sensitivity_s": spent.get("sensitivity"),
                 "finetune_s": spent.get("finetune") if v["finetuned"] else None,
                 "finetune_s_per_epoch": (v["finetune"] or {}).get("seconds_per_epoch") if v["finetuned"] else None,
@@ -228,6 +245,12 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
     return {"model": model, "target": cell.target, "weights_sha256": spec.weights_sha256,
             "eval_samples": int(len(eval_y)), "finetune_epochs": cell.epochs, "rows": rows, "plans": plans,
             "published": PUBLISHED.get(model, [])}
+
+
+def _ratio(counts: dict[str, dict], key: str, name: str) -> float | None:
+    """The dense model's count over this one's: how many times fewer on the board."""
+    dense, this = counts.get("dense", {}).get(key), counts.get(name, {}).get(key)
+    return round(dense / this, 3) if dense and this else None
 
 
 def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str, int] | int = 3,
@@ -260,7 +283,8 @@ def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str,
                   for target in targets]
     for cell in cells:  # an unreachable budget fails before any grid point runs
         for budget in budgets:
-            check_budget(cell.spec, _grid_profile(cell.target, budget, cell.epochs).decomposition)
+            profile = _grid_profile(cell.target, budget, cell.epochs)
+            check_budget(cell.spec, profile.decomposition, layer_cost_for(profile, log=log))
     _prepare(cells, budgets, work=work, threads=threads, log=log)
     compressed = time.perf_counter() - started
     results = {"host": host_machine(), "threads": threads, "target": " ".join(targets), "targets": list(targets),

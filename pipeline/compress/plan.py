@@ -71,18 +71,29 @@ class DecompositionPlan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def table(self) -> str:
+    def table(self, cost_unit: str | None = None) -> str:
+        """The plan as a markdown table; with `cost_unit` (the allocation's, e.g. "estimated cortex-a72 cycles")
+        each layer's cost alone on the target before and after, where it was measured."""
         if not self.layers:
             return "no Conv2d or Linear layers: nothing to factor, the model stays dense"
-        head = ("layer", "method", "ranks", "MACs before", "MACs after", "params after", "weight err.", "output err.",
-                "note")
+        costs = cost_unit is not None and any(p.dense_latency is not None for p in self.layers)
+        what = "cycles" if costs and "cycles" in cost_unit else "host ms"
+        head = ("layer", "method", "ranks", "MACs before", "MACs after", "params after",
+                *((f"{what} before", f"{what} after") if costs else ()), "weight err.", "output err.", "note")
         rows = [(p.name, p.method or "dense", "x".join(map(str, p.ranks)) or "-", f"{p.macs_before:,}",
-                 f"{p.macs_after:,}", f"{p.params_after:,}", _figure(p.rel_error), _figure(p.output_error), p.note)
+                 f"{p.macs_after:,}", f"{p.params_after:,}",
+                 *((_cost(p.dense_latency), _cost(p.latency if p.method else p.dense_latency)) if costs else ()),
+                 _figure(p.rel_error), _figure(p.output_error), p.note)
                 for p in self.layers]
         kept = self.macs_after / self.macs_before if self.macs_before else 1.0
-        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", "", "",
-                     f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
-        return markdown_table(head, rows)
+        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", *(("", "") if costs else ()),
+                     "", "", f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
+        table = markdown_table(head, rows)
+        return f"{table}\n\n{what} before / after: each layer alone, {cost_unit}" if costs else table
+
+
+def _cost(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.6g}"
 
 
 def _figure(value: float | None) -> str:

@@ -11,8 +11,8 @@ from torch import nn
 
 from calib import Dataset, preprocess, split_training
 from pipeline.compress.budget.allocate import CostBudget, allocate, check_reachable, parse_budget
-from pipeline.compress.budget.macs import count, totals
-from pipeline.compress.budget.sensitivity import LayerLatency, sensitivities, skeleton_candidates
+from pipeline.compress.budget.macs import totals
+from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skeleton_candidates
 from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
@@ -31,21 +31,42 @@ class Compressed:
     seconds: dict  # wall time of each step
     one_shot_plan: DecompositionPlan  # one_shot's: plan's, unless compressed gradually (model's chains then differ)
 
+    def plan_table(self) -> str:
+        """The plan's table, with each layer's cost on the target where the allocation weighed it."""
+        return self.plan.table((self.allocation or {}).get("latency_unit"))
+
     def record(self) -> dict:
         """The plan plus how it was reached, as report.json's `decomposition`."""
         return {**self.plan.to_dict(), "allocation": self.allocation, "finetune": self.finetune, "steps_seconds": self.seconds}
 
 
-def _total(spec: ModelSpec, settings: Decomposition, resource: str, candidates, layer_latency) -> float:
-    """The dense model's whole cost in the budget's resource. Latency is the compute layers' summed latency on
-    the target: the candidates' dense entries plus the layers no candidate replaces, each timed alone."""
+def _total(spec: ModelSpec, resource: str, layer_cost: LayerCost | None) -> float:
+    """The dense model's whole cost in the budget's resource; cycles are the whole int8 model's on the board, the
+    operators between the layers (adds, pools, requantization) included."""
+    if resource == "cycles":
+        return layer_cost.model(spec.module, spec.input_shape)
     macs, params = totals(spec.module, spec.input_shape)
-    if resource != "latency":
-        return macs if resource == "macs" else params
-    costs = count(spec.module, spec.input_shape)
-    tabled = {c.layer for c in candidates}
-    rest = [layer_latency(spec.module.get_submodule(name), costs[name].input_shape) for name in costs if name not in tabled]
-    return sum(c.latency for c in candidates if c.method is None) + sum(t for t in rest if t is not None)
+    return macs if resource == "macs" else params
+
+
+def timed(settings: Decomposition, layer_cost: LayerCost | None) -> LayerCost | None:
+    """The cost the allocation weighs, or None: a budget on a board with its own estimate always weighs it (no
+    option slower than its dense layer); elsewhere only a latency weight does. A cycle budget needs the board's
+    estimate: an error says so, before any work."""
+    budget = parse_budget(settings.budget) if settings.budget else None
+    if budget is None:
+        return None
+    if budget.resource == "cycles" and (layer_cost is None or not layer_cost.board):
+        about = "no per-layer cost was given" if layer_cost is None else f"its layer cost is {layer_cost.unit}"
+        raise ConfigError(f"Budget {budget} counts the board's estimated cycles, but {about}; a cycle budget needs a "
+                          "target with a [board] core (cortex-a72, cortex-m4, cortex-m7) and the cycle tools, or use "
+                          f"BUDGET=macs:{budget.fraction:g}")
+    if layer_cost is not None and (layer_cost.board or settings.latency_weight > 0):
+        return layer_cost
+    if settings.latency_weight > 0:
+        raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
+                          "layer cost, and none was given")
+    return None
 
 
 def scaled_samples(available: int, *, heldout: int, fit: int, sensitivity: int) -> tuple[int, int, int]:
@@ -75,44 +96,46 @@ def samples_for(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition,
     return Samples(splits, images["fit"] if fit else None, images["sensitivity"])
 
 
-def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposition, layer_latency: LayerLatency | None,
-                      seed: int = 0, use_cache: bool = True, progress: bool = True):
+def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposition, layer_cost: LayerCost | None,
+                      skeleton: list | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True):
     """The measured candidates a budget is allocated from (cached; see `sensitivities`), and facts about them."""
-    budget = parse_budget(settings.budget)
-    timed = budget.resource == "latency" or settings.latency_weight > 0
-    if timed and layer_latency is None:
-        raise ConfigError(f"Budget {budget} with latency weight {settings.latency_weight:g} needs the target's "
-                          "layer latency, and none was given")
     return sensitivities(spec.module, input_shape=spec.input_shape, fit_x=samples.fit, heldout_x=samples.sensitivity,
-                         settings=settings, seed=seed, latency=layer_latency if timed else None, use_cache=use_cache,
-                         progress=progress)
+                         settings=settings, seed=seed, latency=timed(settings, layer_cost), skeleton=skeleton,
+                         use_cache=use_cache, progress=progress)
 
 
-def check_budget(spec: ModelSpec, settings: Decomposition) -> None:
-    """A MAC or parameter budget below what the candidates' skeletons can reach fails before any work."""
-    budget = parse_budget(settings.budget) if settings.budget else None
-    if budget is not None and budget.resource != "latency":
-        check_reachable(skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings),
-                        budget=budget, total=_total(spec, settings, budget.resource, [], None))
+def check_budget(spec: ModelSpec, settings: Decomposition, layer_cost: LayerCost | None = None) -> tuple[list, float]:
+    """Every candidate's skeleton costs (with the target's cycles where they are weighed) and the dense model's
+    total in the budget's resource; a budget below what they can reach fails here, before any sensitivity work."""
+    budget = parse_budget(settings.budget)
+    skeleton = skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings)
+    if budget.resource != "cycles":  # a MAC or parameter floor is known at once, before any layer is timed
+        check_reachable(skeleton, budget=budget, total=_total(spec, budget.resource, None))
+    cost = timed(settings, layer_cost)
+    if cost is not None:
+        skeleton = skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings, latency=cost)
+    total = _total(spec, budget.resource, cost)
+    check_reachable(skeleton, budget=budget, total=total, never_slower=bool(cost and cost.board))
+    return skeleton, total
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBudget | None, *,
-            settings: Decomposition, layer_latency, seed: int, use_cache: bool, progress: bool, log):
+            settings: Decomposition, layer_cost, skeleton, total, seed: int, use_cache: bool, progress: bool, log):
     """`module` (the dense model, or a tuned student collapsed back to dense layers) factored once: to `budget`
     by measured sensitivity when there is one, else by `settings`' method and rank rule. Returns the factored
-    model, its plan, the allocation's record (None without a budget) and the seconds of each part."""
+    model, its plan, the allocation's record (None without a budget) and the seconds of each part. `skeleton` and
+    `total` are `check_budget`'s: a cycle budget stays a fraction of the dense model's cycles at every step."""
     seconds, choices, allocation = {}, None, None
     if budget is not None:
         started = time.perf_counter()
         model_spec = dataclasses.replace(spec, module=module)
-        candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_latency=layer_latency,
-                                              seed=seed, use_cache=use_cache, progress=progress)
-        timed = budget.resource == "latency" or settings.latency_weight > 0
-        choices, allocation = allocate(candidates, budget=budget, total=_total(model_spec, settings, budget.resource,
-                                                                                candidates, layer_latency),
-                                       latency_weight=settings.latency_weight)
+        cost = timed(settings, layer_cost)
+        candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_cost=layer_cost,
+                                              skeleton=skeleton, seed=seed, use_cache=use_cache, progress=progress)
+        choices, allocation = allocate(candidates, budget=budget, total=total, latency_weight=settings.latency_weight,
+                                       never_slower=bool(cost and cost.board))
         allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
-                          latency_unit=layer_latency.unit if timed else None)
+                          latency_unit=cost.unit if cost else None, total=total)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
@@ -123,22 +146,23 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBu
 
 
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
-             layer_latency: LayerLatency | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
+             layer_cost: LayerCost | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
              log=print) -> Compressed:
-    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_latency` times single
-    layers on the target's runtime; the allocation weighs it when `settings.latency_weight` > 0.
+    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_cost` is what single
+    layers cost on the target (see `LayerCost`): a budget weighs it when it is the board's estimate or
+    `settings.latency_weight` > 0, and a cycle budget is counted in it.
 
     With intermediate budgets (`settings.gradual`) and epochs, the model is factored to each in turn, tuned for
     `tuning.step_epochs`, and collapsed back to dense layers before the next: every allocation is measured on
     the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
     teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
     budget = parse_budget(settings.budget) if settings.budget else None
-    check_budget(spec, settings)
     check_gradual(settings, tuning)
+    skeleton, total = check_budget(spec, settings, layer_cost) if budget else (None, None)
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
-    common = dict(spec=spec, samples=samples, settings=settings, layer_latency=layer_latency, seed=seed,
-                  use_cache=use_cache, progress=progress, log=log)
+    common = dict(spec=spec, samples=samples, settings=settings, layer_cost=layer_cost, skeleton=skeleton,
+                  total=total, seed=seed, use_cache=use_cache, progress=progress, log=log)
     one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
     one_shot_plan = plan
     model, history = one_shot, None

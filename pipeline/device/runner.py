@@ -4,7 +4,8 @@ board's own latency of several models.
 Needs only numpy and onnxruntime, so any board with Python can take it. Usage:
     python runner.py MODEL INPUTS.npy OUTPUTS.npy
     python runner.py --latency RUNS WARMUP MODEL [MODEL ...]   # one line per model: latency_ms NAME MEDIAN
-    python runner.py --marks RUNS MAGIC INPUT.npy MODEL [MODEL ...]   # for the block profiler (pipeline/cycles)
+    python runner.py --marks RUNS MAGIC MODEL.onnx [MODEL.onnx ...]   # for the block profiler (pipeline/cycles);
+                                                                    # each model's input is MODEL.npy beside it
 Exit code 3 means a package is missing; the message names it.
 """
 
@@ -58,13 +59,13 @@ def mark(magic: int) -> None:
         pass
 
 
-def marks(runs: int, magic: int, inputs: str, models: list[str]) -> None:
-    """Each model: one warm-up inference (weights are packed on the first), then `runs` inferences between two
-    marks, so the plugin's segment 2k + 1 holds model k's inferences and nothing else."""
-    x = np.load(inputs)
+def marks(runs: int, magic: int, models: list[str]) -> None:
+    """Each model (its one input, CHW, in the .npy of the same stem): one warm-up inference (weights are packed on
+    the first), then `runs` inferences between two marks, so the plugin's segment 2k + 1 holds model k's
+    inferences and nothing else."""
     for model in models:
         session = open_session(model)
-        feed = {session.get_inputs()[0].name: x[None]}
+        feed = {session.get_inputs()[0].name: np.load(model.removesuffix(".onnx") + ".npy")[None]}
         session.run(None, feed)
         mark(magic)
         for _ in range(runs):
@@ -78,7 +79,7 @@ def main() -> None:
         latency(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
         return
     if sys.argv[1] == "--marks":
-        marks(int(sys.argv[2]), int(sys.argv[3], 0), sys.argv[4], sys.argv[5:])
+        marks(int(sys.argv[2]), int(sys.argv[3], 0), sys.argv[4:])
         return
     model, inputs, outputs = sys.argv[1:4]
     session = open_session(model)

@@ -55,6 +55,11 @@ def layer_graph(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelPr
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def synthetic_inputs(input_shape: tuple[int, ...], count: int, *, seed: int = 0) -> np.ndarray:
+    """Post-ReLU-like inputs: the ranges calibration sees decide nothing about speed, only that they are sane."""
+    return np.maximum(np.random.default_rng(seed).normal(size=(count, *input_shape)), 0).astype(np.float32)
+
+
 def quantized_layer(module: nn.Module, input_shape: tuple[int, ...], folder: Path, *, quantization: Quantization,
                     seed: int = 0) -> tuple[Path, np.ndarray] | None:
     """`module` as a one-layer int8 ONNX file in `folder`, and the inputs it was calibrated on; None for what
@@ -62,9 +67,7 @@ def quantized_layer(module: nn.Module, input_shape: tuple[int, ...], folder: Pat
     graph = layer_graph(module, input_shape)
     if graph is None:
         return None
-    rng = np.random.default_rng(seed)
-    # post-ReLU-like inputs: the ranges calibration sees decide nothing about speed, only that they are sane
-    calibration = np.maximum(rng.normal(size=(8, *input_shape)), 0).astype(np.float32)
+    calibration = synthetic_inputs(input_shape, 8, seed=seed)
     onnx.save(graph, folder / "layer.onnx")
     return quantize_onnx(folder / "layer.onnx", folder / "layer.int8.onnx", calibration=calibration,
                          settings=quantization), calibration
@@ -82,13 +85,16 @@ def layer_latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantiz
 
 
 class OrtLayerLatency:
-    """The allocation's second cost for ONNX Runtime boards: `layer_latency_ms` with the target's int8 settings.
-    Its fingerprint keys the sensitivity cache: the same settings on another host are timed again."""
+    """The allocation's second cost on an ONNX Runtime target without a [board] core: `layer_latency_ms` with the
+    target's int8 settings on this host. Not the board's figure, so it only weighs (`latency_weight`) and never
+    counts a budget. Its fingerprint keys the sensitivity cache: the same settings on another host are timed again."""
+
+    board = False
 
     def __init__(self, quantization: Quantization):
         self.quantization = quantization
         self.unit = "ms on this host (ONNX Runtime, one thread)"
         self.fingerprint = {**dataclasses.asdict(quantization), "host": host_machine()}
 
-    def __call__(self, module: nn.Module, input_shape: tuple[int, ...]) -> float | None:
-        return layer_latency_ms(module, input_shape, quantization=self.quantization)
+    def layers(self, items: list[tuple[nn.Module, tuple[int, ...]]]) -> list[float | None]:
+        return [layer_latency_ms(module, shape, quantization=self.quantization) for module, shape in items]

@@ -82,10 +82,10 @@ PROBE_SLACK = 64 * 1024  # a probe arena this much above the host's figure: room
 DEVICE_SLACK = 256  # bytes over what the device used: FIRMWARE.md saw +64 fail and +256 work for every model
 
 
-def instructions_per_inference(model_bytes: bytes, *, cpu: str, root: Path, x_nchw: np.ndarray) -> int:
-    """Instructions of one inference of the model as firmware on `cpu`'s emulated board: that of the second of
-    two images of `x_nchw` (one image runs twice), because the first also runs the per-operator counter.
-    Deterministic, so one inference is a measurement."""
+def count_on_board(model_bytes: bytes, *, cpu: str, root: Path, x_nchw: np.ndarray, cycles: bool = False) -> dict:
+    """Instructions of one inference of the model as firmware on `cpu`'s emulated board, and with `cycles` its
+    estimated cycles on the core: those of the second of two images of `x_nchw` (one image runs twice), because
+    the first also runs the per-operator counter. Deterministic, so one inference is a measurement."""
     library = build_library(cpu, root, log=lambda *_: None)
     q = interpreter.io_quant(model_bytes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,17 @@ def instructions_per_inference(model_bytes: bytes, *, cpu: str, root: Path, x_nc
                       io={"input_scale": q.input_scale, "input_zero_point": q.input_zero_point,
                           "output_scale": q.output_scale, "output_zero_point": q.output_zero_point})
         elf = link_firmware(Path(tmp), Path(tmp) / "count.elf", cpu_name=cpu, root=root, library=library).elf
-        run = run_firmware(elf, interpreter.quantize_input(np.resize(x_nchw[:2], (2, *x_nchw.shape[1:])), q), cpu=cpu)
-    return run.instructions[1]
+        run = run_firmware(elf, interpreter.quantize_input(np.resize(x_nchw[:2], (2, *x_nchw.shape[1:])), q), cpu=cpu,
+                           profile_blocks=cycles)
+    counted = {"instructions": run.instructions[1]}
+    if cycles:
+        counted["cycles"] = firmware_cycles(run, cpu=cpu, clock_mhz=0.0)["cycles"]
+    return counted
+
+
+def instructions_per_inference(model_bytes: bytes, *, cpu: str, root: Path, x_nchw: np.ndarray) -> int:
+    """Instructions of one inference (see `count_on_board`)."""
+    return count_on_board(model_bytes, cpu=cpu, root=root, x_nchw=x_nchw)["instructions"]
 
 
 def device_arena(tflite: Path, *, host_arena: int, io: dict, cpu: str, root: Path, x_nchw: np.ndarray) -> int:

@@ -7,6 +7,7 @@ cached under the hashes of the weights, the images and the settings, so another 
 """
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -43,16 +44,51 @@ class Candidate:
     latency: float | None = None  # the layer or chain alone on the target's runtime, in the LayerLatency's unit
 
 
-class LayerLatency(Protocol):
-    """What the allocation's second cost looks like: the host latency (ms) of a layer or chain at an input
-    shape, or None where it cannot be timed. `fingerprint` keys the sensitivity cache. The orchestrator hands
-    one in (the timers live in later stages: ONNX Runtime on the host, firmware on an emulated Cortex-M), so
-    this stage never imports a runtime."""
+class LayerCost(Protocol):
+    """The allocation's time cost: what a layer or chain alone costs on the target, in `unit` (estimated cycles on
+    the board's core; on a target without one, milliseconds on this host), or None where it cannot be built.
+    `fingerprint` keys the sensitivity cache. The orchestrator hands one in (the runtimes and boards live in later
+    stages), so this stage never imports a runtime.
+
+    `board` says the figures are the board's own estimate, the same on every host: then no budget keeps a
+    factorisation that costs more than its dense layer, and `cycles:` budgets can be met. `model` (needed only by
+    a cycles budget) is the whole int8 model's cost, operators between the layers included."""
 
     fingerprint: dict
-    unit: str  # what a latency counts, e.g. "ms on this host" or "instructions on the emulated cortex-m4"
+    unit: str  # what a cost counts, e.g. "estimated cortex-a72 cycles" or "ms on this host (ONNX Runtime, one thread)"
+    board: bool
 
-    def __call__(self, module: nn.Module, input_shape: tuple[int, ...]) -> float | None: ...
+    def layers(self, items: list[tuple[nn.Module, tuple[int, ...]]]) -> list[float | None]: ...
+
+    def model(self, module: nn.Module, input_shape: tuple[int, ...]) -> float: ...
+
+
+def _structure(module: nn.Module, shape: tuple[int, ...]) -> tuple:
+    """What a layer's cost depends on: its input shape and each layer's kind and geometry, not its weights."""
+    return (shape, tuple((type(m).__name__, tuple(m.weight.shape), str(getattr(m, "stride", "")),
+                          str(getattr(m, "padding", "")), str(getattr(m, "dilation", "")), getattr(m, "groups", 1))
+                         for m in (module if isinstance(module, nn.Sequential) else [module])))
+
+
+def _seeded_copy(module: nn.Module) -> nn.Module:
+    """`module` with weights from a fixed generator: a cost does not depend on the values, and the same bytes for
+    the same structure let the runtimes' caches answer (a skeleton's initial weights depend on the global RNG)."""
+    copy_ = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in copy_.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return copy_
+
+
+def layer_costs(cost: "LayerCost", items: list[tuple[nn.Module, tuple[int, ...]]]) -> list[float | None]:
+    """`cost` of each (layer or chain, input shape), each structure measured once (ResNets repeat their blocks'
+    shapes), in one call so the runtime can batch them."""
+    unique: dict[tuple, tuple[nn.Module, tuple[int, ...]]] = {}
+    for module, shape in items:
+        unique.setdefault(_structure(module, shape), (module, shape))
+    measured = dict(zip(unique, cost.layers([(_seeded_copy(m), s) for m, s in unique.values()]), strict=True))
+    return [measured[_structure(m, s)] for m, s in items]
 
 
 def candidate_ranks(layer: nn.Module, method: Method, *, fractions: tuple[float, ...], round_to: int) -> list[tuple[int, ...]]:
@@ -67,16 +103,19 @@ def candidate_ranks(layer: nn.Module, method: Method, *, fractions: tuple[float,
     return found
 
 
-def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition) -> list[Candidate]:
-    """Every candidate's MACs and parameters from its skeleton alone (no fitting, no data, KL unknown): what the
-    budget could reach at best is known before any sensitivity work."""
+def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition,
+                        latency: LayerCost | None = None) -> list[Candidate]:
+    """Every candidate's MACs and parameters from its skeleton alone (no fitting, no data, KL unknown), and with
+    `latency` its cost on the target (which does not depend on the weights): what the budget could reach at best is
+    known before any sensitivity work."""
     costs = count(module, input_shape)
-    found = []
+    found, items = [], []
     for name, reason in layer_selection(module, costs, settings).items():
         if reason:
             continue
         layer, cost = module.get_submodule(name), costs[name]
         found.append(Candidate(name, None, (), cost.macs, cost.params, 0.0, 1.0))
+        items.append((layer, cost.input_shape))
         for method in methods_for(layer, settings.candidates):
             for ranks in candidate_ranks(layer, method, fractions=settings.rank_fractions, round_to=settings.round_to):
                 chain = method.skeleton(layer, ranks)
@@ -84,6 +123,9 @@ def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], sett
                 if macs < cost.macs:
                     found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()),
                                            float("nan"), float("nan")))
+                    items.append((chain, cost.input_shape))
+    if latency is not None:
+        found = [dataclasses.replace(c, latency=t) for c, t in zip(found, layer_costs(latency, items), strict=True)]
     return found
 
 
@@ -120,12 +162,13 @@ def measure_candidate(module: nn.Module, layer_io: tuple, held: torch.Tensor, re
 
 
 def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.ndarray | None, heldout_x: np.ndarray,
-                  settings: Decomposition, seed: int = 0, latency: LayerLatency | None = None, use_cache: bool = True,
+                  settings: Decomposition, seed: int = 0, latency: LayerCost | None = None,
+                  skeleton: list[Candidate] | None = None, use_cache: bool = True,
                   progress: bool = True) -> tuple[list[Candidate], dict]:
     """Every candidate (`settings.candidates` x `settings.rank_fractions`) of every layer `layer_selection`
     picks, a dense entry per layer included, and facts about the run: whether the cache answered, its path,
-    the seconds spent. Without `fit_x` the factors fit the weights. With `latency` each candidate's host
-    latency is measured too."""
+    the seconds spent. Without `fit_x` the factors fit the weights. With `latency` each candidate carries its
+    cost on the target, taken from `skeleton` (`skeleton_candidates` with that cost) when given."""
     methods, fractions, round_to = settings.candidates, settings.rank_fractions, settings.round_to
     key_settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to,
                     "layers": list(settings.layers), "exclude": list(settings.exclude),
@@ -139,51 +182,31 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
         return [Candidate(**{**c, "ranks": tuple(c["ranks"])}) for c in data["candidates"]], \
             {"cached": True, "path": str(path), "seconds": data["seconds"]}
     started = time.perf_counter()
-    costs = count(module, input_shape)
+    if skeleton is None:
+        skeleton = skeleton_candidates(module, input_shape=input_shape, settings=settings, latency=latency)
     dense_model = module.eval()
     work = copy.deepcopy(module).eval()
-    names = [n for n, reason in layer_selection(module, costs, settings).items() if not reason]
+    names = list(dict.fromkeys(c.layer for c in skeleton))
     held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
     io = {} if fit_x is None else datafit.layer_io(
         dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
     with torch.inference_mode():
         reference = dense_model(held_t)
-    timed: dict[tuple, float | None] = {}  # by shape: ResNets repeat each block's shapes many times
-
-    def timing(module: nn.Module, shape: tuple[int, ...]) -> float | None:
-        if latency is None:
-            return None
-        key = (shape, tuple((type(m).__name__, tuple(m.weight.shape), str(getattr(m, "stride", "")),
-                             str(getattr(m, "padding", "")), str(getattr(m, "dilation", "")), getattr(m, "groups", 1))
-                            for m in (module if isinstance(module, nn.Sequential) else [module])))
-        if key not in timed:
-            timed[key] = latency(module, shape)
-        return timed[key]
-
     cluster = connect()
     shared = {"module": cluster.put(work), "held": cluster.put(held_t), "reference": cluster.put(reference)}
     layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
-    found, jobs, job_specs = [], [], []
-    for name in names:
-        layer = module.get_submodule(name)
-        cost = costs[name]
-        found.append(Candidate(name, None, (), cost.macs, cost.params, 0.0, 1.0, timing(layer, cost.input_shape)))
-        for method in methods_for(layer, methods):
-            for ranks in candidate_ranks(layer, method, fractions=fractions, round_to=round_to):
-                macs = sum(c.macs for c in count(method.skeleton(layer, ranks), cost.input_shape).values())
-                if macs >= cost.macs:
-                    continue
-                job_specs.append((name, method, ranks, macs))
-                jobs.append(Job(f"sensitivity {name} {method.name} {'x'.join(map(str, ranks))}", measure_candidate,
-                                (shared["module"], layer_io[name], shared["held"], shared["reference"]),
-                                {"name": name, "method": method, "ranks": ranks, "seed": seed}))
-    for (name, method, ranks, macs), measured in zip(job_specs, cluster.run(jobs, desc="sensitivity", progress=progress),
-                                                     strict=True):
+    by_name = {m.name: m for name in names for m in methods_for(module.get_submodule(name), methods)}
+    found = [c for c in skeleton if c.method is None]
+    factored = [c for c in skeleton if c.method is not None]
+    jobs = [Job(f"sensitivity {c.layer} {c.method} {'x'.join(map(str, c.ranks))}", measure_candidate,
+                (shared["module"], layer_io[c.layer], shared["held"], shared["reference"]),
+                {"name": c.layer, "method": by_name[c.method], "ranks": c.ranks, "seed": seed}) for c in factored]
+    for c, measured in zip(factored, cluster.run(jobs, desc="sensitivity", progress=progress), strict=True):
         if measured is None:  # CP-ALS that diverged is simply not a candidate
             continue
         chain, kl, agreement = measured
-        found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()), kl,
-                               agreement, timing(chain, costs[name].input_shape)))
+        found.append(dataclasses.replace(c, params=sum(p.numel() for p in chain.parameters()), kl=kl,
+                                         agreement=agreement))
     found.sort(key=lambda c: names.index(c.layer))  # each layer's dense entry, then its candidates
     seconds = round(time.perf_counter() - started, 2)
     write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
