@@ -4,6 +4,7 @@ import contextlib
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +42,14 @@ def dequantize_output(y: np.ndarray, q: IoQuant) -> np.ndarray:
     return (y.astype(np.float32) - q.output_zero_point) * q.output_scale
 
 
+_FD2 = threading.Lock()  # the process's one stderr: two threads swapping it would each lose it for good
+
+
 @contextlib.contextmanager
 def _captured_fd2():
-    """TFLM prints its allocation report from C++ to file descriptor 2, out of Python's reach."""
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+    """TFLM prints its allocation report from C++ to file descriptor 2, out of Python's reach. One capture at a
+    time in the process (the firmware cost counts layers from several threads)."""
+    with _FD2, tempfile.TemporaryFile(mode="w+b") as sink:
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         holder = {}
