@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def budgeted(tmp_path_factory, cifar_dir):
     root = tmp_path_factory.mktemp("budget")
-    code = main(["deploy", "--data", str(cifar_dir), "--eval-samples", "200", "--budget", "0.8",
+    code = main(["deploy", "--data", str(cifar_dir), "--eval-samples", "200", "--budget", "0.95",
                  "--finetune-epochs", "1", "--out", str(root / "b"), "--quiet"])
     return json.loads((root / "b" / "report.json").read_text()), code
 
@@ -24,15 +24,17 @@ def test_the_budget_is_met_and_every_choice_explained(budgeted):
     report, code = budgeted
     assert code == (0 if report["passed"] else 1)
     variants, plan = report["variants"], report["decomposition"]
-    assert variants["factored_int8"]["macs"] <= 0.8 * variants["dense_fp32"]["macs"]
-    assert plan["requested_method"] == "budget" and plan["allocation"]["budget"] == "macs:0.8"
+    # seednet on rpi4: every factorisation of conv2 costs more A72 cycles than the layer, so only fc1 is an option
+    # (0.939 of the MACs at best)
+    assert variants["factored_int8"]["macs"] <= 0.95 * variants["dense_fp32"]["macs"]
+    assert plan["requested_method"] == "budget" and plan["allocation"]["budget"] == "macs:0.95"
     layers = {layer["name"]: layer for layer in plan["layers"]}
     assert layers["conv1"]["note"] == "the model's first compute layer (its stem): kept dense"
     chosen = [layer for layer in plan["layers"] if layer["method"]]
-    assert chosen, "a budget of 0.8 must factor something"
+    assert chosen, "a budget of 0.95 must factor something"
     for layer in plan["layers"]:
         if layer["name"] not in ("conv1", "fc3"):
-            assert layer["note"].startswith("budget macs:0.8: "), layer
+            assert layer["note"].startswith("budget macs:0.95: "), layer
     net = load_model("seednet").module
     for layer in chosen:
         assert layer["output_error"] is not None  # fitted to data, not weights
@@ -49,12 +51,12 @@ def test_finetuning_is_recorded_with_its_cost(budgeted):
 
 
 def test_a_second_budget_reuses_the_sensitivities(budgeted, tmp_path, cifar_dir, capsys):
-    assert main(["deploy", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.9",
+    assert main(["deploy", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.97",
                  "--out", str(tmp_path / "c")]) in (0, 1)
     assert "(from the cache)" in capsys.readouterr().out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["decomposition"]["allocation"]["sensitivity"]["cached"] is True
-    assert report["variants"]["factored_int8"]["macs"] <= 0.9 * report["variants"]["dense_fp32"]["macs"]
+    assert report["variants"]["factored_int8"]["macs"] <= 0.97 * report["variants"]["dense_fp32"]["macs"]
 
 
 def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_path, cifar_dir):
@@ -86,17 +88,17 @@ def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains
 
 
 def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
-    path = bench(models=("seednet",), budgets=(0.85,), epochs=1, data=str(cifar_dir), eval_samples=300,
+    path = bench(models=("seednet",), budgets=(0.95,), epochs=1, data=str(cifar_dir), eval_samples=300,
                  out=str(tmp_path / "bench"), latency_rounds=2, log=lambda *_: None)
     results = json.loads(path.read_text())
     rows = {r["variant"]: r for r in results["models"][0]["rows"]}
-    assert set(rows) == {"dense_fp32", "dense_int8", "b0.85_oneshot_fp32", "b0.85_oneshot_int8",
-                         "b0.85_finetuned_fp32", "b0.85_finetuned_int8"}
+    assert set(rows) == {"dense_fp32", "dense_int8", "b0.95_oneshot_fp32", "b0.95_oneshot_int8",
+                         "b0.95_finetuned_fp32", "b0.95_finetuned_int8"}
     assert rows["dense_int8"]["speedup"] == 1.0 and rows["dense_fp32"]["macs_kept"] == 1.0
-    assert rows["b0.85_oneshot_int8"]["macs_kept"] <= 0.85
-    assert rows["b0.85_finetuned_int8"]["finetune_s"] > 0 and rows["b0.85_oneshot_int8"]["finetune_s"] is None
+    assert rows["b0.95_oneshot_int8"]["macs_kept"] <= 0.95
+    assert rows["b0.95_finetuned_int8"]["finetune_s"] > 0 and rows["b0.95_oneshot_int8"]["finetune_s"] is None
     report = (tmp_path / "bench" / "report.md").read_text()
-    assert "| b0.85_finetuned_int8 |" in report and "speedup / MAC red." in report
+    assert "| b0.95_finetuned_int8 |" in report and "speedup / MAC red." in report
     assert "Fine-tuned 1 epochs by distillation" in report
     assert (tmp_path / "bench" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -155,17 +155,17 @@ def test_unreachable_board_is_said_in_a_sentence(build, capsys):
     assert err.startswith(f"error: Could not connect to nobody@127.0.0.1:{port}:") and "Traceback" not in err
 
 
-def test_a_deploy_with_a_board_times_the_layer_table_and_the_variants_on_it(sshd, tmp_path, cifar_dir, monkeypatch):
+def test_a_deploy_with_a_board_times_the_variants_on_it_and_plans_by_the_estimate(sshd, tmp_path, cifar_dir, monkeypatch):
     from pipeline.device import qemu
 
     pi = qemu.cache_root()
-    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path / "cache"))  # the board's layer table is measured, not read
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path / "cache"))  # the layer table is estimated afresh, not read
     if pi.is_dir():  # the emulated Pi the cycle estimate runs in is kept: building it again takes a download
         qemu.cache_root().parent.mkdir(parents=True)
         qemu.cache_root().symlink_to(pi)
     board = f"{sshd}?python={sys.executable}"
     out = tmp_path / "rpi4"
-    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.9",
+    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.95",
                  "--device", board, "--out", str(out), "--quiet"]) in (0, 1)
     report = json.loads((out / "report.json").read_text())
     for variant in report["variants"].values():  # the board's own time, the estimate beside it
@@ -173,7 +173,8 @@ def test_a_deploy_with_a_board_times_the_layer_table_and_the_variants_on_it(sshd
         assert variant["latency_ms"] > 0
         assert variant["board"] is None or variant["board"]["ms"] > 0
     allocation = report["decomposition"]["allocation"]
-    assert allocation["latency_unit"] == f"ms on {board} (ONNX Runtime, one thread)"
+    # the plan is the board's estimate, the same on any host, not the board's timing of the moment
+    assert allocation["latency_unit"] == "estimated cortex-a72 cycles"
     timed = [layer for layer in report["decomposition"]["layers"] if layer["dense_latency"] is not None]
     assert timed and all(layer["dense_latency"] > 0 for layer in timed)
     text = (out / "report.md").read_text()

@@ -52,7 +52,7 @@ def bad_inputs(tmp_path):
         (["--budget", "1.5"], "Budget '1.5'; expected the fraction"),
         (["--budget", "-0.2"], "Budget '-0.2'; expected the fraction"),
         (["--budget", "half"], "Budget 'half'; expected the fraction"),
-        (["--budget", "flops:0.5"], "unknown resource 'flops'; known: macs, params, latency"),
+        (["--budget", "flops:0.5"], "unknown resource 'flops'; known: macs, params, cycles, latency"),
         (["--budget", "0.01"], "Budget macs:0.01 is out of reach"),
         (["--finetune-epochs", "-1"], "FINETUNE_EPOCHS=-1; expected 0 (no fine-tuning) or a positive count"),
         (["--data", str(tmp_path / "nowhere")], "does not exist; expected one of: cifar-10 ("),
