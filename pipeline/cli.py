@@ -108,8 +108,10 @@ def _add_compression_flags(p) -> None:
     """The compression settings deploy and decompose share; each overrides the target profile only when given."""
     p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
     p.add_argument("--rank", help="override the profile: evbmf, energy:0.9, an integer or a fraction")
-    p.add_argument("--budget", help="keep this fraction of the dense model's MACs (0.35, macs:0.35) or parameters "
-                                    "(params:0.5); per-layer methods and ranks are then allocated by sensitivity")
+    p.add_argument("--budget", help="keep this fraction of the dense model's MACs (0.35, macs:0.35), parameters "
+                                    "(params:0.5) or the board's estimated cycles (cycles:0.75; latency: is the same); "
+                                    "per-layer methods and ranks are then allocated by sensitivity, never a layer "
+                                    "slower than dense on the board")
     p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
 
 
