@@ -3,7 +3,7 @@ emulation with a block-profile plugin of our own (`blockprof.c`), the guest mark
 one operator), and every executed block is timed by LLVM's scheduling model of the target core (`llvm-mca`).
 
 Deterministic: the same artefact gives the same figures on any host, loaded or idle (firmware exactly; ONNX
-Runtime under qemu-user to a few parts in a million). What the estimate leaves out: caches, memory and flash wait
+Runtime under qemu-user to a few parts in a million for whole models, ~6e-4 for small graphs under heavy load). What the estimate leaves out: caches, memory and flash wait
 states, and (on the Pi) more than one core.
 """
 
