@@ -1,4 +1,8 @@
-"""Settings the unit tests share."""
+"""Settings and conditions the tests share."""
+
+import contextlib
+import subprocess
+import sys
 
 from targets import Decomposition
 
@@ -7,3 +11,15 @@ def plain(**overrides) -> Decomposition:
     """Decomposition settings without the profile's conveniences, so a test sees exactly the ranks it asks for:
     EVBMF ranks unless given, no rounding, and the first and last layers factored like any other."""
     return Decomposition(**{"rank": "evbmf", "round_to": 1, "keep_first_and_last": False, **overrides})
+
+
+@contextlib.contextmanager
+def busy_host(processes: int = 2, seconds: int = 300):
+    """CPU-bound processes beside whatever runs inside: figures that must not depend on the host's load."""
+    burners = [subprocess.Popen([sys.executable, "-c", f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"])
+               for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()

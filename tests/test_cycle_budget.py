@@ -3,11 +3,10 @@ target's core, each candidate is costed alone on the emulated board, no candidat
 ever chosen, and the plan does not depend on the host or its load."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import busy_host
 
 from pipeline.cycles.plugin import plugin_path
 from pipeline.cycles.tools import missing
@@ -76,13 +75,8 @@ def test_the_same_plan_twice_and_with_the_host_busy(emulated_pi, cifar_dir):
         return plan, costs, result.allocation["total"]
 
     idle = fresh()
-    burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 300\nwhile time.time() < end: pass"])
-               for _ in range(2)]
-    try:
+    with busy_host():
         busy = fresh()
-    finally:
-        for burner in burners:
-            burner.kill()
     assert idle[0] == busy[0] and any(method for _, method, _ in idle[0])
     # ONNX Runtime under qemu-user moves a small layer's count by up to ~6e-4 under load (seen here: 117,692 idle,
     # 117,764 busy): well inside any decision the allocation makes, so the plan is the same

@@ -5,11 +5,11 @@ how its report is read; blocks it cannot time; a missing tool; and the same figu
 import shutil
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
+from helpers import busy_host
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.cycles import core_named, estimate_segments, plugin_path, read_profile
@@ -219,13 +219,8 @@ def test_the_same_model_gives_the_same_cycles_twice_and_with_the_host_busy(tmp_p
         return figures["instructions"], figures["cycles"]
 
     idle = fresh()
-    burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"])
-               for _ in range(2)]
-    try:
+    with busy_host():
         busy = fresh()
-    finally:
-        for burner in burners:
-            burner.kill()
     # ONNX Runtime under qemu-user moves a small model's count by up to ~6e-4 with the host loaded (seen here:
     # 117,692 idle against 117,764 with two burners and a training run), inside the regression gate's 0.5%
     assert idle[0] > 10_000 and all(abs(b - i) <= 2e-3 * i for i, b in zip(idle, busy, strict=True))

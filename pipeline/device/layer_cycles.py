@@ -16,8 +16,7 @@ from torch import nn
 from pipeline.cycles.cores import core_named
 from pipeline.cycles.mca import model_key
 from pipeline.device.board_cycles import layer_cycles, onnx_cycles
-from pipeline.onnx.chain import to_onnx
-from pipeline.ort.layer_latency import quantized_layer, synthetic_inputs
+from pipeline.ort.layer_latency import quantized_layer, quantized_model
 from targets import Quantization
 
 
@@ -51,10 +50,8 @@ class OnnxLayerCycles:
         return [float(found[i]) if i in found else None for i in range(len(items))]
 
     def model(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
-        calibration = self.calibration if self.calibration is not None else synthetic_inputs(input_shape, 64)
-        sample = self.sample if self.sample is not None else calibration[0]
         with tempfile.TemporaryDirectory() as tmp:
-            pair = to_onnx(module, Path(tmp), "dense", check_inputs=calibration[:8], calibration=calibration,
-                           quantization=self.quantization)
-            (figures,) = onnx_cycles([pair.int8], sample=sample, core=self.core, clock_mhz=0.0, log=self.log)
+            int8, sample = quantized_model(module, input_shape, Path(tmp), quantization=self.quantization,
+                                           calibration=self.calibration, sample=self.sample)
+            (figures,) = onnx_cycles([int8], sample=sample, core=self.core, clock_mhz=0.0, log=self.log)
         return float(figures["cycles"])

@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.quantize import quantize_onnx
 from pipeline.ort.measure import latency_ms
 from pipeline.util import host_machine
@@ -71,6 +72,16 @@ def quantized_layer(module: nn.Module, input_shape: tuple[int, ...], folder: Pat
     onnx.save(graph, folder / "layer.onnx")
     return quantize_onnx(folder / "layer.onnx", folder / "layer.int8.onnx", calibration=calibration,
                          settings=quantization), calibration
+
+
+def quantized_model(module: nn.Module, input_shape: tuple[int, ...], folder: Path, *, quantization: Quantization,
+                    calibration: np.ndarray | None = None, sample: np.ndarray | None = None) -> tuple[Path, np.ndarray]:
+    """The whole model exported, simplified and quantized as the deploy does it (`calibration`: the deploy's own,
+    so the bytes and every cache keyed by them are the deploy's; else synthetic), and the input to count it on."""
+    calibration = calibration if calibration is not None else synthetic_inputs(input_shape, 64)
+    pair = to_onnx(module, folder, "dense", check_inputs=calibration[:8], calibration=calibration,
+                   quantization=quantization)
+    return pair.int8, sample if sample is not None else calibration[0]
 
 
 def layer_latency_ms(module: nn.Module, input_shape: tuple[int, ...], *, quantization: Quantization, runs: int = 60,

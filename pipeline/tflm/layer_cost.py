@@ -21,8 +21,7 @@ from torch import nn
 from pipeline.cycles.cores import core_named
 from pipeline.cycles.mca import model_key
 from pipeline.cycles.plugin import SOURCE
-from pipeline.onnx.chain import to_onnx
-from pipeline.ort.layer_latency import quantized_layer, synthetic_inputs
+from pipeline.ort.layer_latency import quantized_layer, quantized_model
 from pipeline.tflm.build import HARNESS, build_library, library_key
 from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.on_board import count_on_board
@@ -70,10 +69,8 @@ class FirmwareLayerCycles:
         return [found.get(i) for i in range(len(items))]
 
     def model(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
-        calibration = self.calibration if self.calibration is not None else synthetic_inputs(input_shape, 64)
-        sample = self.sample if self.sample is not None else calibration[0]
         with tempfile.TemporaryDirectory() as tmp:
-            pair = to_onnx(module, Path(tmp), "dense", check_inputs=calibration[:8], calibration=calibration,
-                           quantization=self.quantization)
-            data = convert_to_tflite(pair.int8, Path(tmp) / "dense.tflite").read_bytes()
+            int8, sample = quantized_model(module, input_shape, Path(tmp), quantization=self.quantization,
+                                           calibration=self.calibration, sample=self.sample)
+            data = convert_to_tflite(int8, Path(tmp) / "dense.tflite").read_bytes()
         return self._count(data, np.ascontiguousarray(sample[None], np.float32))
