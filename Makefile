@@ -5,15 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 TARGET ?= rpi4
-# The demonstration default: MLPerf Tiny's ResNet-8 (shipped weights) at 70% of its MACs, allocated by
-# measured sensitivity (31.5% fewer MACs at -2.13 points on rpi4, full test set). METHOD or RANK drops it.
-MODEL  ?= resnet8
-BUDGET ?= $(if $(METHOD)$(RANK),,0.7)
+# MODEL and BUDGET, when not given, are the CLI's own defaults (`cnn-deploy deploy --help`): make and the CLI run
+# the same model at the same budget. METHOD or RANK without BUDGET factors every layer by them; BUDGET=none too.
 
 comma := ,
 # The model's input when it does not say: INPUT_SHAPE=1x49x10 MEAN=0.5 STD=0.25 (or one value per channel,
 # MEAN=0.49,0.48,0.45). EXCLUDE= (even empty) replaces the rule that keeps the stem and classifier dense.
-MODEL_ARGS = --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(INPUT_SHAPE),--input-shape $(INPUT_SHAPE)) \
+MODEL_ARGS = $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(INPUT_SHAPE),--input-shape $(INPUT_SHAPE)) \
 	$(if $(MEAN),--mean $(subst $(comma), ,$(MEAN))) $(if $(STD),--std $(subst $(comma), ,$(STD)))
 
 # Overrides passed to the CLI only when set, so the target profile's values stand otherwise.
@@ -65,10 +63,11 @@ regress: setup
 firmware: setup
 	$(BIN)/cnn-deploy firmware --target $(TARGET) $(if $(OUT),--out $(OUT)) $(if $(SAMPLES),--samples $(SAMPLES))
 
-# Train a model from scratch (how the zoo's reference weights were made): MODEL, DATA, EPOCHS, OUT (the .pt).
+# Train a model from scratch (how the zoo's reference weights were made): MODEL, DATA, EPOCHS, OUT (the .pt,
+# default <model>.pt).
 EPOCHS ?= 40
 train: setup
-	$(BIN)/cnn-deploy train $(MODEL_ARGS) --epochs $(EPOCHS) --out $(or $(OUT),$(MODEL).pt) $(if $(DATA),--data $(DATA)) \
+	$(BIN)/cnn-deploy train $(MODEL_ARGS) --epochs $(EPOCHS) $(if $(OUT),--out $(OUT)) $(if $(DATA),--data $(DATA)) \
 		$(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(LR),--lr $(LR)) $(if $(filter 1 yes true,$(NO_FLIP)),--no-flip)
 
 # The optional Ray extra: RAY_ADDRESS=auto (or a head's host:port) then spreads sweeps, grids and device checks.

@@ -1,5 +1,6 @@
-"""Command line: `cnn-deploy {deploy,regress,setup-device,decompose,bench,train}`; errors print one readable line
-(traceback with --debug), exit 2."""
+"""Command line of the pipeline. Errors print one readable line (a traceback with --debug) and exit 2. The option
+helps are written from the registries (methods, budget resources, target profiles, zoo models), so they name
+what exists."""
 
 import argparse
 import sys
@@ -11,8 +12,48 @@ DATA_HELP = ("CIFAR-10 folder, fashion-mnist, a folder with train.npz + test.npz
              "y_test, or x/y: split here), or an image folder train/<class>/*.png + test/<class>/ (default: CIFAR-10)")
 
 
+DESCRIPTION = ("Compress a trained PyTorch CNN by low-rank factorisation, export it to ONNX, quantize it to int8 and "
+               "emit it for a Raspberry Pi (ONNX Runtime) or a Cortex-M board (TFLite Micro, firmware), with its "
+               "cost and accuracy measured against the dense model. `cnn-deploy COMMAND --help` for each command.")
+
+
+def known_models() -> str:
+    from pipeline.zoo import ZOO
+
+    return ", ".join(ZOO)
+
+
+def known_methods() -> str:
+    from pipeline.compress.methods import METHODS
+
+    return ", ".join(METHODS)
+
+
+def known_targets() -> str:
+    from targets import known_targets
+
+    return ", ".join(known_targets())
+
+
+def target_help(default: str, what: str = "a profile") -> str:
+    return f"{what} ({known_targets()}) or path/to/board.toml (default: {default})"
+
+
+def budget_forms() -> str:
+    from pipeline.compress.budget.allocate import ALIASES, RESOURCES
+    from pipeline.deploy import NO_BUDGET
+
+    aliases = "; ".join(f"{alias}: is {name}:" for alias, name in ALIASES.items())
+    return (f"F (of MACs), {', '.join(f'{r}:F' for r in RESOURCES)} ({aliases}), or {NO_BUDGET}: keep fraction F "
+            "of the dense model's MACs, parameters or estimated board cycles")
+
+
 def _add_model_flags(p) -> None:
-    p.add_argument("--model", default="seednet", help="zoo name, package.module:callable or path/to/file.py:callable")
+    from pipeline.deploy import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a zoo model ({known_models()}), package.module:callable or path/to/file.py:callable "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
     p.add_argument("--input-shape", help="C x H x W of one sample, e.g. 1x49x10 (default: the model's input_shape)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean, or one for all (default: the model's)")
@@ -40,6 +81,7 @@ def cmd_train(args) -> int:
     spec = _model(args, pretrained=args.weights is not None)  # weights given: train on from them
     data = load_data(args.data, hint=_hint(spec))
     data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
+    args.out = args.out or f"{spec.name.rsplit(':', 1)[-1]}.pt"
     result = train(spec, data.train, test_set=data.test, epochs=args.epochs, seed=args.seed, out=args.out,
                    flip=not args.no_flip, batch_size=args.batch_size, lr=args.lr)
     print(f"{args.model}: test top-1 {result['top1']:.2%} after {args.epochs} epochs; weights in {args.out}")
@@ -104,26 +146,31 @@ def cmd_mlperf_tiny(args) -> int:
     return 0
 
 
-def _add_compression_flags(p) -> None:
+def _add_compression_flags(p, *, deploy: bool) -> None:
     """The compression settings deploy and decompose share; each overrides the target profile only when given."""
-    p.add_argument("--method", help="override the profile: svd, slice-svd, cp or tucker2")
-    p.add_argument("--rank", help="override the profile: evbmf, energy:0.9, an integer or a fraction")
-    p.add_argument("--budget", help="keep this fraction of the dense model's MACs (0.35, macs:0.35), parameters "
-                                    "(params:0.5) or the board's estimated cycles (cycles:0.75; latency: is the same); "
-                                    "per-layer methods and ranks are then allocated by sensitivity, never a layer "
-                                    "slower than dense on the board")
+    from pipeline.deploy import DEFAULT_BUDGET
+
+    p.add_argument("--method", help=f"override the profile's method, one of {known_methods()} (with no --budget: "
+                                    "applied to every layer)")
+    p.add_argument("--rank", help="override the profile's rank rule: evbmf, energy:0.9, an integer or a fraction")
+    p.add_argument("--budget", help=f"{budget_forms()}; per-layer methods and ranks are then allocated by measured "
+                                    "sensitivity, never a layer slower than dense on the board" +
+                                    (f" (default: the profile's, else {DEFAULT_BUDGET}; none when --method or --rank "
+                                     "is given)" if deploy else " (default: the profile's)"))
     p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
 
 
 def cmd_deploy(args) -> int:
     from pipeline.deploy import deploy
+    from pipeline.output import build_folder
     from pipeline.zoo import parse_shape
+    from targets import load_target
 
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
                     budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                     mean=args.mean, std=args.std, device=args.device, out=args.out, progress=not args.quiet)
-    out = Path(args.out) if args.out else Path("build") / args.target
+    out = build_folder(load_target(args.target).name, args.out)
     print()
     print(report.summary_table())
     print(f"\nartefacts in {out}/ (report.md, manifest.json); {report.wall_seconds:.0f} s in all")
@@ -132,16 +179,17 @@ def cmd_deploy(args) -> int:
 
 def add_deploy_parser(sub) -> None:
     p = sub.add_parser("deploy", help="decompose, export, quantize, emit and measure for a target")
-    p.add_argument("--target", default="rpi4")
+    p.add_argument("--target", default="rpi4", help=target_help("rpi4"))
     _add_model_flags(p)
-    _add_compression_flags(p)
+    _add_compression_flags(p, deploy=True)
     p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layers to keep dense, replacing the rule that "
                                                 "keeps the stem and classifier dense (none given: factor every layer)")
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--device", help="the profile's device for the on-device check; ssh://user@host also times the "
                                     "layer table and the variants on that board")
-    p.add_argument("--out", help="output folder (default: build/<target>)")
+    p.add_argument("--out", help="output folder: new, empty or an earlier build, which it replaces whole "
+                                 "(default: build/<profile name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_deploy)
 
@@ -149,11 +197,13 @@ def add_deploy_parser(sub) -> None:
 def cmd_regress(args) -> int:
     from pipeline.device.regress import regress_all
     from pipeline.errors import ConfigError
+    from pipeline.output import build_folder
+    from targets import load_target
 
     if args.out and len(args.target) > 1:
         raise ConfigError(f"--out names one build folder and --target names {len(args.target)} targets; expected one "
                           "target with --out, or the builds in build/<target>")
-    folders = [Path(args.out)] if args.out else [Path("build") / target for target in args.target]
+    folders = [build_folder(load_target(target).name, args.out) for target in args.target]
     reports = regress_all(folders, device=args.device, eval_samples=args.eval_samples, data=args.data,
                           accept=args.accept)
     for folder, report in zip(folders, reports, strict=True):
@@ -165,6 +215,16 @@ def cmd_regress(args) -> int:
 def cmd_firmware(args) -> int:
     """The int8 variants of a microcontroller build as firmware on the emulated board; the build's
     report.json and manifest.json gain the figures and files."""
+    from pipeline.output import build_folder, check_build, writing
+    from targets import load_target
+
+    out = check_build(build_folder(load_target(args.target).name, args.out),
+                      hint=f"; run `make deploy TARGET={args.target}` first")
+    with writing(out):
+        return _firmware(args, out)
+
+
+def _firmware(args, out: Path) -> int:
     import json
     import shutil
 
@@ -177,7 +237,6 @@ def cmd_firmware(args) -> int:
     from pipeline.tflm.on_board import firmware_for_build
     from pipeline.util import sha256_file, staging_beside, swap_in, write_text
 
-    out = Path(args.out) if args.out else Path("build") / args.target
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         report = json.loads((out / "report.json").read_text())
@@ -234,7 +293,8 @@ def cmd_setup_device(args) -> int:
 def add_regress_parsers(sub) -> None:
     p = sub.add_parser("regress", help="run the deployed int8 artefact on the device and check its accuracy")
     p.add_argument("--target", nargs="+", default=["rpi4"],
-                   help="one or more targets (build/<target>); on a Ray board farm they run at once")
+                   help=target_help("rpi4", "one or more profiles, each regressing build/<profile name>") +
+                   "; on a Ray board farm they run at once")
     p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
     p.add_argument("--data", help="the data's path (default: what the deploy used)")
@@ -242,7 +302,7 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
     p.set_defaults(run=cmd_regress)
     p = sub.add_parser("firmware", help="build a microcontroller build's firmware and run it on the emulated board")
-    p.add_argument("--target", default="cortex-m4")
+    p.add_argument("--target", default="cortex-m4", help=target_help("cortex-m4", "the build's profile"))
     p.add_argument("--out", help="the build folder (default: build/<target>)")
     p.add_argument("--samples", type=int, help="test images to run (default: the profile's [firmware] samples)")
     p.set_defaults(run=cmd_firmware)
@@ -251,7 +311,7 @@ def add_regress_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnn-deploy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cnn-deploy", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -263,13 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="samples per step (smaller for small data sets)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="where to write the state dict")
+    p.add_argument("--out", help="where to write the state dict (default: <model name>.pt)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("decompose", help="factor a model's conv and linear layers; print and save the plan")
-    p.add_argument("--target", default="rpi4", help="profile whose decomposition settings apply (flags override)")
+    p.add_argument("--target", default="rpi4",
+                   help=target_help("rpi4", "the profile whose decomposition settings apply (flags override)"))
     _add_model_flags(p)
-    _add_compression_flags(p)
+    _add_compression_flags(p, deploy=False)
     p.add_argument("--layers", nargs="*", help="fnmatch patterns of layer names to factor")
     p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layer names to leave dense")
     p.add_argument("--round-to", type=int, help="round ranks up to a multiple of this")
@@ -281,22 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_decompose)
 
     p = sub.add_parser("bench", help="dense vs budgeted factored models, before/after fine-tuning (bench/report.md)")
-    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"],
+                   help=f"zoo models ({known_models()}) (default: resnet20 resnet56)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.35, 0.25], help="fractions of MACs to keep")
     p.add_argument("--epochs", nargs="+", type=int, default=[3], help="fine-tuning epochs: one count, or one per model")
     p.add_argument("--target", nargs="+", default=["rpi4"],
-                   help="profiles whose quantization and decomposition settings apply (one grid column each)")
+                   help=target_help("rpi4", "profiles whose quantization and decomposition settings apply, one grid "
+                                            "column each"))
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--eval-samples", type=int, default=0, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--threads", type=int, help="torch threads of each compression job, and the CPUs a Ray task asks "
                                                "for (default: all of this machine's); the same count gives the same models anywhere")
     p.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds of 20 timed runs per model")
-    p.add_argument("--out", default="bench")
+    p.add_argument("--out", default="bench", help="output folder: new, empty or an earlier bench's, which it adds to "
+                                                  "(default: bench)")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("mlperf-tiny", help="ResNet-8, DS-CNN and MobileNetV1 0.25 dense and factored on a Cortex-M "
                                            "board: estimated ms beside MLPerf Tiny's published board figures")
-    p.add_argument("--target", default="nucleo-l4r5zi", help="a Cortex-M profile (default: MLPerf Tiny's reference board)")
+    p.add_argument("--target", default="nucleo-l4r5zi",
+                   help=target_help("nucleo-l4r5zi, MLPerf Tiny's reference board", "a Cortex-M profile"))
     p.add_argument("--budget", default="0.7", help="the factored models' budget, as for deploy")
     p.add_argument("--data", help=DATA_HELP + " (ResNet-8's; default CIFAR-10)")
     p.add_argument("--eval-samples", type=int, default=1000, help="class-balanced test images ResNet-8 is scored on "

@@ -37,6 +37,7 @@ from pipeline.onnx.chain import to_onnx
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
+from pipeline.output import build_folder, check_output, mark, writing
 from pipeline.report.compare import worse_than_dense
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
@@ -431,7 +432,24 @@ def check_memory(memory: Memory, *, arena: int, flash: int, largest, target: str
 
 # ---- the whole run ----------------------------------------------------------------------------------------
 
-def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None = None, method: str | None = None,
+# What a deploy runs when not told otherwise, from make, the CLI and the API alike: MLPerf Tiny's ResNet-8 (shipped
+# CIFAR-10 weights), the shape users deploy, at 70% of its MACs allocated by measured sensitivity.
+DEFAULT_MODEL = "resnet8"
+DEFAULT_BUDGET = "0.7"
+NO_BUDGET = "none"  # BUDGET=none: the profile's method and rank on every layer
+
+
+def default_budget(budget: str | None, *, method: str | None, rank: str | None, profile_budget: str) -> str | None:
+    """The budget a deploy applies: the one given; none when a method or rank is given alone or BUDGET=none;
+    else the profile's own, or `DEFAULT_BUDGET` when the profile names none."""
+    if budget is not None:
+        return "" if budget == NO_BUDGET else budget
+    if method is not None or rank is not None:
+        return ""
+    return profile_budget or DEFAULT_BUDGET
+
+
+def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
            input_shape: tuple[int, int, int] | None = None, mean=None, std=None, device: str | None = None,
@@ -439,15 +457,17 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`),
     export, quantize and emit it for `target` (a profile name or a path to a .toml), measure the dense and
     factored variants on `eval_samples` test samples from `data` (any layout of `calib.FORMATS`), and write the
-    build to `out` (default `build/<target>`).
+    build to `out` (default `build/<the profile's name>`; refused unless absent, empty or an earlier build).
 
-    `method`, `rank`, `budget`, `finetune_epochs` and `exclude` override the profile's settings; `input_shape`,
-    `mean` and `std` the model's. Every setting is checked before any work. `device` (DEVICE=) replaces the
+    `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs` and `exclude` override the profile's
+    settings; `input_shape`, `mean` and `std` the model's. Every setting is checked before any work. `device` (DEVICE=) replaces the
     profile's device for the on-device check; a board over SSH also times the layer table and the four variants
     itself. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
     on bad input, leaving any previous build in `out` as it was."""
     started = time.perf_counter()
-    profile = load_target(target).override(
+    profile = load_target(target)
+    budget = default_budget(budget, method=method, rank=rank, profile_budget=profile.decomposition.budget)
+    profile = profile.override(
         decomposition={"method": method, "rank": rank, "budget": budget,
                        **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
         finetune={"epochs": finetune_epochs})
@@ -457,9 +477,22 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
     if samples < 0:
         raise ConfigError(f"EVAL_SAMPLES={samples}; expected 0 (the full test set) or a positive count")
-    out = Path(out) if out is not None else Path("build") / target
-    torch.manual_seed(SEED)
+    out = check_output(build_folder(profile.name, out), kind="deploy", inputs=run_inputs(target, model, weights, data))
+    with writing(out):
+        return _deploy(profile, board if device is not None else None, model=model, weights=weights, data=data,
+                       samples=samples, device_samples=profile.device.samples if eval_samples is None else samples,
+                       input_shape=input_shape, mean=mean, std=std, out=out, progress=progress, started=started)
 
+
+def run_inputs(target: str, model: str, weights: str | None, data: str | None) -> list[str | None]:
+    """The user's files a run reads, which its output folder must not hold."""
+    source = model.rsplit(":", 1)[0]
+    return [target if target.endswith(".toml") else None, source if source.endswith(".py") else None, weights, data]
+
+
+def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, data, samples, device_samples,
+            input_shape, mean, std, out: Path, progress: bool, started: float) -> DeployReport:
+    torch.manual_seed(SEED)
     spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std)
     splits = load_data(data, hint=Hint(*spec.input_shape))
     splits.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=model)
@@ -467,11 +500,12 @@ def deploy(*, target: str = "rpi4", model: str = "seednet", weights: str | None 
     staging = staging_beside(out)
     try:
         build = Build(profile, spec, splits, preprocess(splits.test.x[eval_idx], mean=spec.mean, std=spec.std),
-                      splits.test.y[eval_idx], staging, board if device is not None else None,
-                      device_samples=profile.device.samples if eval_samples is None else samples,
-                      progress=progress, started=started)
+                      splits.test.y[eval_idx], staging, board, device_samples=device_samples, progress=progress,
+                      started=started)
         for stage in STAGES:
             stage(build)
+        mark(staging, "deploy")
+        check_output(out, kind="deploy")  # still ours: nothing else moved in while the run worked
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,3 +23,9 @@ def busy_host(processes: int = 2, seconds: int = 300):
     finally:
         for burner in burners:
             burner.kill()
+
+
+# The suite's own deploy: the small seednet with the profile's method and rank (no budget sweep), so a deploy takes
+# seconds; a test that exercises a budget gives one.
+SEEDNET = ("--model", "seednet")
+NO_BUDGET = ("--budget", "none")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import SEEDNET
 
 from pipeline.bench.run import bench
 from pipeline.cli import main
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def budgeted(tmp_path_factory, cifar_dir):
     root = tmp_path_factory.mktemp("budget")
-    code = main(["deploy", "--data", str(cifar_dir), "--eval-samples", "200", "--budget", "0.95",
+    code = main(["deploy", *SEEDNET, "--data", str(cifar_dir), "--eval-samples", "200", "--budget", "0.95",
                  "--finetune-epochs", "1", "--out", str(root / "b"), "--quiet"])
     return json.loads((root / "b" / "report.json").read_text()), code
 
@@ -51,7 +52,7 @@ def test_finetuning_is_recorded_with_its_cost(budgeted):
 
 
 def test_a_second_budget_reuses_the_sensitivities(budgeted, tmp_path, cifar_dir, capsys):
-    assert main(["deploy", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.97",
+    assert main(["deploy", *SEEDNET, "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.97",
                  "--out", str(tmp_path / "c")]) in (0, 1)
     assert "(from the cache)" in capsys.readouterr().out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
@@ -63,7 +64,7 @@ def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_pat
     profile = tmp_path / "steps.toml"
     profile.write_text('name = "steps"\ndescription = "seednet by steps"\nruntime = "onnxruntime"\n'
                        "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\nema_decay = 0.99\n")
-    assert main(["deploy", "--target", str(profile), "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.8",
+    assert main(["deploy", *SEEDNET, "--target", str(profile), "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.8",
                  "--finetune-epochs", "2", "--out", str(tmp_path / "d"), "--quiet"]) in (0, 1)
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     tuned, seconds = report["decomposition"]["finetune"], report["decomposition"]["steps_seconds"]

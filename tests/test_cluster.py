@@ -17,6 +17,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray", reason="needs the [cluster] extra: make setup-cluster")
+from helpers import NO_BUDGET, SEEDNET  # noqa: E402
 from ray import cloudpickle  # noqa: E402
 
 from calib import load_dataset, preprocess  # noqa: E402
@@ -223,7 +224,7 @@ def test_a_device_regression_runs_on_the_node_with_the_board(small_cifar, ray_he
         pytest.skip("needs apt packages qemu-user-static and mmdebstrap (.ci/run installs them)")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     build = tmp_path / "rpi4"
-    assert main(["deploy", "--target", "rpi4", "--data", str(small_cifar), "--eval-samples", "60", "--out", str(build),
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "rpi4", "--data", str(small_cifar), "--eval-samples", "60", "--out", str(build),
                  "--quiet"]) in (0, 1)
     local = regress_all([build], device="qemu", eval_samples=60)[0]
     monkeypatch.setenv("RAY_ADDRESS", ray_head)

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import NO_BUDGET, SEEDNET
 
 from pipeline.cli import main
 from pipeline.onnx.run import run, session
@@ -17,7 +18,7 @@ VARIANT_KEYS = {"macs", "params", "bytes", "peak_activation_bytes", "top1", "agr
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, cifar_dir):
     out = tmp_path_factory.mktemp("deploy") / "rpi4"
-    code = main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
+    code = main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
                  "--quiet"])
     return out, code
 
@@ -62,7 +63,7 @@ def test_emitted_ort_model_agrees_with_the_int8_onnx(build):
 
 def test_missed_threshold_exits_nonzero_marks_failed_and_keeps_artefacts(tmp_path, cifar_dir, capsys):
     out = tmp_path / "bad"
-    code = main(["deploy", "--data", str(cifar_dir), "--eval-samples", "100", "--out", str(out), "--quiet",
+    code = main(["deploy", *SEEDNET, "--data", str(cifar_dir), "--eval-samples", "100", "--out", str(out), "--quiet",
                  "--method", "svd", "--rank", "1"])
     assert code == 1
     assert "FAILED" in capsys.readouterr().out
@@ -92,7 +93,7 @@ def test_without_the_cycle_tools_a_deploy_completes_and_says_what_is_missing(tmp
     real = shutil.which
     monkeypatch.setattr("pipeline.cycles.tools.shutil.which", lambda tool: None if tool.startswith("llvm") else real(tool))
     out = tmp_path / "rpi4"
-    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
                  "--quiet"]) in (0, 1)
     report = json.loads((out / "report.json").read_text())
     assert any("board cycles not estimated" in n and "apt-get install -y llvm" in n for n in report["notes"])

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import NO_BUDGET, SEEDNET
 
 from pipeline.cli import main
 from targets import TARGETS_DIR
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, cifar_dir):
     out = tmp_path_factory.mktemp("mcu") / "cortex-m4"
-    code = main(["deploy", "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "200",
+    code = main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "200",
                  "--out", str(out), "--quiet"])
     return out, code
 
@@ -78,7 +79,7 @@ def test_a_failed_device_check_fails_the_deploy(tmp_path, cifar_dir, capsys):
     text = (TARGETS_DIR / "nrf52840.toml").read_text().replace('name = "nrf52840"', 'name = "strict-board"')
     strict.write_text(text + "\n[thresholds]\nmin_agreement = 0.999\n\n[device]\nsamples = 100\n")
     out = tmp_path / "out"
-    assert main(["deploy", "--target", str(strict), "--data", str(cifar_dir), "--eval-samples", "100",
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", str(strict), "--data", str(cifar_dir), "--eval-samples", "100",
                  "--out", str(out), "--quiet"]) == 1
     assert "device check on tflm: agreement with dense_fp32" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -90,7 +91,7 @@ def test_a_budget_the_model_cannot_meet_fails_with_the_figures(tmp_path, cifar_d
     tiny = tmp_path / "tiny-board.toml"
     tiny.write_text(text.replace("ram_bytes = 262144", "ram_bytes = 70000").replace('name = "nrf52840"', 'name = "tiny-board"'))
     out = tmp_path / "out"
-    assert main(["deploy", "--target", str(tiny), "--data", str(cifar_dir), "--eval-samples", "50",
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", str(tiny), "--data", str(cifar_dir), "--eval-samples", "50",
                  "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "does not fit target 'tiny-board'" in err and "are free (70,000 RAM - 65,536 reserved)" in err

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import onnx
 import pytest
+from helpers import NO_BUDGET, SEEDNET
 from onnx import numpy_helper
 
 from pipeline.cli import main
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.device]
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, cifar_dir):
     out = tmp_path_factory.mktemp("device") / "rpi4"
-    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
                  "--quiet"]) in (0, 1)
     return out
 
@@ -165,7 +166,7 @@ def test_a_deploy_with_a_board_times_the_variants_on_it_and_plans_by_the_estimat
         qemu.cache_root().symlink_to(pi)
     board = f"{sshd}?python={sys.executable}"
     out = tmp_path / "rpi4"
-    assert main(["deploy", "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.95",
+    assert main(["deploy", *SEEDNET, "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.95",
                  "--device", board, "--out", str(out), "--quiet"]) in (0, 1)
     report = json.loads((out / "report.json").read_text())
     for variant in report["variants"].values():  # the board's own time, the estimate beside it

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import NO_BUDGET, SEEDNET
 from test_tflite import CASES, quantized
 
 from pipeline.cli import main
@@ -90,7 +91,7 @@ def test_the_same_model_links_to_the_same_bytes(sources, tmp_path):
 def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_board(sources, tmp_path, cifar_dir,
                                                                                      capsys):
     out = tmp_path / "m4"
-    assert main(["deploy", "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "100",
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "100",
                  "--out", str(out), "--quiet"]) in (0, 1)
     report = json.loads((out / "report.json").read_text())
     for name in ("dense_int8", "factored_int8"):

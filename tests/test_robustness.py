@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import NO_BUDGET, SEEDNET
 
 import pipeline.deploy as deploy_module
 from pipeline.cli import main
@@ -72,7 +73,7 @@ def bad_inputs(tmp_path):
 def test_every_bad_input_is_one_readable_line_with_exit_2_and_nothing_written(tmp_path, capsys):
     for argv, words in bad_inputs(tmp_path):
         out = tmp_path / "out"
-        code = main(["deploy", "--out", str(out), "--eval-samples", "10", "--quiet", *argv])
+        code = main(["deploy", *SEEDNET, *NO_BUDGET, "--out", str(out), "--eval-samples", "10", "--quiet", *argv])
         err = capsys.readouterr().err
         assert code == 2, (argv, err)
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
@@ -81,14 +82,14 @@ def test_every_bad_input_is_one_readable_line_with_exit_2_and_nothing_written(tm
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="Unknown target"):
-        main(["--debug", "deploy", "--target", "rpi5", "--out", str(tmp_path / "o")])
+        main(["--debug", "deploy", *SEEDNET, "--target", "rpi5", "--out", str(tmp_path / "o")])
 
 
 @pytest.mark.parametrize("victim,words", [("baseline/dense.fp32.onnx", "could not be loaded"),
                                           ("model.tflite", "not a readable TFLite model")])
 def test_a_corrupt_model_handed_to_a_later_stage_is_refused(victim, words, tmp_path, cifar_dir, capsys):
     out = tmp_path / "m4"
-    assert main(["deploy", "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "50",
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples", "50",
                  "--out", str(out), "--quiet"]) in (0, 1)
     path = out / victim
     path.write_bytes(path.read_bytes()[:2000])
@@ -104,7 +105,7 @@ def test_a_corrupt_model_handed_to_a_later_stage_is_refused(victim, words, tmp_p
 def builds(tmp_path_factory, cifar_dir):
     root = tmp_path_factory.mktemp("interrupt")
     for target in ("rpi4", "cortex-m4"):
-        assert main(["deploy", "--target", target, "--data", str(cifar_dir), "--eval-samples", "50",
+        assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", target, "--data", str(cifar_dir), "--eval-samples", "50",
                      "--out", str(root / target), "--quiet"]) in (0, 1)
     return root
 
@@ -123,7 +124,7 @@ def test_ctrl_c_after_any_stage_keeps_the_previous_build(builds, target, stage, 
 
     monkeypatch.setattr(deploy_module, "STAGES", tuple(interrupted(s) if s.__name__ == stage else s
                                                        for s in deploy_module.STAGES))
-    assert main(["deploy", "--target", target, "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", target, "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
                  "--quiet"]) == 130
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
@@ -135,7 +136,7 @@ def test_ctrl_c_after_any_stage_keeps_the_previous_build(builds, target, stage, 
 def test_two_deploys_give_byte_identical_artefacts(target, tmp_path, cifar_dir):
     manifests = []
     for run in ("a", "b"):
-        assert main(["deploy", "--target", target, "--data", str(cifar_dir), "--eval-samples", "50",
+        assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", target, "--data", str(cifar_dir), "--eval-samples", "50",
                      "--out", str(tmp_path / run), "--quiet"]) in (0, 1)
         manifests.append(json.loads((tmp_path / run / "manifest.json").read_text()))
     assert manifests[0]["artefacts"] == manifests[1]["artefacts"]

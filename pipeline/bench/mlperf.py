@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.output import check_output, mark, writing
 from pipeline.util import markdown_table, write_bytes, write_text
 from pipeline.zoo import ZOO
 from targets import load_target
@@ -70,13 +71,20 @@ def mlperf_tiny(*, target: str = "nucleo-l4r5zi", budget: str = "0.7", data: str
                 eval_samples: int = 1000, out: str | Path = "bench/mlperf-tiny", log=print) -> Path:
     """Deploy each MLPerf Tiny model to `target` at `budget` (one build per model in `out/<model>`) and write
     `out/mlperf-tiny.json` and `out/mlperf-tiny.md`, the estimated milliseconds beside the published ones."""
-    from pipeline.deploy import deploy  # the orchestration, which this command runs once per model
-
     profile = load_target(target)  # an unknown or non-Cortex-M target is refused before any work
     if not profile.firmware.cpu:
         raise ConfigError(f"Target {target!r} runs {profile.runtime} without firmware; MLPerf Tiny's published figures "
                           "are for Cortex-M boards: give one, e.g. nucleo-l4r5zi")
-    out = Path(out)
+    out = check_output(out, kind="mlperf-tiny", inputs=[data])
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "mlperf-tiny")
+        return _run(target, budget, data=data, eval_samples=eval_samples, out=out, log=log)
+
+
+def _run(target: str, budget: str, *, data, eval_samples: int, out: Path, log) -> Path:
+    from pipeline.deploy import deploy  # the orchestration, which this command runs once per model
+
     rows = []
     for name, published in PUBLISHED.items():
         trained = ZOO[name].default_weights() is not None

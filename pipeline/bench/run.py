@@ -37,6 +37,7 @@ from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
+from pipeline.output import check_output, mark, writing
 from pipeline.tflm.board_cycles import CYCLE_TOOLS
 from pipeline.tflm.build import sources_root
 from pipeline.tflm.convert import convert_to_tflite
@@ -270,10 +271,17 @@ def bench(*, models=("resnet20", "resnet56"), budgets=BUDGETS, epochs: dict[str,
     if threads is not None and threads < 1:
         raise ConfigError(f"TASK_THREADS={threads}; expected a positive thread count (default: all of this machine's)")
     threads = threads or torch.get_num_threads()
+    out = check_output(out, kind="bench", inputs=[data])
+    with writing(out):
+        return _bench(models, budgets, epochs, targets, data=data, eval_samples=eval_samples, out=out,
+                      latency_rounds=latency_rounds, threads=threads, log=log)
+
+
+def _bench(models, budgets, epochs, targets, *, data, eval_samples, out: Path, latency_rounds, threads, log) -> Path:
     torch.manual_seed(SEED)
-    out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    mark(out, "bench")
     started = time.perf_counter()
     cells = []
     for model in models:

@@ -20,6 +20,7 @@ from pipeline.cycles.cores import Core
 from pipeline.cycles.profile import Block
 from pipeline.cycles.tools import llvm_version, require
 from pipeline.errors import DeviceError
+from pipeline.output import cache_lock
 from pipeline.util import cache_dir, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
@@ -150,6 +151,7 @@ def block_cycles(core: Core, blocks: Iterable[Block]) -> dict[Block, tuple[float
         texts = disassemble(core, todo)
         timed = _mca(core, {i: t for i, t in enumerate(texts) if t})
         new = {_key(b): [timed[i], True] if i in timed else [float(b.instructions), False] for i, b in enumerate(todo)}
-        cached = {**_read_cache(path), **new}  # what another process added meanwhile is kept
-        write_text(path, json.dumps(cached, sort_keys=True))
+        with cache_lock(path):  # what another process added meanwhile is kept
+            cached = {**_read_cache(path), **new}
+            write_text(path, json.dumps(cached, sort_keys=True))
     return {b: tuple(cached[_key(b)]) for b in blocks}

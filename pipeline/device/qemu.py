@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import DeviceError
+from pipeline.output import cache_lock
 from pipeline.util import cache_dir
 
 PACKAGES = "python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g"
@@ -116,13 +117,18 @@ def check(root: Path) -> str:
 def ensure(*, log=print) -> Path:
     """The cached root, built on first use (~30 s, ~210 MB)."""
     root = cache_root()
-    if (root / "usr/bin/python3.11").exists():
-        check(root)
-        return root
+    if not (root / "usr/bin/python3.11").exists():
+        with cache_lock(root):  # a run beside this one building the root waits for it, then uses it
+            if not (root / "usr/bin/python3.11").exists():
+                _build(root, log=log)
+    check(root)
+    return root
+
+
+def _build(root: Path, *, log) -> None:
     missing = [tool for tool in ("mmdebstrap", "qemu-aarch64-static") if shutil.which(tool) is None]
     if missing:
         raise DeviceError(f"Building the emulated Raspberry Pi needs {', '.join(missing)}; run: {APT_HINT}")
-    root.parent.mkdir(parents=True, exist_ok=True)
     log(f"[device] building the emulated Raspberry Pi 4 in {root} (once; ~30 s)")
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".qemu-build-") as tmp:
         staging = Path(tmp) / "root"
@@ -136,8 +142,8 @@ def ensure(*, log=print) -> Path:
         (staging / "proc").mkdir(exist_ok=True)
         (staging / "proc/cpuinfo").write_text(CPUINFO)
         check(staging)
+        shutil.rmtree(root, ignore_errors=True)  # an interrupted build's leftovers
         os.replace(staging, root)
-    return root
 
 
 def _run(argv: list[str], what: str) -> None:

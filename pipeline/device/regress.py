@@ -19,6 +19,7 @@ from pipeline.device.transports import Device, parse_device, run_firmware_on_dev
 from pipeline.errors import DeviceError, InputError
 from pipeline.metrics import agreement, top1
 from pipeline.onnx.run import run, session
+from pipeline.output import check_build, writing
 from pipeline.util import markdown_table, sha256_bytes, sha256_file, write_bytes, write_text
 from targets import Thresholds
 
@@ -284,11 +285,13 @@ def regress_all(build_dirs: list[str | Path], *, device: str | None = None, eval
                 data: str | None = None, accept: bool = False, log=print) -> list[RegressReport]:
     """Regression-test several builds, each on its own board: one after another here, at once on a Ray cluster's
     board farm (RAY_ADDRESS). Each build's `regress.json` and device baselines are written beside it."""
-    jobs = [_regress_job(d, device=device, eval_samples=eval_samples, data=data, accept=accept) for d in build_dirs]
-    reports = []
-    for build_dir, (report, written) in zip(build_dirs, connect().run(jobs, desc="regress", progress=False, log=log),
-                                            strict=True):
-        keep_written(Path(build_dir), written)
-        write_text(Path(build_dir) / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        reports.append(report)
+    build_dirs = [check_build(d) for d in build_dirs]
+    with writing(*build_dirs):
+        jobs = [_regress_job(d, device=device, eval_samples=eval_samples, data=data, accept=accept) for d in build_dirs]
+        reports = []
+        for build_dir, (report, written) in zip(build_dirs, connect().run(jobs, desc="regress", progress=False, log=log),
+                                                strict=True):
+            keep_written(build_dir, written)
+            write_text(build_dir / "regress.json", json.dumps(report.to_dict(), indent=2) + "\n")
+            reports.append(report)
     return reports

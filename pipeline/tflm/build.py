@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DeviceError
+from pipeline.output import cache_lock
 from pipeline.tflm.ops import KERNEL_SOURCES
 from pipeline.util import atomic_path, cache_dir, sha256_bytes, sha256_json
 
@@ -132,16 +133,19 @@ def _compiled(folder: Path, units: list[tuple[Path, str]], command) -> list[Path
     objects = [folder / name for _, name in units]
     if (folder / "complete").is_file():
         return objects
-    staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        _compile_all([(source, command(source, staging / name)) for source, name in units])
-        (staging / "complete").write_text("\n".join(str(source) for source, _ in units) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-    finally:
+    with cache_lock(folder):  # a run beside this one building the same objects waits, then reuses them
+        if (folder / "complete").is_file():
+            return objects
+        staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            _compile_all([(source, command(source, staging / name)) for source, name in units])
+            (staging / "complete").write_text("\n".join(str(source) for source, _ in units) + "\n")
+            shutil.rmtree(folder, ignore_errors=True)  # an interrupted build's leftovers, never a complete one
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return objects
 
 

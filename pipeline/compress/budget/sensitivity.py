@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.compress.decompose import fit_chain, layer_selection, set_submodul
 from pipeline.compress.methods import Method, methods_for
 from pipeline.compress.ranks import round_up
 from pipeline.errors import StageError
+from pipeline.output import cache_lock
 from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
@@ -178,37 +180,44 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
                        settings={**key_settings, "data_aware": fit_x is not None})
     path = cache_dir("sensitivity", f"{key[:24]}.json")
     if use_cache and path.is_file():
-        data = json.loads(path.read_text())
-        return [Candidate(**{**c, "ranks": tuple(c["ranks"])}) for c in data["candidates"]], \
-            {"cached": True, "path": str(path), "seconds": data["seconds"]}
-    started = time.perf_counter()
-    if skeleton is None:
-        skeleton = skeleton_candidates(module, input_shape=input_shape, settings=settings, latency=latency)
-    dense_model = module.eval()
-    work = copy.deepcopy(module).eval()
-    names = list(dict.fromkeys(c.layer for c in skeleton))
-    held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
-    io = {} if fit_x is None else datafit.layer_io(
-        dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
-    with torch.inference_mode():
-        reference = dense_model(held_t)
-    cluster = connect()
-    shared = {"module": cluster.put(work), "held": cluster.put(held_t), "reference": cluster.put(reference)}
-    layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
-    by_name = {m.name: m for name in names for m in methods_for(module.get_submodule(name), methods)}
-    found = [c for c in skeleton if c.method is None]
-    factored = [c for c in skeleton if c.method is not None]
-    jobs = [Job(f"sensitivity {c.layer} {c.method} {'x'.join(map(str, c.ranks))}", measure_candidate,
-                (shared["module"], layer_io[c.layer], shared["held"], shared["reference"]),
-                {"name": c.layer, "method": by_name[c.method], "ranks": c.ranks, "seed": seed}) for c in factored]
-    for c, measured in zip(factored, cluster.run(jobs, desc="sensitivity", progress=progress), strict=True):
-        if measured is None:  # CP-ALS that diverged is simply not a candidate
-            continue
-        chain, kl, agreement = measured
-        found.append(dataclasses.replace(c, params=sum(p.numel() for p in chain.parameters()), kl=kl,
-                                         agreement=agreement))
-    found.sort(key=lambda c: names.index(c.layer))  # each layer's dense entry, then its candidates
-    seconds = round(time.perf_counter() - started, 2)
-    write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
-                                 "candidates": [asdict(c) for c in found]}, indent=1))
-    return found, {"cached": False, "path": str(path), "seconds": seconds}
+        return _cached(path)
+    with cache_lock(path):  # a run beside this one sweeping the same model waits for it, then reuses the table
+        if use_cache and path.is_file():
+            return _cached(path)
+        started = time.perf_counter()
+        if skeleton is None:
+            skeleton = skeleton_candidates(module, input_shape=input_shape, settings=settings, latency=latency)
+        dense_model = module.eval()
+        work = copy.deepcopy(module).eval()
+        names = list(dict.fromkeys(c.layer for c in skeleton))
+        held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
+        io = {} if fit_x is None else datafit.layer_io(
+            dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
+        with torch.inference_mode():
+            reference = dense_model(held_t)
+        cluster = connect()
+        shared = {"module": cluster.put(work), "held": cluster.put(held_t), "reference": cluster.put(reference)}
+        layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
+        by_name = {m.name: m for name in names for m in methods_for(module.get_submodule(name), methods)}
+        found = [c for c in skeleton if c.method is None]
+        factored = [c for c in skeleton if c.method is not None]
+        jobs = [Job(f"sensitivity {c.layer} {c.method} {'x'.join(map(str, c.ranks))}", measure_candidate,
+                    (shared["module"], layer_io[c.layer], shared["held"], shared["reference"]),
+                    {"name": c.layer, "method": by_name[c.method], "ranks": c.ranks, "seed": seed}) for c in factored]
+        for c, measured in zip(factored, cluster.run(jobs, desc="sensitivity", progress=progress), strict=True):
+            if measured is None:  # CP-ALS that diverged is simply not a candidate
+                continue
+            chain, kl, agreement = measured
+            found.append(dataclasses.replace(c, params=sum(p.numel() for p in chain.parameters()), kl=kl,
+                                             agreement=agreement))
+        found.sort(key=lambda c: names.index(c.layer))  # each layer's dense entry, then its candidates
+        seconds = round(time.perf_counter() - started, 2)
+        write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
+                                     "candidates": [asdict(c) for c in found]}, indent=1))
+        return found, {"cached": False, "path": str(path), "seconds": seconds}
+
+
+def _cached(path: Path) -> tuple[list[Candidate], dict]:
+    data = json.loads(path.read_text())
+    return [Candidate(**{**c, "ranks": tuple(c["ranks"])}) for c in data["candidates"]], \
+        {"cached": True, "path": str(path), "seconds": data["seconds"]}
