@@ -22,7 +22,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup setup-cluster deploy bench mlperf-tiny regress firmware train setup-device decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster deploy bench mlperf-tiny regress firmware train setup-device third-party decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ setup-cluster: setup
 
 setup-device: setup
 	$(BIN)/cnn-deploy setup-device
+
+# The firmware's sources (TFLM, CMSIS-NN, CMSIS, flatbuffers, gemmlowp) at the commits pinned in
+# pipeline/tflm/third_party.toml, fetched with git into the cache and verified; needs github.com.
+# CHECK=DIR verifies a copy you have (e.g. TFLM_SOURCES) instead.
+third-party: setup
+	$(BIN)/cnn-deploy third-party $(if $(CHECK),--check $(CHECK))
 
 decompose: setup
 	$(BIN)/cnn-deploy decompose --target $(TARGET) $(MODEL_ARGS) \

@@ -282,6 +282,20 @@ def _firmware(args, out: Path) -> int:
     return 0 if all(f["bit_exact"] for f in figures.values()) else 1
 
 
+def cmd_third_party(args) -> int:
+    from pipeline.tflm.third_party import check, fetch, load_pins
+    from pipeline.util import markdown_table
+
+    pins = load_pins()
+    if args.check:
+        found = check(Path(args.check), pins)
+        print(markdown_table(("tree", "pinned commit", "licence", "matches its pin"),
+                             [(p.name, p.commit, p.licence, found[p.name] or "yes") for p in pins]))
+        return 0 if not any(found.values()) else 1
+    print(f"pinned sources verified in {fetch(pins=pins)}")
+    return 0
+
+
 def cmd_setup_device(args) -> int:
     from pipeline.device import qemu
 
@@ -306,6 +320,11 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--out", help="the build folder (default: build/<target>)")
     p.add_argument("--samples", type=int, help="test images to run (default: the profile's [firmware] samples)")
     p.set_defaults(run=cmd_firmware)
+    p = sub.add_parser("third-party", help="fetch the firmware's pinned sources (TFLM, CMSIS-NN, CMSIS, flatbuffers, "
+                                           "gemmlowp) with git into the cache and verify them, or --check a copy")
+    p.add_argument("--check", metavar="DIR", help="verify the trees in DIR (e.g. $TFLM_SOURCES) against the pins; "
+                                                  "fetch nothing")
+    p.set_defaults(run=cmd_third_party)
     p = sub.add_parser("setup-device", help="build and check the emulated Raspberry Pi 4 (qemu)")
     p.set_defaults(run=cmd_setup_device)
 

@@ -208,7 +208,7 @@ class Firmware:
     cpu: str  # "" = none
     samples: int
     max_instruction_rise: float  # a fraction of the baseline's instructions per inference
-    sources: str  # "" = ../shared/third_party
+    sources: str  # "" = `make third-party`'s cached copy, else ../shared/third_party
 
     def __post_init__(self):
         from pipeline.tflm.build import CPUS  # the cores the firmware build knows

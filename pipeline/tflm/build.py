@@ -19,11 +19,12 @@ from pathlib import Path
 from pipeline.errors import DeviceError
 from pipeline.output import cache_lock
 from pipeline.tflm.ops import KERNEL_SOURCES
+from pipeline.tflm.third_party import PINS_FILE, fetched, load_pins
 from pipeline.util import atomic_path, cache_dir, sha256_bytes, sha256_json
 
 HARNESS = Path(__file__).with_name("harness")
 PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi libstdc++-arm-none-eabi-newlib qemu-system-arm"
-TREES = ("tflite-micro", "cmsis-nn", "cmsis", "flatbuffers", "gemmlowp")
+TREES = tuple(pin.name for pin in load_pins())
 DEFAULT_SOURCES = Path(__file__).resolve().parents[3] / "shared" / "third_party"
 
 
@@ -56,12 +57,15 @@ def check_toolchain() -> None:
 
 
 def sources_root(given: str = "") -> Path:
-    """TFLM_SOURCES=, else the profile's `sources`, else ../shared/third_party beside the project."""
-    root = Path(os.environ.get("TFLM_SOURCES") or given or DEFAULT_SOURCES).expanduser().resolve()
+    """TFLM_SOURCES=, else the profile's `sources`, else the pinned trees `make third-party` fetched into the
+    cache, else ../shared/third_party beside the project (this project's CI)."""
+    chosen = os.environ.get("TFLM_SOURCES") or given
+    root = Path(chosen).expanduser().resolve() if chosen else (fetched() or DEFAULT_SOURCES)
     missing = [tree for tree in TREES if not (root / tree).is_dir()]
     if missing:
-        raise DeviceError(f"TFLM sources not found in {root} (missing {', '.join(missing)}); set TFLM_SOURCES= to a "
-                          f"folder holding {', '.join(TREES)} at the commits in ../shared/third_party/README.md")
+        raise DeviceError(f"TFLM sources not found in {root} (missing {', '.join(missing)}); run `make third-party` "
+                          f"(fetches the commits pinned in {PINS_FILE.name} with git) or set TFLM_SOURCES= to a "
+                          f"folder holding {', '.join(TREES)} at those commits")
     return root
 
 
