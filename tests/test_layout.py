@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipeline"
 # the stages in the order deploy runs them: a stage may import an earlier one, never a later one
 STAGES = ("zoo", "compress", "onnx", "ort", "tflm", "device", "report", "bench")
-SHARED = ("errors", "util", "metrics", "cluster", "cycles")  # every stage may use these; they import no stage
+SHARED = ("errors", "util", "output", "metrics", "cluster", "cycles")  # every stage may use these; they import no stage
 ORCHESTRATION = ("deploy", "cli")  # the only modules that know every stage
 
 
@@ -56,9 +56,16 @@ def test_data_and_profiles_import_no_stage_at_module_level():
             assert names & {f"pipeline.{s}" for s in STAGES} == set(), path
 
 
-def test_the_readme_names_paths_that_exist():
-    readme = (ROOT / "README.md").read_text()
-    paths = set(re.findall(r"`((?:pipeline|targets|calib)/[\w/.-]+)`", readme))
+def test_the_readme_and_docs_name_paths_that_exist():
+    texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))]
+    paths = {p for text in texts for p in re.findall(r"`((?:pipeline|targets|calib)/[\w/.-]+)`", text)}
     assert len(paths) > 15
     missing = [p for p in paths if not (ROOT / p).exists() and p != "calib/cache/"]  # made on first download
     assert not missing, missing
+    links = {link for text in texts for link in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)(?:#[\w-]+)?\)", text)}
+    assert {"docs/COMPRESSION.md", "docs/DESIGN.md", "docs/BENCHMARKS.md", "docs/CLUSTER.md"} <= links
+    assert all((ROOT / link).is_file() or (ROOT / "docs" / link).is_file() for link in links), links
+
+
+def test_the_readme_stays_a_short_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) < 300

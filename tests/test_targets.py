@@ -1,6 +1,7 @@
 import dataclasses
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,15 @@ def test_the_threshold_check_names_every_miss_and_skips_what_was_not_measured():
     assert t.failures(top1_drop=0.025, agreement=0.85, ort_agreement=0.99, max_output_diff_steps=17) == [
         "top-1 drop 2.50 points > 2.00 allowed", "agreement with dense_fp32 85.00% < 90.00%",
         "TFLM output differs from ONNX Runtime int8 by 17 steps > 16"]
+
+
+def test_the_readmes_own_board_example_loads(tmp_path):
+    """The profile the README shows a user is a working profile."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```toml\n")[1].split("```")[0]
+    path = tmp_path / "my-m4.toml"
+    path.write_text(example)
+    profile = load_target(str(path))
+    assert profile.name == "my-m4" and profile.runtime == "tflite-micro" and profile.core == "cortex-m4"
+    assert profile.memory.ram_bytes == 131072 and profile.board.clock_mhz == 180.0
+    assert profile.decomposition.budget == "cycles:0.7"

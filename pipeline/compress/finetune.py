@@ -28,9 +28,9 @@ from pipeline.metrics import top1, torch_logits
 from pipeline.zoo.train import augment
 from targets import Finetune
 
-# Adam by default, not SGD: with BatchNorm frozen the weights lose their scale invariance, and on ResNet-20 some
+# AdamW by default, not SGD: with BatchNorm frozen the weights lose their scale invariance, and on ResNet-20 some
 # gradients were 5x their weights' norm at the first step; SGD diverged within 2 steps even at lr 0.002.
-# Adam's per-parameter steps are bounded by lr whatever the gradient's scale. With batch statistics
+# AdamW's per-parameter steps are bounded by lr whatever the gradient's scale. With batch statistics
 # (bn="reestimate") the scale invariance is back and SGD is the optimiser the CIFAR ResNets were trained with.
 OPTIMISERS = {
     "adamw": lambda params, *, lr, weight_decay: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
