@@ -255,3 +255,32 @@ def test_compress_refuses_a_gradual_schedule_without_a_budget_before_any_work(te
     with pytest.raises(ConfigError, match=r"gradual \[0.8\] needs a budget to end at"):
         compress(spec, colour_data(100, 5), settings=Decomposition(gradual=(0.8,)), tuning=Finetune(epochs=3),
                  progress=False, log=lambda _: None)
+
+
+# Weights digest and per-epoch losses of two fine-tunes, recorded with the code before it learnt devices (this
+# host's x86 CPU, the suite's 2 torch threads): the CPU path must reproduce them bit for bit.
+GOLDEN_FROZEN = ("cf6311b2244ec5c9", [4.64548, 1.22601])
+GOLDEN_REESTIMATE = ("7ee73dc5b0f7b4e8", [11.58384, 6.68275])
+
+
+def weights_digest(model: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("bn,mixup,feature_weight,expected", [
+    ("frozen", 0.0, 0.0, GOLDEN_FROZEN),
+    ("reestimate", 0.2, 1.0, GOLDEN_REESTIMATE),
+])
+def test_a_cpu_fine_tune_is_byte_identical_to_before_the_device_work(teacher, bn, mixup, feature_weight, expected):
+    """Recorded before fine-tuning learnt to run on a CUDA device: on the CPU nothing may change, bit for bit."""
+    settings = Finetune(epochs=2, lr=1e-2, batch_size=32, weight_decay=0.0, temperature=4.0, alpha=0.9,
+                        feature_weight=feature_weight, bn=bn, optimizer="adamw", step_epochs=2, ema_decay=0.0,
+                        mixup=mixup, seed=0, heldout_samples=300)
+    tuned, history = finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
+                              std=(1.0,) * 3, settings=settings, progress=False)
+    assert (weights_digest(tuned), [e["loss"] for e in history["epochs"]]) == expected
