@@ -20,7 +20,8 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
-	$(if $(DEVICE),--device $(DEVICE)) $(if $(filter 1 yes true,$(QUIET)),--quiet)
+	$(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
+	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
 .PHONY: setup setup-cluster deploy bench mlperf-tiny regress firmware train setup-device third-party decompose test test-fast test-network lint clean
 
@@ -68,7 +69,8 @@ firmware: setup
 EPOCHS ?= 40
 train: setup
 	$(BIN)/cnn-deploy train $(MODEL_ARGS) --epochs $(EPOCHS) $(if $(OUT),--out $(OUT)) $(if $(DATA),--data $(DATA)) \
-		$(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(LR),--lr $(LR)) $(if $(filter 1 yes true,$(NO_FLIP)),--no-flip)
+		$(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) $(if $(LR),--lr $(LR)) $(if $(filter 1 yes true,$(NO_FLIP)),--no-flip) \
+		$(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE))
 
 # The optional Ray extra: RAY_ADDRESS=auto (or a head's host:port) then spreads sweeps, grids and device checks.
 setup-cluster: setup
@@ -87,7 +89,7 @@ decompose: setup
 	$(BIN)/cnn-deploy decompose --target $(TARGET) $(MODEL_ARGS) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
-		$(if $(DATA),--data $(DATA))
+		$(if $(DATA),--data $(DATA)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE))
 
 test: setup
 	$(BIN)/python -m pytest

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
+TORCH_DEVICE_HELP = ("where fine-tuning and the sensitivity sweep run: auto (a CUDA GPU when torch sees one, else the "
+                     "CPU), cpu, cuda or cuda:N (default: the profile's [finetune] device, auto)")
 DATA_HELP = ("CIFAR-10 folder, fashion-mnist, a folder with train.npz + test.npz, a .npz (x_train/y_train/x_test/"
              "y_test, or x/y: split here), or an image folder train/<class>/*.png + test/<class>/ (default: CIFAR-10)")
 
@@ -83,8 +85,10 @@ def cmd_train(args) -> int:
     data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
     args.out = args.out or f"{spec.name.rsplit(':', 1)[-1]}.pt"
     result = train(spec, data.train, test_set=data.test, epochs=args.epochs, seed=args.seed, out=args.out,
+                   device=args.torch_device,
                    flip=not args.no_flip, batch_size=args.batch_size, lr=args.lr)
-    print(f"{args.model}: test top-1 {result['top1']:.2%} after {args.epochs} epochs; weights in {args.out}")
+    print(f"{args.model}: test top-1 {result['top1']:.2%} after {args.epochs} epochs on {result['torch_device']}; "
+          f"weights in {args.out}")
     return 0
 
 
@@ -96,7 +100,7 @@ def cmd_decompose(args) -> int:
     profile = load_target(args.target).override(
         decomposition={"method": args.method, "rank": args.rank, "layers": args.layers, "exclude": args.exclude,
                        "round_to": args.round_to, "budget": args.budget, "fit_samples": args.fit_samples},
-        finetune={"epochs": args.finetune_epochs})
+        finetune={"epochs": args.finetune_epochs, "device": args.torch_device})
     settings, tuning = profile.decomposition, profile.finetune
     spec = _model(args)
     if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
@@ -158,6 +162,7 @@ def _add_compression_flags(p, *, deploy: bool) -> None:
                                     (f" (default: the profile's, else {DEFAULT_BUDGET}; none when --method or --rank "
                                      "is given)" if deploy else " (default: the profile's)"))
     p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
+    p.add_argument("--torch-device", help=TORCH_DEVICE_HELP)
 
 
 def cmd_deploy(args) -> int:
@@ -169,7 +174,8 @@ def cmd_deploy(args) -> int:
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
                     budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                    mean=args.mean, std=args.std, device=args.device, out=args.out, progress=not args.quiet)
+                    mean=args.mean, std=args.std, device=args.device, out=args.out, torch_device=args.torch_device,
+                    progress=not args.quiet)
     out = build_folder(load_target(args.target).name, args.out)
     print()
     print(report.summary_table())
@@ -342,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="samples per step (smaller for small data sets)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-device", default="auto", help="where to train: auto (a CUDA GPU when torch sees one, else "
+                                                          "the CPU), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out", help="where to write the state dict (default: <model name>.pt)")
     p.set_defaults(run=cmd_train)
 

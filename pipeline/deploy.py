@@ -25,6 +25,7 @@ from pipeline.cluster import connect
 from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
+from pipeline.compute import torch_device as resolve_torch_device
 from pipeline.cycles.tools import require
 from pipeline.device.board_cycles import TOOLS as ONNX_CYCLE_TOOLS
 from pipeline.device.board_cycles import onnx_cycles
@@ -453,7 +454,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
            input_shape: tuple[int, int, int] | None = None, mean=None, std=None, device: str | None = None,
-           out: str | os.PathLike | None = None, progress: bool = True) -> DeployReport:
+           out: str | os.PathLike | None = None, torch_device: str | None = None,
+           progress: bool = True) -> DeployReport:
     """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`),
     export, quantize and emit it for `target` (a profile name or a path to a .toml), measure the dense and
     factored variants on `eval_samples` test samples from `data` (any layout of `calib.FORMATS`), and write the
@@ -462,7 +464,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs` and `exclude` override the profile's
     settings; `input_shape`, `mean` and `std` the model's. Every setting is checked before any work. `device` (DEVICE=) replaces the
     profile's device for the on-device check; a board over SSH also times the layer table and the four variants
-    itself. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
+    itself. `torch_device` (TORCH_DEVICE=) replaces the profile's `[finetune] device`, where fine-tuning and the
+    sensitivity sweep run. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
     on bad input, leaving any previous build in `out` as it was."""
     started = time.perf_counter()
     profile = load_target(target)
@@ -470,7 +473,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     profile = profile.override(
         decomposition={"method": method, "rank": rank, "budget": budget,
                        **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
-        finetune={"epochs": finetune_epochs})
+        finetune={"epochs": finetune_epochs, "device": torch_device})
+    resolve_torch_device(profile.finetune.device)  # cuda asked for and absent is refused before any work
     if device is not None:
         profile = dataclasses.replace(profile, device=dataclasses.replace(profile.device, default=device))
     board = parse_device(profile.device.default)  # an unknown device is refused before any work

@@ -12,13 +12,16 @@ from tqdm import tqdm
 from pipeline.util import host_machine
 
 
-def torch_logits(module: nn.Module, x_nchw: np.ndarray, *, batch_size: int = 500, progress: str | None = None) -> np.ndarray:
+def torch_logits(module: nn.Module, x_nchw: np.ndarray, *, batch_size: int = 500, progress: str | None = None,
+                 device: torch.device | None = None) -> np.ndarray:
+    """The module's logits on `x_nchw`, in batches, on `device` (where the module is; default the CPU)."""
     module.eval()
     out = []
     batches = range(0, len(x_nchw), batch_size)
     with torch.inference_mode():
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False, unit="batch"):
-            out.append(module(torch.from_numpy(x_nchw[start:start + batch_size])).numpy())
+            x = torch.from_numpy(x_nchw[start:start + batch_size])
+            out.append(module(x if device is None else x.to(device)).float().cpu().numpy())
     return np.concatenate(out)
 
 

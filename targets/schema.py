@@ -130,6 +130,8 @@ class Finetune:
     mixup: float  # Beta(mixup, mixup) mixing of each batch; 0: none
     seed: int  # added to the run's seed for shuffling, augmentation and mixing
     heldout_samples: int
+    device: str  # where torch work runs: auto, cpu, cuda, cuda:N (pipeline/compute.py)
+    mixed_precision: bool  # bf16 autocast on CUDA
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -143,6 +145,9 @@ class Finetune:
             raise ConfigError(f"ema_decay={self.ema_decay}; expected 0 (no averaging) or a decay in (0, 1)")
         _at_least("mixup", self.mixup, 0.0, "0 (no mixing) or a positive Beta concentration")
         _at_least("seed", self.seed, 0, "0 or a positive offset")
+        from pipeline.compute import check_choice  # the device names the compute module knows
+
+        check_choice(self.device)
 
 
 @defaults_from("thresholds")

@@ -101,7 +101,8 @@ def test_weight_averaging_keeps_the_average_of_the_trained_weights(teacher):
 
     def tuned(decay: float) -> tuple[nn.Module, dict]:
         return finetune(student, teacher, data, heldout, mean=(0.5,) * 3, std=(1.0,) * 3, progress=False, keep="last",
-                        settings=Finetune(epochs=1, lr=1e-2, batch_size=32, ema_decay=decay))
+                        settings=Finetune(epochs=1, lr=1e-2, batch_size=32, ema_decay=decay, bn="frozen",
+                                          feature_weight=0.0))
 
     (last, _), (frozen, _), (averaged, history) = tuned(0.0), tuned(1 - 1e-9), tuned(0.5)
     moved = lambda a, b: (a[0].weight - b[0].weight).abs().max().item()  # noqa: E731

@@ -29,6 +29,7 @@ from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
+from pipeline.compute import gpus_asked, torch_device
 from pipeline.cycles.tools import missing
 from pipeline.deploy import layer_cost_for
 from pipeline.device.board_cycles import onnx_cycles
@@ -160,6 +161,14 @@ class Cell:
     made: dict = field(default_factory=dict)  # budget -> {"record", "seconds", "models"}
 
 
+def grid_job(cell: Cell, budget: float, *, spec, train, shipped: dict[str, str], threads: int) -> Job:
+    """One grid point as a job: `threads` CPUs, and a GPU when the profile's torch work runs on CUDA."""
+    profile = _grid_profile(cell.target, budget, cell.epochs)
+    return Job(f"bench {cell.model} {cell.target} budget {budget:g} ({cell.epochs} epochs)", compress_point,
+               (spec, train), {"target": cell.target, "budget": budget, "epochs": cell.epochs, "cache_files": shipped},
+               threads=threads, gpus=gpus_asked(profile.finetune.device))
+
+
 def _prepare(cells: list[Cell], budgets, *, work: Path, threads: int, log) -> None:
     """Every grid point's compressed models: from `work` where an identical run left them, else measured.
     Each cell's sensitivity table is measured once here (its candidate fits are jobs themselves), then the
@@ -180,14 +189,13 @@ def _prepare(cells: list[Cell], budgets, *, work: Path, threads: int, log) -> No
         profile = _grid_profile(cell.target, missing[0][0], cell.epochs)
         samples = samples_for(cell.spec, cell.train_set, settings=profile.decomposition, tuning=profile.finetune, seed=SEED)
         _, facts = sensitivity_table(cell.spec, samples, settings=profile.decomposition,
-                                     layer_cost=layer_cost_for(profile, log=log), seed=SEED)
+                                     layer_cost=layer_cost_for(profile, log=log), seed=SEED,
+                                     device=torch_device(profile.finetune.device))
         table = Path(facts["path"])
         shipped = {str(table.relative_to(cache_dir())): table.read_text()}
         spec, train = cluster.put(cell.spec), cluster.put(cell.train_set)
         for budget, meta in missing:
-            jobs.append(Job(f"bench {cell.model} {cell.target} budget {budget:g} ({cell.epochs} epochs)", compress_point,
-                            (spec, train), {"target": cell.target, "budget": budget, "epochs": cell.epochs,
-                                            "cache_files": shipped}, threads=threads))
+            jobs.append(grid_job(cell, budget, spec=spec, train=train, shipped=shipped, threads=threads))
             points.append((cell, budget, meta))
     if jobs:
         log(f"{len(jobs)} grid points to compress ({cluster.name}, {threads} threads each)")

@@ -33,7 +33,8 @@ PASSED_ENV = ("CNN_DEPLOY_CACHE", "CIFAR10_DIR", "CIFAR_RESNET_DIR", "FASHION_MN
 class Job:
     """One call `fn(*args, **kwargs)`. `name` is what the user reads in progress and errors; `resources` are
     Ray custom resources the node must declare (e.g. {"board:rpi4": 1}); `threads` is both the CPUs asked
-    for and torch's thread count while the job runs, here or remote."""
+    for and torch's thread count while the job runs, here or remote; `gpus` the GPUs it asks Ray for (a job
+    whose torch work runs on CUDA)."""
 
     name: str
     fn: Callable
@@ -41,6 +42,7 @@ class Job:
     kwargs: dict = field(default_factory=dict)
     threads: int = 1
     resources: dict = field(default_factory=dict)
+    gpus: int = 0
 
 
 def board_resource(target: str, device_kind: str) -> str:
@@ -128,10 +130,7 @@ class Ray:
         self._check_feasible(jobs)
         refs = {}
         for i, job in enumerate(jobs):
-            # max_retries: a task whose worker process or node dies is run once more; an exception raised by
-            # the job itself is not retried (it would fail the same way).
-            task = self.remote.options(num_cpus=job.threads, resources=job.resources or None, max_retries=1,
-                                       retry_exceptions=False, name=job.name)
+            task = self.remote.options(**self.task_options(job))
             refs[task.remote(job.fn, job.threads, job.kwargs, *job.args)] = i
         results, nodes, spent = [None] * len(jobs), Counter(), []
         bar = tqdm(total=len(jobs), desc=f"{desc} (ray)", unit="task", disable=not progress, leave=False)
@@ -157,11 +156,18 @@ class Ray:
                if spent else ""))
         return results
 
+    @staticmethod
+    def task_options(job: Job) -> dict:
+        """What a job asks Ray for. max_retries: a task whose worker process or node dies is run once more; an
+        exception raised by the job itself is not retried (it would fail the same way)."""
+        return {"num_cpus": job.threads, "num_gpus": job.gpus, "resources": job.resources or None, "max_retries": 1,
+                "retry_exceptions": False, "name": job.name}
+
     def _check_feasible(self, jobs: list[Job]) -> None:
         """Ray would wait forever on a task no node can take: refuse it now, naming what the nodes offer."""
         nodes = [n["Resources"] for n in self.nodes()]
         for job in jobs:
-            wanted = {"CPU": job.threads, **job.resources}
+            wanted = {"CPU": job.threads, **({"GPU": job.gpus} if job.gpus else {}), **job.resources}
             if not any(all(offer.get(k, 0) >= v for k, v in wanted.items()) for offer in nodes):
                 offered = sorted({k for offer in nodes for k in offer if k.startswith("board:")})
                 raise ClusterError(f"{job.name} needs {wanted} and no node of the cluster at {self.address} offers it; "

@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from calib import Dataset, preprocess
+from pipeline.compute import TorchDevice, prefetch, torch_device
 from pipeline.errors import unknown
 from pipeline.metrics import top1, torch_logits
 from pipeline.zoo.train import augment
@@ -91,11 +92,13 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
     """Mean over matched points of ||s - t||^2 / ||t||^2: each block's relative error, so deep and shallow
     blocks weigh alike whatever their scale (the FitNets hint of Romero et al. 2015, without a regressor
     because the shapes already agree)."""
-    terms = [(student[n] - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for n, t in teacher.items()]
+    terms = [(student[n].float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for n, t in teacher.items()]
     return torch.stack(terms).mean()
 
 
-def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int, batch_size: int, seed: int) -> None:
+def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int, batch_size: int, seed: int,
+                device: TorchDevice) -> None:
     """Running BatchNorm statistics recomputed from scratch over augmented training batches."""
     rng = np.random.default_rng(seed + 1)
     for bn in _batchnorms(model):
@@ -105,31 +108,47 @@ def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int
     with torch.no_grad():
         for _ in range(batches):
             idx = rng.choice(len(train_set), batch_size, replace=False)
-            model(torch.from_numpy(preprocess(augment(train_set.x[idx], rng), mean=mean, std=std)))
+            with device.autocast():
+                model(device.tensor(preprocess(augment(train_set.x[idx], rng), mean=mean, std=std)))
     model.eval()
+
+
+def _batches(train_set: Dataset, order: np.ndarray, rng: np.random.Generator, *, steps: int, batch_size: int, mean,
+             std, mixup: float):
+    """Each step's augmented (and, with `mixup`, blended) batch, its labels, and the blend's partners and weight;
+    the random draws in the same order wherever the batches are made."""
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        x = preprocess(augment(train_set.x[idx], rng), mean=mean, std=std)
+        partner, weight = None, 1.0
+        if mixup:
+            x, partner, weight = mix(x, rng, concentration=mixup)
+        yield x, train_set.y[idx], partner, weight
 
 
 def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout: Dataset, *, mean, std,
              settings: Finetune, seed: int = 0, progress: bool = True, keep: str = "best") -> tuple[nn.Module, dict]:
     """Fine-tune `student` (a copy is returned) on `train_set` as `settings` say; returns it and a history with
     per-epoch loss, held-out top-1 and seconds. `heldout` must not overlap `train_set`. `keep`: "best" returns
-    the epoch (or the start) with the best held-out top-1, "last" the last epoch."""
+    the epoch (or the start) with the best held-out top-1, "last" the last epoch. It runs on `settings.device`
+    (see `pipeline.compute`) and returns the model on the CPU."""
     if keep not in ("best", "last"):
         raise unknown("keep", keep, ("best", "last"))
     epochs, lr, batch_size, bn = settings.epochs, settings.lr, settings.batch_size, settings.bn
     weight_decay, temperature, alpha = settings.weight_decay, settings.temperature, settings.alpha
     feature_weight, mixup = settings.feature_weight, settings.mixup
     seed += settings.seed
+    device = torch_device(settings.device, mixed_precision=settings.mixed_precision)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = copy.deepcopy(student)
-    teacher = teacher.eval()
+    model = copy.deepcopy(student).to(device.device)
+    teacher = teacher.eval() if device.is_cpu else copy.deepcopy(teacher).to(device.device).eval()
     held_x = preprocess(heldout.x, mean=mean, std=std)
-    start_top1 = top1(torch_logits(model, held_x), heldout.y)
+    start_top1 = top1(torch_logits(model, held_x, device=device.device), heldout.y)
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
     history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "optimizer": settings.optimizer,
                "ema_decay": settings.ema_decay,
-               "mixup": mixup, "seed": seed,
+               "mixup": mixup, "seed": seed, **device.about(),
                "heldout_samples": len(heldout.y), "train_samples": len(train_set.y)}
     steps_per_epoch = len(train_set) // batch_size
     # Made before the feature hooks, which its copy of the model would otherwise carry. Buffers are not
@@ -153,23 +172,24 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
                 module.eval()
         order = rng.permutation(len(train_set))
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch", disable=not progress,
-                   leave=False)
-        for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = preprocess(augment(train_set.x[idx], rng), mean=mean, std=std)
-            labels = torch.from_numpy(train_set.y[idx]).long()
-            if mixup:
-                x, partner, weight = mix(x, rng, concentration=mixup)
-            x = torch.from_numpy(x)
-            with torch.no_grad():
+        batches = _batches(train_set, order, rng, steps=steps_per_epoch, batch_size=batch_size, mean=mean, std=std,
+                           mixup=mixup)
+        if not device.is_cpu:  # the next batch is augmented on a worker thread while the GPU computes this one
+            batches = prefetch(batches)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for step, (x, labels, partner, weight) in enumerate(bar):
+            x, labels = device.tensor(x), device.tensor(labels).long()
+            with torch.no_grad(), device.autocast():
                 target = teacher(x)
             if mixup:  # the label term follows the blend: class probabilities in the same proportions
-                eye = torch.eye(target.shape[1])
-                labels = weight * eye[labels] + (1 - weight) * eye[labels[torch.from_numpy(partner)]]
-            loss = distillation_loss(model(x), target, labels, temperature=temperature, alpha=alpha)
-            if taps:
-                loss = loss + feature_weight * feature_loss(taps[0].outputs, taps[1].outputs)
+                eye = torch.eye(target.shape[1], device=device.device)
+                labels = weight * eye[labels] + (1 - weight) * eye[labels[device.tensor(partner)]]
+            with device.autocast():
+                loss = distillation_loss(model(x).float(), target.float(), labels, temperature=temperature,
+                                         alpha=alpha)
+                if taps:
+                    loss = loss + feature_weight * feature_loss(taps[0].outputs, taps[1].outputs)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -180,9 +200,10 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", heldout=f"{best[0]:.2%}")
         if bn == "reestimate":
-            _reestimate(evaluated, train_set, mean=mean, std=std, batches=50, batch_size=batch_size, seed=seed + epoch)
+            _reestimate(evaluated, train_set, mean=mean, std=std, batches=50, batch_size=batch_size, seed=seed + epoch,
+                        device=device)
         evaluated.eval()
-        held_top1 = top1(torch_logits(evaluated, held_x), heldout.y)
+        held_top1 = top1(torch_logits(evaluated, held_x, device=device.device), heldout.y)
         seconds = time.perf_counter() - started
         history["epochs"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5),
                                   "heldout_top1": held_top1, "seconds": round(seconds, 3)})
@@ -194,6 +215,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
         for tap in taps:
             tap.close()
     model.load_state_dict(best[1])
+    model.to("cpu")
     history.update(kept=keep, best_epoch=best[2], best_heldout_top1=best[0],
                    seconds_per_epoch=round(float(np.mean([e["seconds"] for e in history["epochs"]])), 3) if epochs else 0.0)
     return model.eval(), history

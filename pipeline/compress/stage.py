@@ -16,6 +16,7 @@ from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skele
 from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.plan import DecompositionPlan
+from pipeline.compute import CPU, TorchDevice, torch_device
 from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
 from targets import Decomposition, Finetune, check_gradual
@@ -30,6 +31,7 @@ class Compressed:
     finetune: dict | None  # per-epoch loss, held-out top-1, seconds
     seconds: dict  # wall time of each step
     one_shot_plan: DecompositionPlan  # one_shot's: plan's, unless compressed gradually (model's chains then differ)
+    torch_device: dict = dataclasses.field(default_factory=CPU.about)  # where the torch work ran
 
     def plan_table(self) -> str:
         """The plan's table, with each layer's cost on the target where the allocation weighed it."""
@@ -37,7 +39,8 @@ class Compressed:
 
     def record(self) -> dict:
         """The plan plus how it was reached, as report.json's `decomposition`."""
-        return {**self.plan.to_dict(), "allocation": self.allocation, "finetune": self.finetune, "steps_seconds": self.seconds}
+        return {**self.plan.to_dict(), "allocation": self.allocation, "finetune": self.finetune,
+                "steps_seconds": self.seconds, "torch": self.torch_device}
 
 
 def _total(spec: ModelSpec, resource: str, layer_cost: LayerCost | None) -> float:
@@ -97,11 +100,12 @@ def samples_for(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition,
 
 
 def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposition, layer_cost: LayerCost | None,
-                      skeleton: list | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True):
+                      skeleton: list | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
+                      device: TorchDevice = CPU):
     """The measured candidates a budget is allocated from (cached; see `sensitivities`), and facts about them."""
     return sensitivities(spec.module, input_shape=spec.input_shape, fit_x=samples.fit, heldout_x=samples.sensitivity,
                          settings=settings, seed=seed, latency=timed(settings, layer_cost), skeleton=skeleton,
-                         use_cache=use_cache, progress=progress)
+                         use_cache=use_cache, progress=progress, device=device)
 
 
 def check_budget(spec: ModelSpec, settings: Decomposition, layer_cost: LayerCost | None = None) -> tuple[list, float]:
@@ -120,7 +124,8 @@ def check_budget(spec: ModelSpec, settings: Decomposition, layer_cost: LayerCost
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBudget | None, *,
-            settings: Decomposition, layer_cost, skeleton, total, seed: int, use_cache: bool, progress: bool, log):
+            settings: Decomposition, layer_cost, skeleton, total, seed: int, use_cache: bool, progress: bool, log,
+            device: TorchDevice = CPU):
     """`module` (the dense model, or a tuned student collapsed back to dense layers) factored once: to `budget`
     by measured sensitivity when there is one, else by `settings`' method and rank rule. Returns the factored
     model, its plan, the allocation's record (None without a budget) and the seconds of each part. `skeleton` and
@@ -131,7 +136,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBu
         model_spec = dataclasses.replace(spec, module=module)
         cost = timed(settings, layer_cost)
         candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_cost=layer_cost,
-                                              skeleton=skeleton, seed=seed, use_cache=use_cache, progress=progress)
+                                              skeleton=skeleton, seed=seed, use_cache=use_cache, progress=progress,
+                                              device=device)
         choices, allocation = allocate(candidates, budget=budget, total=total, latency_weight=settings.latency_weight,
                                        never_slower=bool(cost and cost.board))
         allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
@@ -161,8 +167,9 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     skeleton, total = check_budget(spec, settings, layer_cost) if budget else (None, None)
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
+    device = torch_device(tuning.device)  # the sweep's forward passes in fp32: its KLs choose the plan
     common = dict(spec=spec, samples=samples, settings=settings, layer_cost=layer_cost, skeleton=skeleton,
-                  total=total, seed=seed, use_cache=use_cache, progress=progress, log=log)
+                  total=total, seed=seed, use_cache=use_cache, progress=progress, log=log, device=device)
     one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
     one_shot_plan = plan
     model, history = one_shot, None
@@ -195,4 +202,5 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             history.update(steps=steps, epochs=epochs,
                            seconds_per_epoch=round(sum(e["seconds"] for e in epochs) / len(epochs), 3))
         seconds["finetune"] = round(time.perf_counter() - started, 1)  # with the re-factoring between steps
-    return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan)
+    return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan,
+                      torch_device(tuning.device, mixed_precision=tuning.mixed_precision).about())

@@ -101,6 +101,12 @@ def _compression_lines(record: dict) -> list[str]:
                      f"weight {allocation['latency_weight']:g}.")
     if tuned:
         lines.append(tuning_sentence(tuned))
+    torch_work = record.get("torch")
+    if torch_work and (allocation or tuned):
+        lines.append(f"Torch work (sensitivity sweep, fine-tuning) ran on {torch_work['torch_device']}"
+                     + (", bf16 mixed precision" if torch_work["mixed_precision"] else "")
+                     + ("; deterministic: a rerun gives the same weights." if torch_work["deterministic"] else
+                        "; not deterministic: a rerun may differ in the last bits."))
     return [*lines, ""] if lines else []
 
 
@@ -113,8 +119,9 @@ def tuning_sentence(tuned: dict) -> str:
     extras = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
     extras += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
     extras += f", seed {tuned['seed']}" if tuned.get("seed") else ""
+    where = tuned.get("torch_device", "cpu")  # records from before the setting ran on the CPU
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
-            f"this host, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
+            f"this host's {where}, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
             f"{tuned['start_heldout_top1']:.2%} -> "
             f"{tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, {tuned['heldout_samples']:,} training "
             "images never trained on).")

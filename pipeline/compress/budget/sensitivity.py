@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from pipeline.cluster import Job, connect
+from pipeline.cluster import Job, Local, connect
 from pipeline.compress import datafit
 from pipeline.compress.budget.macs import count
 from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
 from pipeline.compress.methods import Method, methods_for
 from pipeline.compress.ranks import round_up
+from pipeline.compute import CPU, TorchDevice
 from pipeline.errors import StageError
 from pipeline.output import cache_lock
 from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
@@ -154,28 +155,30 @@ def measure_candidate(module: nn.Module, layer_io: tuple, held: torch.Tensor, re
             chain, _, _ = fit_chain(layer, method, ranks, x=layer_io[0], y=layer_io[1], seed=seed)
     except StageError:
         return None
-    set_submodule(module, name, chain)
+    set_submodule(module, name, chain.to(held.device))  # the device the sweep runs on (the CPU: a no-op)
     try:
         with torch.inference_mode():
             logits = module(held)
     finally:
         set_submodule(module, name, layer)
-    return chain, round(_kl(reference, logits), 8), round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)
+    return chain.cpu(), round(_kl(reference, logits), 8), round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)
 
 
 def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.ndarray | None, heldout_x: np.ndarray,
                   settings: Decomposition, seed: int = 0, latency: LayerCost | None = None,
-                  skeleton: list[Candidate] | None = None, use_cache: bool = True,
-                  progress: bool = True) -> tuple[list[Candidate], dict]:
+                  skeleton: list[Candidate] | None = None, use_cache: bool = True, progress: bool = True,
+                  device: TorchDevice = CPU) -> tuple[list[Candidate], dict]:
     """Every candidate (`settings.candidates` x `settings.rank_fractions`) of every layer `layer_selection`
     picks, a dense entry per layer included, and facts about the run: whether the cache answered, its path,
     the seconds spent. Without `fit_x` the factors fit the weights. With `latency` each candidate carries its
-    cost on the target, taken from `skeleton` (`skeleton_candidates` with that cost) when given."""
+    cost on the target, taken from `skeleton` (`skeleton_candidates` with that cost) when given. On a CUDA
+    `device` the forward passes run there, in this process (the fits stay on the CPU)."""
     methods, fractions, round_to = settings.candidates, settings.rank_fractions, settings.round_to
     key_settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to,
                     "layers": list(settings.layers), "exclude": list(settings.exclude),
                     "keep_first_and_last": settings.keep_first_and_last, "seed": seed, "input_shape": list(input_shape),
-                    "latency": None if latency is None else latency.fingerprint}
+                    "latency": None if latency is None else latency.fingerprint,
+                    **({} if device.is_cpu else {"device": device.device.type})}
     key = _fingerprint(module, *([] if fit_x is None else [fit_x]), heldout_x,
                        settings={**key_settings, "data_aware": fit_x is not None})
     path = cache_dir("sensitivity", f"{key[:24]}.json")
@@ -193,9 +196,12 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
         held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
         io = {} if fit_x is None else datafit.layer_io(
             dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
+        if not device.is_cpu:  # a copy of the dense model on the device gives the reference logits there
+            work, held_t = work.to(device.device), held_t.to(device.device)
+            dense_model = work
         with torch.inference_mode():
             reference = dense_model(held_t)
-        cluster = connect()
+        cluster = connect() if device.is_cpu else Local()
         shared = {"module": cluster.put(work), "held": cluster.put(held_t), "reference": cluster.put(reference)}
         layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
         by_name = {m.name: m for name in names for m in methods_for(module.get_submodule(name), methods)}
