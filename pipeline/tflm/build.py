@@ -199,7 +199,10 @@ def _portable(argv: list[str], root: Path) -> str:
 def rebuild_script(sources: list[Path], *, cpu_name: str, root: Path) -> str:
     """A shell script that rebuilds the ELF from the sources alone (TFLM_SOURCES= points at the trees)."""
     cpu = CPUS[cpu_name]
+    pins = ", ".join(f"{pin.name} {pin.commit}" for pin in load_pins())
     lines = ["#!/bin/sh", "# Rebuilds firmware.elf with the commands cnn-deploy used. Needs Debian's " + PACKAGES + ".",
+             f"# TFLM_SOURCES holds the trees pinned in cnn-deploy's pipeline/tflm/third_party.toml ({pins});",
+             "# `make third-party` fetches them, `make third-party CHECK=$TFLM_SOURCES` verifies a copy.",
              "set -e", f'TFLM_SOURCES="${{TFLM_SOURCES:-{root}}}"', 'HERE="$(cd "$(dirname "$0")" && pwd)"',
              "mkdir -p obj"]
     own = []
