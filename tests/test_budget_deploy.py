@@ -46,7 +46,7 @@ def test_the_budget_is_met_and_every_choice_explained(budgeted):
 def test_finetuning_is_recorded_with_its_cost(budgeted):
     report, _ = budgeted
     tuned = report["decomposition"]["finetune"]
-    assert len(tuned["epochs"]) == 1 and tuned["seconds_per_epoch"] > 0 and tuned["bn"] == "frozen"
+    assert len(tuned["epochs"]) == 1 and tuned["seconds_per_epoch"] > 0 and tuned["bn"] == "reestimate"  # the default since it measured best
     assert tuned["best_heldout_top1"] >= tuned["start_heldout_top1"]
     assert report["decomposition"]["steps_seconds"]["finetune"] > 0
 
@@ -72,7 +72,7 @@ def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_pat
     assert [e["budget"] for e in tuned["epochs"]] == ["macs:0.9", "macs:0.8"]
     assert report["variants"]["factored_int8"]["macs"] <= 0.8 * report["variants"]["dense_fp32"]["macs"]
     text = (tmp_path / "d" / "report.md").read_text()
-    assert "BatchNorm frozen, adamw, weights averaged with decay 0.99) by steps: macs:0.9 for 1 epochs" in text
+    assert "BatchNorm reestimate, adamw, weights averaged with decay 0.99) by steps: macs:0.9 for 1 epochs" in text
 
 
 def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains(tmp_path, cifar_dir):

@@ -55,17 +55,20 @@ def user(tmp_path_factory):
     y = np.arange(960) % 12
     x = (templates[y] + rng.normal(0, 0.5, (960, 49, 10))).astype(np.float32)[..., None]
     np.savez(folder / "kws.npz", x=x, y=y, classes=np.array(WORDS))
+    torch.manual_seed(0)  # before the model is built: its initial weights are part of what the test expects
     spec = load_model(f"{folder / 'kws_model.py'}:build", pretrained=False)
-    torch.manual_seed(0)
     data = load_data(folder / "kws.npz")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same sums in the same order, so the same weights every run
     optimiser = torch.optim.Adam(spec.module.parameters(), 3e-3)
     xs, ys = torch.from_numpy(data.train.x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(data.train.y)
     spec.module.train()
-    for _ in range(60):
+    for _ in range(120):
         loss = torch.nn.functional.cross_entropy(spec.module(xs), ys)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+    torch.set_num_threads(threads)
     torch.save(spec.module.state_dict(), folder / "kws.pt")
     return folder
 
@@ -86,7 +89,8 @@ def test_a_one_channel_twelve_class_model_deploys_and_regresses_from_anywhere(us
     assert "class-stratified 20%" in report["data"]["split"] and report["data"]["test_samples"] == 192
     assert report["class_names"] == WORDS and len(report["variants"]["dense_fp32"]["per_class"]) == 12
     assert report["variants"]["dense_fp32"]["top1"] > 0.9
-    assert report["variants"]["factored_int8"]["macs"] <= (0.8 if budget else 1) * report["variants"]["dense_fp32"]["macs"]
+    kept = 0.8 if target != "rpi4" else 1
+    assert report["variants"]["factored_int8"]["macs"] <= kept * report["variants"]["dense_fp32"]["macs"]
     assert isinstance(report["warnings"], list)
     text = (out / "report.md").read_text()
     assert "test samples of kws" in text and "nan" not in text and "CIFAR" not in text
