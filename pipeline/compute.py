@@ -39,10 +39,13 @@ class TorchDevice:
     name: str  # what the report says: "cpu", "cuda:0 (NVIDIA H200)"
     mixed_precision: bool  # bf16 autocast for forward passes and losses; never on the CPU
     deterministic: bool  # bit-identical reruns: always on the CPU; on CUDA where the ops allow
+    # False on the CPU path, which must stay bit-identical to the code before devices: no copies, moves or casts.
+    # A test runs the accelerator path on the CPU with it True.
+    accelerated: bool = False
 
     @property
     def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
+        return not self.accelerated
 
     def autocast(self):
         """bf16 autocast on CUDA when asked; nothing at all on the CPU (so the CPU path is unchanged)."""
@@ -53,7 +56,9 @@ class TorchDevice:
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         """A host array on this device: from pinned memory without waiting on CUDA, as is on the CPU."""
         tensor = torch.from_numpy(array)
-        return tensor if self.is_cpu else tensor.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def about(self) -> dict:
         return {"torch_device": self.name, "mixed_precision": self.mixed_precision,
@@ -87,7 +92,8 @@ def torch_device(requested: str = "auto", *, mixed_precision: bool = True) -> To
     torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel only warn
     torch.backends.cudnn.benchmark = False
     return TorchDevice(torch.device("cuda", index), f"cuda:{index} ({torch.cuda.get_device_name(index)})",
-                       mixed_precision=mixed_precision, deterministic=torch.are_deterministic_algorithms_enabled())
+                       mixed_precision=mixed_precision, deterministic=torch.are_deterministic_algorithms_enabled(),
+                       accelerated=True)
 
 
 def prefetch(items: Iterator, *, depth: int = 2) -> Iterator:

@@ -1,6 +1,7 @@
 """Where torch work runs: auto picks the CPU on a machine without CUDA, cuda asked for there is one clear error,
 the report names the device, and a Ray job asks for a GPU when the profile's torch work runs on CUDA."""
 
+import dataclasses
 import shutil
 import threading
 
@@ -13,7 +14,7 @@ from pipeline.bench.run import Cell, grid_job
 from pipeline.cli import main
 from pipeline.cluster.jobs import Ray
 from pipeline.compress.stage import compress
-from pipeline.compute import CPU, gpus_asked, prefetch, torch_device
+from pipeline.compute import CPU, TorchDevice, gpus_asked, prefetch, torch_device
 from pipeline.errors import ConfigError
 from pipeline.report.deploy_report import _compression_lines
 from pipeline.zoo import ModelSpec
@@ -108,3 +109,44 @@ def test_training_says_where_it_ran_and_returns_the_model_on_the_cpu(tmp_path):
                    device="cpu", out=tmp_path / "w.pt")
     assert result["torch_device"] == "cpu" and result["deterministic"] and 0 <= result["top1"] <= 1
     assert next(spec.module.parameters()).device.type == "cpu" and (tmp_path / "w.pt").is_file()
+
+
+ACCELERATOR_PATH = TorchDevice(torch.device("cpu"), "cpu (accelerator path)", mixed_precision=False, deterministic=True,
+                               accelerated=True)
+
+
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_the_accelerator_path_does_the_cpu_paths_arithmetic(monkeypatch, mixed_precision):
+    """The CUDA branch (copies to the device, prefetched batches, the sweep in this process, the fit's forward
+    passes on the device), run on the CPU: in fp32 it must give the CPU path's model bit for bit; with bf16 a
+    model that still learns. What it cannot show without a GPU: that no tensor is left on the wrong device."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    train = colour_data(600, 4)
+    spec = ModelSpec("colours", trained(net, train, steps=30, lr=0.02), (3, 8, 8), (0.5,) * 3, (1.0,) * 3)
+
+    def run():
+        return compress(spec, train, settings=Decomposition(budget="0.6", keep_first_and_last=False), progress=False,
+                        use_cache=False, tuning=Finetune(epochs=2, lr=1e-2, batch_size=32, mixup=0.2),
+                        log=lambda _: None)
+
+    plain = run()
+    device = dataclasses.replace(ACCELERATOR_PATH, mixed_precision=mixed_precision)
+    for module in ("pipeline.compress.stage", "pipeline.compress.finetune"):
+        monkeypatch.setattr(f"{module}.torch_device", lambda *_a, **_k: device)
+    accelerated = run()
+    assert accelerated.record()["torch"]["torch_device"] == "cpu (accelerator path)"
+    assert next(accelerated.model.parameters()).device.type == "cpu"
+    assert [(p.name, p.method, p.ranks) for p in accelerated.plan.layers] == \
+        [(p.name, p.method, p.ranks) for p in plain.plan.layers]
+    if mixed_precision:
+        losses = [e["loss"] for e in accelerated.finetune["epochs"]]
+        assert losses[1] < losses[0] and accelerated.finetune["best_heldout_top1"] >= 0.9
+        assert accelerated.record()["torch"]["mixed_precision"] is True
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(accelerated.model.state_dict().values(),
+                                                     plain.model.state_dict().values(), strict=True))
+        assert accelerated.finetune["epochs"] == [{**e, "seconds": a["seconds"]} for e, a in
+                                                  zip(plain.finetune["epochs"], accelerated.finetune["epochs"],
+                                                      strict=True)]

@@ -19,6 +19,7 @@ from pipeline.compress.budget.macs import LayerCost, count
 from pipeline.compress.methods import Method, method_for, unsupported_reason
 from pipeline.compress.plan import Choice, DecompositionPlan, LayerPlan
 from pipeline.compress.ranks import parse_rank
+from pipeline.compute import CPU, TorchDevice
 from pipeline.errors import StageError
 from targets import Decomposition
 
@@ -71,14 +72,15 @@ def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 def decompose(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition, seed: int = 0,
               progress: bool = True, calibration: np.ndarray | None = None,
-              choices: Mapping[str, Choice] | None = None) -> tuple[nn.Module, DecompositionPlan]:
+              choices: Mapping[str, Choice] | None = None, device: TorchDevice = CPU) -> tuple[nn.Module, DecompositionPlan]:
     """Factor every Conv2d (with `settings.method`) and Linear (truncated SVD) that `layer_selection` picks, at
     ranks from `settings.rank` rounded up to `settings.round_to`. A layer whose factorisation would not reduce
     MACs stays dense.
 
     `calibration` (NCHW float images): fit each chain to reproduce its layer's output on them, layer by
     layer in execution order (see datafit); without it the factors approximate the weights.
-    `choices` (from `allocate`): each layer's method and ranks, in place of `settings.method` and `rank`."""
+    `choices` (from `allocate`): each layer's method and ranks, in place of `settings.method` and `rank`.
+    On a CUDA `device` the fit's forward passes run there; the fits themselves, small, stay on the CPU."""
     rule = parse_rank(settings.rank)
     started = time.perf_counter()
     costs = count(module, input_shape)
@@ -87,7 +89,10 @@ def decompose(module: nn.Module, *, input_shape: tuple[int, ...], settings: Deco
     data = None
     if calibration is not None:
         x = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
-        data = (x, {n: io[1] for n, io in datafit.layer_io(module, [n for n, r in reasons.items() if not r], x).items()})
+        if not device.is_cpu:  # the model copy (still dense here) computes the layers' outputs on the device
+            model, x = model.to(device.device), x.to(device.device)
+        data = (x, {n: io[1] for n, io in datafit.layer_io(module if device.is_cpu else model,
+                                                           [n for n, r in reasons.items() if not r], x).items()})
     label = "allocated" if choices is not None else str(rule)
     plans = []
     with threadpool_limits(limits=1):  # BLAS threads oversubscribe on these small tensors (CP-ALS 30x slower)
@@ -109,6 +114,7 @@ def decompose(module: nn.Module, *, input_shape: tuple[int, ...], settings: Deco
                 ranks, note = method.choose_ranks(layer, rule, round_to=settings.round_to, name=name), ""
             plans.append(_factor_one(model, name, layer, cost, method, ranks, label, note, data=data, seed=seed,
                                      fallback=(rule, settings.round_to), choice=choice))
+    model.to("cpu")
     requested = "budget" if choices is not None else settings.method
     return model, DecompositionPlan(requested, label, settings.round_to, tuple(plans), time.perf_counter() - started)
 
@@ -137,8 +143,8 @@ def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, s
         return _dense(name, layer, cost, label,
                       f"{method.name} at rank {'x'.join(map(str, ranks))} would not reduce MACs "
                       f"({macs_after:,} >= {cost.macs:,}): left dense", choice)
-    x = datafit.layer_inputs(model, name, data[0]) if data else None
-    y = data[1][name] if data else None
+    x = datafit.layer_inputs(model, name, data[0]).cpu() if data else None  # the fit runs on the CPU
+    y = data[1][name].cpu() if data else None
     try:
         chain, approx, fit_note = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
     except StageError as exc:  # CP-ALS diverged from every start: Tucker-2 always converges
@@ -148,7 +154,7 @@ def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, s
         chain, approx, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
         fit_note = f"{exc}; fell back to tucker2"
         macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
-    set_submodule(model, name, chain)
+    set_submodule(model, name, chain.to(next(model.parameters()).device))
     params_after = sum(p.numel() for p in chain.parameters())
     return LayerPlan(name, type(layer).__name__, method.name, ranks, label, cost.macs, macs_after, cost.params,
                      params_after, _relative_error(layer.weight.detach(), approx), "; ".join(filter(None, (note, fit_note))),

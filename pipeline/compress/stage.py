@@ -146,7 +146,7 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBu
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
     factored, plan = decompose(module, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
-                               calibration=samples.fit, choices=choices)
+                               calibration=samples.fit, choices=choices, device=device)
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 

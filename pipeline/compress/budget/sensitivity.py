@@ -150,9 +150,10 @@ def measure_candidate(module: nn.Module, layer_io: tuple, held: torch.Tensor, re
     the net's logits on `held` from `reference` (the dense ones) and their top-1 agreement, or None when the
     fit failed. Single-threaded, so the figures are the same on any machine; `module` is restored."""
     layer = module.get_submodule(name)
+    source = layer if held.device.type == "cpu" else copy.deepcopy(layer).cpu()  # the fit runs on the CPU
     try:
         with threadpool_limits(limits=1):
-            chain, _, _ = fit_chain(layer, method, ranks, x=layer_io[0], y=layer_io[1], seed=seed)
+            chain, _, _ = fit_chain(source, method, ranks, x=layer_io[0], y=layer_io[1], seed=seed)
     except StageError:
         return None
     set_submodule(module, name, chain.to(held.device))  # the device the sweep runs on (the CPU: a no-op)
