@@ -208,7 +208,7 @@ def cmd_regress(args) -> int:
 
     if args.out and len(args.target) > 1:
         raise ConfigError(f"--out names one build folder and --target names {len(args.target)} targets; expected one "
-                          "target with --out, or the builds in build/<target>")
+                          "target with --out, or the builds in build/<profile name>")
     folders = [build_folder(load_target(target).name, args.out) for target in args.target]
     reports = regress_all(folders, device=args.device, eval_samples=args.eval_samples, data=args.data,
                           accept=args.accept)
@@ -318,12 +318,12 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
     p.add_argument("--data", help="the data's path (default: what the deploy used)")
-    p.add_argument("--out", help="the build folder (default: build/<target>)")
+    p.add_argument("--out", help="the build folder (default: build/<profile name>)")
     p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
     p.set_defaults(run=cmd_regress)
     p = sub.add_parser("firmware", help="build a microcontroller build's firmware and run it on the emulated board")
     p.add_argument("--target", default="cortex-m4", help=target_help("cortex-m4", "the build's profile"))
-    p.add_argument("--out", help="the build folder (default: build/<target>)")
+    p.add_argument("--out", help="the build folder (default: build/<profile name>)")
     p.add_argument("--samples", type=int, help="test images to run (default: the profile's [firmware] samples)")
     p.set_defaults(run=cmd_firmware)
     p = sub.add_parser("third-party", help="fetch the firmware's pinned sources (TFLM, CMSIS-NN, CMSIS, flatbuffers, "
