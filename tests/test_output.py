@@ -181,3 +181,18 @@ def test_two_deploys_at_once_share_the_caches_and_refuse_a_shared_out(tmp_path, 
     plans = [r["decomposition"]["layers"] for r in reports]
     assert plans[0] == plans[1]
     assert not list((tmp_path / "cache").rglob("*.tmp")) and not list(tmp_path.glob(".*staging*"))
+
+
+def test_outputs_from_before_the_mark_are_recognised_by_what_they_always_wrote(tmp_path):
+    build, bench = tmp_path / "old-build", tmp_path / "old-bench"
+    build.mkdir()
+    bench.mkdir()
+    (build / "manifest.json").write_text(json.dumps({"target_profile": {}, "artefacts": {}}))
+    (bench / "results.json").write_text(json.dumps({"models": []}))
+    assert (kind_of(build), kind_of(bench)) == ("deploy", "bench")
+    assert check_output(build, kind="deploy") == build and check_output(bench, kind="bench") == bench
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"name": "my web app"}')  # someone else's manifest
+    assert kind_of(tmp_path / "other") is None
+    with pytest.raises(InputError, match="did not make"):
+        check_output(tmp_path / "other", kind="deploy")
