@@ -154,11 +154,12 @@ def _factor_one(model, name, layer, cost, method, ranks, label, note, *, data, s
         chain, approx, _ = fit_chain(layer, method, ranks, x=x, y=y, seed=seed)
         fit_note = f"{exc}; fell back to tucker2"
         macs_after = sum(c.macs for c in count(chain, cost.input_shape).values())
+    error = None if x is None else round(datafit.output_error(chain, x, y), 6)  # on the CPU, where x and y are
     set_submodule(model, name, chain.to(next(model.parameters()).device))
     params_after = sum(p.numel() for p in chain.parameters())
     return LayerPlan(name, type(layer).__name__, method.name, ranks, label, cost.macs, macs_after, cost.params,
                      params_after, _relative_error(layer.weight.detach(), approx), "; ".join(filter(None, (note, fit_note))),
-                     None if x is None else round(datafit.output_error(chain, x, y), 6), **_measured(choice))
+                     error, **_measured(choice))
 
 
 def collapse(model: nn.Module, plan: DecompositionPlan, dense: nn.Module) -> nn.Module:

@@ -167,7 +167,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     skeleton, total = check_budget(spec, settings, layer_cost) if budget else (None, None)
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
-    device = torch_device(tuning.device)  # the sweep's forward passes in fp32: its KLs choose the plan
+    device = torch_device(tuning.device, mixed_precision=tuning.mixed_precision)  # autocast only in fine-tuning
     common = dict(spec=spec, samples=samples, settings=settings, layer_cost=layer_cost, skeleton=skeleton,
                   total=total, seed=seed, use_cache=use_cache, progress=progress, log=log, device=device)
     one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
@@ -202,5 +202,4 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             history.update(steps=steps, epochs=epochs,
                            seconds_per_epoch=round(sum(e["seconds"] for e in epochs) / len(epochs), 3))
         seconds["finetune"] = round(time.perf_counter() - started, 1)  # with the re-factoring between steps
-    return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan,
-                      torch_device(tuning.device, mixed_precision=tuning.mixed_precision).about())
+    return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan, device.about())

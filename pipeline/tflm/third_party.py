@@ -107,7 +107,7 @@ def fetch(*, pins: tuple[Pin, ...] | None = None, dest: Path | None = None, log=
     """The pinned trees in one folder of the cache (or `dest`), fetched once with git and verified; a tree that
     does not match its pin is an error naming both digests, and nothing is kept."""
     pins = pins or load_pins()
-    dest = dest or cache_dir("third-party", sha256_json([p.__dict__ for p in pins])[:16])
+    dest = dest or _cache_folder(pins)
     if (dest / "verified").is_file():
         return dest
     if shutil.which("git") is None:
@@ -131,8 +131,11 @@ def fetch(*, pins: tuple[Pin, ...] | None = None, dest: Path | None = None, log=
     return dest
 
 
+def _cache_folder(pins: tuple[Pin, ...]) -> Path:
+    return cache_dir("third-party", sha256_json([p.__dict__ for p in pins])[:16])
+
+
 def fetched() -> Path | None:
     """The cache's verified copy of the pinned trees, if `fetch` has made one."""
-    pins = load_pins()
-    dest = cache_dir("third-party", sha256_json([p.__dict__ for p in pins])[:16])
+    dest = _cache_folder(load_pins())
     return dest if (dest / "verified").is_file() else None
