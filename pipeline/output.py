@@ -118,9 +118,3 @@ def writing(*folders: str | os.PathLike) -> Iterator[None]:
                 raise InputError(f"Another cnn-deploy run is writing {folder}; wait for it to finish or choose "
                                  "another OUT=") from None
         yield
-
-
-def cache_lock(path: Path) -> FileLock:
-    """A lock for building one cache entry: concurrent runs wait for the first, then reuse what it made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path.with_name(f".{path.name}.lock"))

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from filelock import FileLock
+
 from pipeline.errors import InputError
 
 _UMASK = os.umask(0)
@@ -74,6 +76,12 @@ def cache_dir(*parts: str) -> Path:
     """Where derived, rebuildable data lives (emulator roots, sensitivity tables): $CNN_DEPLOY_CACHE or .cache/."""
     base = Path(os.environ.get("CNN_DEPLOY_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
     return base.joinpath(*parts)
+
+
+def cache_lock(path: Path) -> FileLock:
+    """A lock for building one cache entry: concurrent runs wait for the first, then reuse what it made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 # ---- hashing --------------------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from pipeline.cycles.cores import Core
 from pipeline.cycles.profile import Block
 from pipeline.cycles.tools import llvm_version, require
 from pipeline.errors import DeviceError
-from pipeline.output import cache_lock
-from pipeline.util import cache_dir, sha256_json, write_text
+from pipeline.util import cache_dir, cache_lock, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
 VERSION = 3  # of how blocks are prepared for llvm-mca: a change invalidates the cached timings

@@ -14,8 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import DeviceError
-from pipeline.output import cache_lock
-from pipeline.util import cache_dir
+from pipeline.util import cache_dir, cache_lock
 
 PACKAGES = "python3.11-minimal,libpython3.11-stdlib,libstdc++6,libgcc-s1,zlib1g"
 # qemu-user shows the guest the host's x86 /proc/cpuinfo and ORT's cpuinfo reader crashes on it;

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DeviceError
-from pipeline.output import cache_lock
 from pipeline.tflm.ops import KERNEL_SOURCES
 from pipeline.tflm.third_party import PINS_FILE, fetched, load_pins
-from pipeline.util import atomic_path, cache_dir, sha256_bytes, sha256_json
+from pipeline.util import atomic_path, cache_dir, cache_lock, sha256_bytes, sha256_json
 
 HARNESS = Path(__file__).with_name("harness")
 PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi libstdc++-arm-none-eabi-newlib qemu-system-arm"

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DeviceError
-from pipeline.output import cache_lock
-from pipeline.util import cache_dir, sha256_json
+from pipeline.util import cache_dir, cache_lock, sha256_json
 
 PINS_FILE = Path(__file__).with_name("third_party.toml")
 

@@ -28,8 +28,7 @@ from pipeline.compress.methods import Method, methods_for
 from pipeline.compress.ranks import round_up
 from pipeline.compute import CPU, TorchDevice
 from pipeline.errors import StageError
-from pipeline.output import cache_lock
-from pipeline.util import cache_dir, sha256_bytes, sha256_json, write_text
+from pipeline.util import cache_dir, cache_lock, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
 VERSION = 5  # 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
