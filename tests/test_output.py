@@ -144,7 +144,7 @@ def test_a_second_run_writing_the_same_folder_is_refused_at_once(tmp_path):
         started = time.monotonic()
         with pytest.raises(InputError, match=f"Another cnn-deploy run is writing {out}"), writing(out):
             pass
-        assert time.monotonic() - started < 5  # refused, not queued
+        assert time.monotonic() - started < 20  # refused, not queued behind the 30 s holder
     finally:
         holder.kill()
         holder.wait()
