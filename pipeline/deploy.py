@@ -34,7 +34,7 @@ from pipeline.device.regress import board_settings, device_check_job, keep_writt
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
 from pipeline.metrics import VariantReport, estimated_on
-from pipeline.onnx.chain import to_onnx
+from pipeline.onnx.chain import from_onnx_file, to_onnx
 from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
@@ -145,10 +145,16 @@ def export_models(build: Build) -> None:
     build.baseline.mkdir()
     for name, module in (("dense", build.spec.module), ("factored", build.compressed.model)):
         _stage(f"export + simplify + quantize ({name})")
-        pair = to_onnx(module, build.baseline, name, check_inputs=build.eval_x[:CHECK_SAMPLES],
-                       calibration=build.calibration, quantization=build.profile.quantization)
+        source = build.spec.source if name == "dense" else None  # an ONNX model's baseline is its own file
+        chain = functools.partial(from_onnx_file, Path(source["onnx"])) if source else functools.partial(to_onnx, module)
+        pair = chain(build.baseline, name, check_inputs=build.eval_x[:CHECK_SAMPLES], calibration=build.calibration,
+                     quantization=build.profile.quantization)
         build.onnx.update({f"{name}_fp32": pair.fp32, f"{name}_int8": pair.int8})
         build.notes += [f"{name}: {note}" for note in pair.notes]
+        if source:
+            build.notes.append(f"dense: the torch module read from it (factored and fine-tuned from there) matches "
+                               f"ONNX Runtime on the file to {source['max_abs_diff']:.2g} (max abs, opset "
+                               f"{source['opset']}, {source['nodes']} nodes)")
 
 
 def convert_models(build: Build) -> None:
@@ -313,7 +319,8 @@ def write_report(build: Build) -> None:
                           decomposition=build.compressed.record(), eval_samples=int(len(build.eval_y)),
                           thresholds=build.profile.to_dict()["thresholds"], passed=not build.failures,
                           top1_drop=round(float(drop), 6), notes=tuple(build.notes), failures=tuple(build.failures),
-                          device=build.device, wall_seconds=round(time.perf_counter() - build.started, 1))
+                          device=build.device, wall_seconds=round(time.perf_counter() - build.started, 1),
+                          model_source=build.spec.source)
     build.report, build.reports = report, write_reports(build.staging, report, build.compressed.plan_table())
 
 
@@ -491,7 +498,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
 def run_inputs(target: str, model: str, weights: str | None, data: str | None) -> list[str | None]:
     """The user's files a run reads, which its output folder must not hold."""
     source = model.rsplit(":", 1)[0]
-    return [target if target.endswith(".toml") else None, source if source.endswith(".py") else None, weights, data]
+    return [target if target.endswith(".toml") else None, source if source.endswith((".py", ".onnx")) else None,
+            weights, data]
 
 
 def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, data, samples, device_samples,

@@ -67,6 +67,77 @@ class GlobalMean(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
 
+class SqueezeExcite(nn.Module):  # MobileNetV3: hard-swish, then channel weights from a sigmoid
+    def __init__(self):
+        super().__init__()
+        self.conv, self.down, self.up = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = F.hardswish(self.conv(x))
+        return y * torch.sigmoid(self.up(F.relu(self.down(F.adaptive_avg_pool2d(y, 1)))))
+
+
+class Fire(nn.Module):  # SqueezeNet: two expand branches at different scales, concatenated
+    def __init__(self):
+        super().__init__()
+        self.squeeze, self.e1, self.e3 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x):
+        z = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.e1(z)), F.relu(self.e3(z))], 1)
+
+
+class ChannelShuffle(nn.Module):  # ShuffleNet: split the channels into groups and transpose them
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class Normalised(nn.Module):  # normalisation inside the graph, then a BatchNorm with no conv before it
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1), self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(-2, 2), self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.conv(self.bn((x - 0.5) / 0.25))
+
+
+class Relu6Shared(nn.Module):  # the conv's output has a second reader, so the ReLU6 stays a node
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu6(y) + y
+
+
+class Upsample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return F.interpolate(self.conv(x), scale_factor=2, mode="nearest")
+
+
+class SoftmaxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        return F.softmax(self.fc(x.flatten(1)), 1)
+
+
 # name: (module, TFLite ops it must become, tolerance in output steps). Each op that requantizes (conv,
 # linear, add, mean, average pool) may round one step differently from ORT; max pool, pad, slice and
 # reshape move values unchanged. So a chain of n requantizing ops is held to n steps.
@@ -84,6 +155,16 @@ CASES = {
     "maxpool_flatten_linear": (Head(), {"CONV_2D", "MAX_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}, 2),
     "avgpool": (nn.Sequential(nn.Conv2d(4, 4, 1), nn.AvgPool2d(2)), {"CONV_2D", "AVERAGE_POOL_2D"}, 2),
     "global_mean": (GlobalMean(), {"CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"}, 3),
+    # hard-swish, sigmoid and mul each requantize; the sigmoid's 1/256 grid is coarse against the output's
+    "squeeze_excite": (SqueezeExcite(), {"CONV_2D", "HARD_SWISH", "MEAN", "LOGISTIC", "MUL"}, 3),
+    # one branch is requantized to the concat's scale first: one more rounding on that branch
+    "concat": (Fire(), {"CONV_2D", "QUANTIZE", "CONCATENATION"}, 2),
+    "channel_shuffle": (ChannelShuffle(), {"CONV_2D", "RESHAPE", "TRANSPOSE"}, 1),
+    # sub, div-as-mul, the batch norm as a depthwise 1x1 and the conv: four requantizing ops
+    "normalise_batchnorm": (Normalised(), {"SUB", "MUL", "DEPTHWISE_CONV_2D", "CONV_2D"}, 4),
+    "relu6_standalone": (Relu6Shared(), {"CONV_2D", "RELU6", "QUANTIZE", "ADD"}, 3),
+    "resize_nearest": (Upsample(), {"CONV_2D", "RESIZE_NEAREST_NEIGHBOR"}, 1),
+    "softmax": (SoftmaxHead(), {"RESHAPE", "FULLY_CONNECTED", "SOFTMAX"}, 2),
 }
 
 
@@ -117,8 +198,8 @@ def test_tflm_matches_onnxruntime_qdq_within_one_step_per_requantizing_op(case, 
 
 
 def test_unsupported_operator_fails_naming_the_node_before_writing(tmp_path):
-    q_onnx, _ = quantized(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Sigmoid()), tmp_path)
-    with pytest.raises(StageError, match=r"node '.*' \(Sigmoid\) has no TFLite Micro builtin"):
+    q_onnx, _ = quantized(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Tanh()), tmp_path)
+    with pytest.raises(StageError, match=r"node '.*' \(Tanh\) has no TFLite Micro builtin"):
         convert_to_tflite(q_onnx, tmp_path / "m.tflite")
     assert not (tmp_path / "m.tflite").exists()
 
@@ -182,14 +263,13 @@ def test_one_operator_table_drives_the_converter_the_resolver_and_the_readme():
     from pathlib import Path
 
     from pipeline.tflm.convert import _Converter
-    from pipeline.tflm.ops import OPERATORS, RESOLVER_CALLS
+    from pipeline.tflm.ops import OPERATORS, RESOLVER_CALLS, readme_table
 
     root = Path(__file__).resolve().parents[1]
     readme = root.joinpath("README.md").read_text()
-    block = readme.split("<!-- tflite-operators -->")[1].split("<!-- /tflite-operators -->")[0]
-    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in block.strip().splitlines()[2:]]
-    assert [(r[0], r[1] if r[1].isupper() else None, None if r[2] == "-" else r[2]) for r in rows] == \
-        [(op.onnx, op.builtin, op.resolver) for op in OPERATORS]
+    block = readme.split("<!-- tflite-operators -->\n")[1].split("\n<!-- /tflite-operators -->")[0]
+    assert block == readme_table()
+    assert all(f"`{op.onnx}`" in block and (op.builtin is None or f"`{op.builtin}`" in block) for op in OPERATORS)
     for op in OPERATORS:
         assert callable(getattr(_Converter, op.convert)), op
         assert op.builtin is None or hasattr(tfl.BuiltinOperator, op.builtin), op

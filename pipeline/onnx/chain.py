@@ -4,11 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from torch import nn
 
-from pipeline.onnx.export import export_onnx
+from pipeline.onnx.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from pipeline.onnx.quantize import quantize_onnx
 from pipeline.onnx.simplify import simplify_onnx
+from pipeline.util import atomic_path
 from targets import Quantization
 
 
@@ -29,3 +31,26 @@ def to_onnx(module: nn.Module, folder: Path, stem: str, *, check_inputs: np.ndar
     notes += [note] if note else []
     int8 = quantize_onnx(fp32, folder / f"{stem}.int8.onnx", calibration=calibration, settings=quantization)
     return OnnxPair(fp32, int8, tuple(notes))
+
+
+def from_onnx_file(source: Path, folder: Path, stem: str, *, check_inputs: np.ndarray, calibration: np.ndarray,
+                   quantization: Quantization) -> OnnxPair:
+    """The same pair from a user's ONNX file, which stays the reference: only its input and output are renamed to
+    the names every later stage reads; simplification is kept only where it computes the same outputs."""
+    model = onnx.load(str(source))
+    inits = {i.name for i in model.graph.initializer}
+    renames = {next(v.name for v in model.graph.input if v.name not in inits): INPUT_NAME,
+               model.graph.output[0].name: OUTPUT_NAME}
+    for value in (*model.graph.input, *model.graph.output):
+        value.name = renames.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    with atomic_path(folder / f"{stem}.raw.onnx") as tmp:
+        onnx.save(model, str(tmp))
+    raw = folder / f"{stem}.raw.onnx"
+    fp32, note = simplify_onnx(raw, folder / f"{stem}.fp32.onnx", check_inputs=check_inputs)
+    raw.unlink()
+    int8 = quantize_onnx(fp32, folder / f"{stem}.int8.onnx", calibration=calibration, settings=quantization)
+    return OnnxPair(fp32, int8, (f"the model's own ONNX file {source.name}, input and output renamed",
+                                 *([note] if note else [])))

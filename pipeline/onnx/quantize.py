@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -13,6 +14,7 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from pipeline.util import atomic_path
 from targets import Quantization
@@ -21,6 +23,21 @@ _TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 _METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+
+
+# ONNX Runtime quantizes the ops of its registries; these it leaves in float unless asked, while TFLite Micro runs
+# them in int8 (a normalising Sub/Div at the input, a hard-swish ORT's pre-processing splits into HardSigmoid * x)
+ALSO_QUANTIZED = ("Sub", "Div", "HardSwish", "HardSigmoid")
+OP_TYPES = tuple(sorted({*QLinearOpsRegistry, *QDQRegistry, *ALSO_QUANTIZED}))
+# TFLite's int8 LOGISTIC and SOFTMAX write [0, 1) as 256 steps from -128; calibrating them otherwise would need a
+# requantize after each, and ORT and TFLite Micro would then round differently
+UNIT_INTERVAL_OUTPUTS = ("Sigmoid", "Softmax")
+
+
+def _unit_interval_overrides(model_path: Path, activation_type: str) -> dict:
+    zero_point = np.array(-128 if activation_type == "int8" else 0, np.int8 if activation_type == "int8" else np.uint8)
+    return {node.output[0]: [{"scale": np.array(1 / 256, np.float32), "zero_point": zero_point}]
+            for node in onnx.load(str(model_path)).graph.node if node.op_type in UNIT_INTERVAL_OUTPUTS}
 
 
 class ArrayReader(CalibrationDataReader):
@@ -50,6 +67,8 @@ def quantize_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cali
             quant_format=_FORMATS[settings.format], per_channel=settings.per_channel,
             activation_type=_TYPES[settings.activation_type], weight_type=_TYPES[settings.weight_type],
             calibrate_method=_METHODS[settings.calibration_method], reduce_range=settings.reduce_range,
-            extra_options={"CalibTensorRangeSymmetric": False},
+            op_types_to_quantize=list(OP_TYPES),
+            extra_options={"CalibTensorRangeSymmetric": False,
+                           "TensorQuantOverrides": _unit_interval_overrides(prepared, settings.activation_type)},
         )
     return Path(out)

@@ -8,7 +8,8 @@ import onnxruntime as ort
 from pipeline.errors import InputError
 
 
-def session(path: str | os.PathLike, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def session(path: str | os.PathLike | bytes, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session on a file, or on a serialized model held in memory."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -16,9 +17,10 @@ def session(path: str | os.PathLike, *, threads: int = 0, optimize: bool = True)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise InputError(f"ONNX model {str(path)!r} could not be loaded ({type(exc).__name__}: "
+        name = "(in memory)" if isinstance(path, bytes) else str(path)
+        raise InputError(f"ONNX model {name!r} could not be loaded ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:300]}); expected a complete .onnx or .ort file") from exc
 
 

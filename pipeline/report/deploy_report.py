@@ -28,6 +28,7 @@ class DeployReport:
     warnings: tuple[str, ...] = ()  # every cost factoring made worse than dense (see report.compare)
     device: dict | None = None  # the on-device check, when the profile runs it on deploy
     wall_seconds: float = 0.0
+    model_source: dict | None = None  # an ONNX model's file, opset and how closely the torch module matched it
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

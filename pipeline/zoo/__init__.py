@@ -1,5 +1,8 @@
 """The model zoo: named networks with their input shape, normalisation, class names and reference weights.
 
+A model is also accepted as an ONNX file (`path/to/model.onnx`): it is read into a torch module whose convs are
+`nn.Conv2d` (see `pipeline.zoo.onnx_model`), its input shape from the graph, its weights from the file.
+
 A model is also accepted as `package.module:callable` or `path/to/file.py:callable` (returning an `nn.Module`)
 plus a state-dict checkpoint; the working directory is importable, as it is for `python -m`. Its input shape,
 mean, std and class names come from the module's attributes (`input_shape`, `mean`, `std`, `class_names`) or
@@ -48,6 +51,7 @@ class ModelSpec:
     class_names: tuple[str, ...] | None = None  # None: the data's names, or class0..classN-1
     weights: str | None = None
     weights_sha256: str | None = None
+    source: dict | None = field(default=None, compare=False)  # an ONNX file's import: its path, opset, match to ORT
 
     @property
     def num_classes(self) -> int:
@@ -203,6 +207,8 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
     Overrides win over the module's attributes and the zoo's values. `pretrained=False` returns freshly
     initialised weights (for training and tests).
     """
+    if name.endswith(".onnx"):
+        return _load_onnx(name, weights, input_shape=input_shape, mean=mean, std=std, class_names=class_names)
     if ":" in name:
         factory = _import_callable(name)
         try:
@@ -236,17 +242,46 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
                 raise InputError(f"Model {name!r} has no reference weights here: pass WEIGHTS={entry.weights_hint} "
                                  + entry.about)
     else:
-        raise unknown("model", name, [*ZOO, "package.module:callable", "path/to/file.py:callable"])
+        raise unknown("model", name, [*ZOO, "package.module:callable", "path/to/file.py:callable", "path/to/model.onnx"])
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"Model {name!r}: input shape {shape}; expected C x H x W of one sample")
     mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
     if pretrained:
         load_weights(module, weights, model_name=name)
+    return _checked(name, module, shape=shape, mean=mean, std=std, names=names,
+                    weights=str(Path(weights).resolve()) if pretrained else None,
+                    weights_sha256=sha256_file(weights) if pretrained else None)
+
+
+def _load_onnx(name: str, weights, *, input_shape, mean, std, class_names) -> ModelSpec:
+    """An ONNX classifier: shape from the graph (or INPUT_SHAPE=), weights from the file, normalisation given or
+    inside the graph."""
+    from pipeline.zoo.onnx_model import import_onnx  # reads onnx and onnxsim: only when a file is given
+
+    path = Path(name).resolve()
+    if weights is not None and Path(weights).resolve() != path:
+        raise InputError(f"Model {name!r} is an ONNX file, which holds its own weights; WEIGHTS={weights} is for "
+                         "PyTorch models: leave it out")
+    imported = import_onnx(path, input_shape=input_shape)
+    shape = imported.input_shape
+    if mean is None or std is None:
+        if not imported.normalised_inside:
+            raise InputError(f"Model {name!r} does not say how its input is normalised: give MEAN= and STD= (make) "
+                             "or --mean/--std, e.g. MEAN=0 STD=1 when the graph takes the data as it is")
+        mean, std = (0.0 if mean is None else mean), (1.0 if std is None else std)  # the graph normalises itself
+    mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
+    digest = sha256_file(path)
+    return _checked(name, imported.module, shape=shape, mean=mean, std=std, names=class_names, weights=str(path),
+                    weights_sha256=digest, source={"onnx": str(path), "sha256": digest, **imported.record()})
+
+
+def _checked(name: str, module: nn.Module, *, shape, mean, std, names, weights, weights_sha256,
+             source: dict | None = None) -> ModelSpec:
+    """The spec, once the module has run on one input and its class count matches the names."""
     module.eval()
     spec = ModelSpec(name=name, module=module, input_shape=shape, mean=mean, std=std,
                      class_names=tuple(str(c) for c in names) if names is not None else None,
-                     weights=str(Path(weights).resolve()) if pretrained else None,
-                     weights_sha256=sha256_file(weights) if pretrained else None)
+                     weights=weights, weights_sha256=weights_sha256, source=source)
     try:
         classes = spec.num_classes
     except RuntimeError as exc:
