@@ -54,9 +54,9 @@ def _add_model_flags(p) -> None:
     from pipeline.deploy import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a zoo model ({known_models()}), package.module:callable or path/to/file.py:callable "
-                        f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's)")
+                   help=f"a zoo model ({known_models()}), package.module:callable, path/to/file.py:callable "
+                        f"or path/to/model.onnx (default: {DEFAULT_MODEL})")
+    p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's; an ONNX file holds its own)")
     p.add_argument("--input-shape", help="C x H x W of one sample, e.g. 1x49x10 (default: the model's input_shape)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean, or one for all (default: the model's)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std, or one for all (default: the model's)")

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from stripes import stripes
 from torch import nn
 
 
@@ -100,40 +101,37 @@ class ShuffleUnit(nn.Module):
 class ShuffleNet(nn.Module):
     def __init__(self, classes: int = 4):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU())
-        self.units = nn.Sequential(ShuffleUnit(48), ShuffleUnit(48), nn.MaxPool2d(2), ShuffleUnit(48))
-        self.fc = nn.Linear(48, classes)
+        self.stem = nn.Sequential(nn.Conv2d(3, 128, 3, 2, 1), nn.BatchNorm2d(128), nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(128), ShuffleUnit(128), nn.MaxPool2d(2), ShuffleUnit(128))
+        self.fc = nn.Linear(128, classes)
 
     def forward(self, x):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.units(self.stem(x)), 1), 1))
 
 
 NETS = {"mobilenetv3": (MobileNetV3Small, 96, 2), "squeezenet": (SqueezeNet, 32, 4), "shufflenet": (ShuffleNet, 32, 4)}
+KERAS = Path(__file__).parent / "data/keras_cnn.onnx"  # Keras through tf2onnx: see data/make_keras_onnx.py
 
 
-def stripes(size: int, classes: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images of noisy stripes, the class their orientation (0, 180/classes, ... degrees): learnable by a few
-    conv layers in a few epochs, and not by colour or brightness alone. N x H x W x 3 in 0..1."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(count) % classes
-    grid = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle = np.pi * y / classes + rng.normal(0, 0.05, count)
-    period = rng.uniform(4, 10, count) * size / 32
-    phase = rng.uniform(0, 2 * np.pi, count)
-    along = np.cos(angle)[:, None, None] * grid[0] + np.sin(angle)[:, None, None] * grid[1]
-    wave = 0.5 + 0.35 * np.sin(2 * np.pi * along / period[:, None, None] + phase[:, None, None])
-    tint = rng.uniform(0.7, 1.0, (count, 1, 1, 3))
-    x = wave[..., None] * tint + rng.normal(0, 0.08, (count, size, size, 3))
-    return np.clip(x, 0, 1).astype(np.float32), y
+def write_stripes(data: Path, size: int, classes: int, *, train: int = 768, test: int = 256) -> Path:
+    x_train, y_train = stripes(size, classes, train, seed=0)
+    x_test, y_test = stripes(size, classes, test, seed=1)
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return data
+
+
+def keras_onnx(folder: Path) -> tuple[Path, Path]:
+    """The committed tf2onnx file, copied as a user's, with the data it was trained on (32x32 stripes, 4 classes)."""
+    path = folder / "keras_cnn.onnx"
+    path.write_bytes(KERAS.read_bytes())
+    return path, write_stripes(folder / "keras.npz", 32, 4)
 
 
 def make_onnx(name: str, folder: Path, *, train: int = 768, test: int = 256, epochs: int = 10) -> tuple[Path, Path]:
     """Train `name` on stripes, export it to `folder/<name>.onnx`, and write the data as `folder/<name>.npz`."""
     build, size, classes = NETS[name]
-    x_train, y_train = stripes(size, classes, train, seed=0)
-    x_test, y_test = stripes(size, classes, test, seed=1)
-    data = folder / f"{name}.npz"
-    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    data = write_stripes(folder / f"{name}.npz", size, classes, train=train, test=test)
+    x_train, y_train = np.load(data)["x_train"], np.load(data)["y_train"]
     torch.manual_seed(0)
     model = build(classes)
     mean, std = (0.0, 1.0) if name == "mobilenetv3" else (0.5, 0.25)  # MobileNet normalises inside its graph

@@ -53,7 +53,8 @@ class DeployReport:
                  "agreement w/ ORT", "max diff (steps)"),
                 [(n, f"{d['flash_bytes']:,}", f"{d['arena_bytes']:,}", f"{d['smallest_arena_bytes']:,}",
                   f"{d['litert_top1']:.2%}", f"{d['ort_int8_top1']:.2%}", f"{d['ort_agreement']:.2%}",
-                  f"{d['max_output_diff_steps']:g}") for n, d in micro.items()])]
+                  f"{d['max_output_diff_steps']:g}" + (" (logits)" if d.get("output_diff_on", "output") != "output" else ""))
+                 for n, d in micro.items()])]
         board = {n: v.details["firmware"] for n, v in self.variants.items() if "firmware" in v.details}
         if board:
             lines += ["", firmware_table(board)]

@@ -108,19 +108,16 @@ class _Onnx:
                                      "TFLite Micro needs int8 activations (activation_type = \"int8\" in the profile)")
                 return Quant(tuple(np.atleast_1d(self.consts[node.input[1]]).astype(float)), tuple(np.atleast_1d(zp).astype(int)))
         users = self.consumers.get(name, [])
-        if len(users) == 1 and users[0].op_type in ("Reshape", "Flatten", "Relu"):
+        if len(users) == 1 and users[0].op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Relu"):
             return self.quant(users[0].output[0])
         raise StageError(f"Tensor {name!r} has no quantization parameters; expected a fully quantized QDQ graph")
 
 
 def _layout_free(in_shape: tuple, out_shape: tuple) -> bool:
-    """Whether a reshape moves no data once both tensors are stored in their TFLite layout."""
-    if in_shape == out_shape or (len(in_shape) < 4 and len(out_shape) < 4):
-        return True
-    if len(in_shape) == 4 and len(out_shape) == 2:  # a flatten: HWC order is folded into the linear layer after it
-        return True
-    channels_only = in_shape[0] == out_shape[0] and in_shape[-2:] == out_shape[-2:]
-    return len(in_shape) in (4, 5) and len(out_shape) in (4, 5) and channels_only
+    """Whether a reshape moves no data once both tensors are stored in their TFLite layout: the elements, numbered
+    in ONNX order, come out of both TFLite tensors in the same order (shapes are small: this is exact and cheap)."""
+    numbered = np.arange(int(np.prod(in_shape))).reshape(in_shape)
+    return np.array_equal(_to_tflite_layout(numbered).ravel(), _to_tflite_layout(numbered.reshape(out_shape)).ravel())
 
 
 def _same_padding(size: int, k: int, s: int, d: int) -> tuple[int, int]:
@@ -307,8 +304,9 @@ class _Converter:
             if any(reader.op_type not in ("Gemm", "MatMul") for reader in self.src.readers(node.output[0])):
                 raise StageError(f"Node {node.name!r} flattens a feature map for something other than a linear layer")
         elif not _layout_free(in_shape, out_shape):
-            raise StageError(f"Node {node.name!r} reshapes {in_shape} to {out_shape}; expected a flatten, or a split or "
-                             "merge of the channel axis that keeps batch, height and width (a channel shuffle)")
+            raise StageError(f"Node {node.name!r} reshapes {in_shape} to {out_shape}, which moves data in TFLite's "
+                             "channels-last layout; expected a flatten, a squeeze of unit axes, or a split or merge "
+                             "of the channel axis that keeps height and width (a channel shuffle)")
         new_shape = np.array(self.tfl_shape(node.output[0]), np.int32)
         options = tfl.ReshapeOptionsT()
         options.newShape = new_shape
@@ -514,12 +512,45 @@ class _Converter:
         return self.out.serialize()
 
 
-def convert_to_tflite(quantized_onnx: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a full-int8 .tflite equivalent to the QDQ ONNX model (batch 1, NHWC, int8 input and output)."""
-    model = _batch_one(load(quantized_onnx))
+def tflite_bytes(quantized: onnx.ModelProto) -> bytes:
+    """A full-int8 .tflite (batch 1, NHWC, int8 input and output) equivalent to the QDQ ONNX model."""
+    model = _batch_one(quantized)
     unsupported = [n for n in model.graph.node if n.op_type not in {*CONVERTERS, *QDQ, "Constant"}]
     if unsupported:
         names = ", ".join(f"{n.name or n.output[0]!r} ({n.op_type})" for n in unsupported[:5])
         raise StageError(f"Cannot convert to TFLite: node {names} has no TFLite Micro builtin here; "
                          f"supported: {', '.join(sorted(CONVERTERS))}")
-    return write_bytes(out, _Converter(model).run(model.graph))
+    return _Converter(model).run(model.graph)
+
+
+def convert_to_tflite(quantized_onnx: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write `out`, the .tflite of the QDQ ONNX file (see `tflite_bytes`); nothing is written when it fails."""
+    return write_bytes(out, tflite_bytes(load(quantized_onnx)))
+
+
+def before_final_softmax(quantized_onnx: str | os.PathLike) -> onnx.ModelProto | None:
+    """The QDQ graph cut just before a Softmax that ends it (its output the quantized logits), or None.
+
+    A softmax turns a one-step difference in the logits into many steps of its 1/256 grid, so two runtimes that
+    agree on the logits can differ there by tens of steps: runtimes are compared on the logits instead."""
+    model = load(quantized_onnx)
+    graph = model.graph
+    src = _Onnx(model)
+    node = src.producer.get(graph.output[0].name)
+    while node is not None and node.op_type in QDQ:
+        node = src.producer.get(node.input[0])
+    if node is None or node.op_type != "Softmax":
+        return None
+    keep = set()
+    stack = [node.input[0]]
+    while stack:  # every node the softmax's input depends on
+        producer = src.producer.get(stack.pop())
+        if producer is not None and id(producer) not in keep:
+            keep.add(id(producer))
+            stack.extend(producer.input)
+    cut = onnx.ModelProto.FromString(model.SerializeToString())
+    del cut.graph.node[:]
+    cut.graph.node.extend(n for n in graph.node if id(n) in keep)
+    del cut.graph.output[:]
+    cut.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    return cut

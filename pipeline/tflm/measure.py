@@ -12,6 +12,7 @@ from pipeline.metrics import VariantReport, agreement, on_this_host, per_class, 
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import run, session
 from pipeline.tflm import interpreter
+from pipeline.tflm.convert import before_final_softmax, tflite_bytes
 from pipeline.util import host_machine, median_ms
 
 
@@ -61,6 +62,22 @@ def _tflm_latency_ms(model_bytes: bytes, sample: np.ndarray, *, runs: int, warmu
     return median_ms(it.invoke, runs=runs, warmup=warmup)
 
 
+def output_difference_steps(model_bytes: bytes, quantized_onnx: Path, eval_x: np.ndarray, *, logits: np.ndarray,
+                            ort_int8: np.ndarray) -> tuple[float, str]:
+    """The largest |TFLM - ORT int8| in quantization steps, and which tensor it was taken on: the output, or the
+    logits when the model ends in a softmax (see `before_final_softmax`)."""
+    io = interpreter.io_quant(model_bytes)
+    cut = before_final_softmax(quantized_onnx)
+    if cut is None:
+        return round(float(np.max(np.abs(logits - ort_int8)) / io.output_scale), 3), "output"
+    cut_bytes = tflite_bytes(cut)
+    cut_io = interpreter.io_quant(cut_bytes)
+    micro = interpreter.dequantize_output(interpreter.run_tflm(cut_bytes, interpreter.quantize_input(eval_x, cut_io)), cut_io)
+    ort = run(session(cut.SerializeToString()), eval_x)
+    return round(float(np.max(np.abs(micro.reshape(ort.shape) - ort)) / cut_io.output_scale), 3), \
+        "logits (the input of the final Softmax)"
+
+
 def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarray, eval_y: np.ndarray, class_names,
                    reference: np.ndarray, latency_runs: int, latency_warmup: int, label: str = "",
                    progress: bool = True) -> tuple[VariantReport, np.ndarray]:
@@ -75,6 +92,7 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
     ort_int8 = run(session(quantized_onnx), eval_x)
     recorded = interpreter.arena_bytes(model_bytes)
     cost = onnx_cost(quantized_onnx)
+    steps, compared_on = output_difference_steps(model_bytes, quantized_onnx, eval_x, logits=logits, ort_int8=ort_int8)
     host_ms = round(_tflm_latency_ms(model_bytes, x_int8[0], runs=latency_runs, warmup=latency_warmup), 4)
     report = VariantReport(
         macs=cost.macs, params=cost.params, bytes=len(model_bytes), peak_activation_bytes=peak_activation_bytes(model_bytes),
@@ -91,7 +109,8 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
             "litert_top1": top1(lite, eval_y),
             "ort_int8_top1": top1(ort_int8, eval_y),
             "ort_agreement": agreement(logits, ort_int8),
-            "max_output_diff_steps": round(float(np.max(np.abs(logits - ort_int8)) / io.output_scale), 3),
+            "max_output_diff_steps": steps,
+            "output_diff_on": compared_on,
             "input_quantization": {"scale": io.input_scale, "zero_point": io.input_zero_point},
             "output_quantization": {"scale": io.output_scale, "zero_point": io.output_zero_point},
             "largest_tensors": largest_tensors(model_bytes),

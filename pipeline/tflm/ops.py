@@ -42,6 +42,8 @@ OPERATORS = (
     Operator("ReduceMean", "mean", "MEAN", "AddMean"),
     Operator("Reshape", "reshape", "RESHAPE", "AddReshape"),
     Operator("Flatten", "reshape", "RESHAPE", "AddReshape"),
+    Operator("Squeeze", "reshape", "RESHAPE", "AddReshape"),
+    Operator("Unsqueeze", "reshape", "RESHAPE", "AddReshape"),
     Operator("Pad", "pad", "PAD", "AddPad"),
     Operator("Slice", "slice", "STRIDED_SLICE", "AddStridedSlice"),
 )

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import numpy_helper, shape_inference
 from torch import fx
 
 from pipeline.errors import InputError
-from pipeline.onnx.run import session
 from pipeline.zoo.onnx_ops import IMPORTERS, SUPPORTED, Builder, attrs, label
 
 # The opsets this importer reads: torch exports 17-20, tf2onnx 13-18; before 11 Pad/Clip/Resize took attributes
@@ -148,6 +148,17 @@ def _build(model: onnx.ModelProto, path) -> tuple[fx.GraphModule, dict[str, str]
     return module.eval(), {name: value.name for name, value in b.values.items() if isinstance(value, fx.Node)}
 
 
+def _session(model: bytes) -> ort.InferenceSession:
+    """ONNX Runtime on the CPU (the model stage reads files before any later stage's helpers are in play)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        raise InputError(f"ONNX Runtime cannot run the model ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:300]}); expected a model it runs, the reference") from exc
+
+
 def _check_inputs(shape: tuple[int, int, int], count: int = 4) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(count, *shape)).astype(np.float32)
 
@@ -158,7 +169,7 @@ def _first_difference(fixed: onnx.ModelProto, module: fx.GraphModule, fx_names: 
     names = [o for n in probe.graph.node for o in n.output if o in fx_names]
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    sess = session(probe.SerializeToString())
+    sess = _session(probe.SerializeToString())
     wanted = [o.name for o in sess.get_outputs()]
     got = dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: x[:1]}), strict=True))
     seen = {}
@@ -189,7 +200,7 @@ def import_onnx(path: str | os.PathLike, *, input_shape=None) -> OnnxImport:
     fixed = _fixed(original, shape)
     module, fx_names = _build(fixed, path)
     x = _check_inputs(shape)
-    sess = session(Path(path).read_bytes())
+    sess = _session(Path(path).read_bytes())
     expected = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
     with torch.no_grad():
         try:

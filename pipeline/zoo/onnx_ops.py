@@ -60,10 +60,24 @@ class Builder:
         return name
 
     def call(self, node, layer: nn.Module, x: fx.Node) -> fx.Node:
-        return self.fx.call_module(self.attach(node.name or node.output[0], layer), (x,))
+        return self.fx.call_module(self.attach(layer_name(node), layer), (x,))
 
     def fn(self, function: Callable, *args, **kwargs) -> fx.Node:
         return self.fx.call_function(function, tuple(args), kwargs)
+
+
+def layer_name(node) -> str:
+    """A readable layer name from an exporter's node name: torch's '/blocks/blocks.0/se/up/Conv' -> 'blocks.0/se/up'
+    (the op type and the scope a child repeats dropped), which `attach` makes 'blocks_0_se_up'."""
+    parts = [p for p in (node.name or node.output[0]).split("/") if p]
+    if len(parts) > 1 and parts[-1].split("_")[0] == node.op_type:
+        parts.pop()
+    kept = []
+    for part in parts:
+        if kept and part.startswith(kept[-1] + "."):
+            kept.pop()
+        kept.append(part)
+    return "/".join(kept) or node.op_type
 
 
 def label(node) -> str:

@@ -1,0 +1,144 @@
+"""A model that arrives as an ONNX file: read into torch (convs as nn.Conv2d), checked against ONNX Runtime on the
+file, refused with one clear message when it cannot be read, and deployed from the file to both kinds of target."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx_nets import NETS, keras_onnx, make_onnx
+from test_tflite import CASES
+from torch import nn
+
+from pipeline.cli import main
+from pipeline.errors import InputError
+from pipeline.onnx.run import run, session
+from pipeline.zoo import load_model, onnx_ops
+from pipeline.zoo.onnx_model import import_onnx
+
+pytestmark = pytest.mark.runtime
+
+
+def export(module: nn.Module, path, shape=(4, 16, 16), *, dynamic_spatial=False, opset=18):
+    """The way a user exports: TorchScript's exporter, named input, batch dynamic."""
+    torch.manual_seed(0)
+    axes = {0: "n", 2: "h", 3: "w"} if dynamic_spatial else {0: "n"}
+    torch.onnx.export(module.eval(), (torch.randn(1, *shape),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["image"], output_names=["scores"], dynamic_axes={"image": axes})
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_operator_case_reads_back_to_the_same_function_with_its_convs_as_conv2d(case, tmp_path):
+    module = CASES[case][0]
+    imported = import_onnx(export(module, tmp_path / "m.onnx"))
+    assert imported.input_shape == (4, 16, 16) and imported.max_abs_diff < 1e-4
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(6, 4, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.allclose(imported.module(x), module(x), atol=1e-4)  # any batch size, not only the check's
+    expected = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in imported.module.modules()) == expected
+
+
+def test_in_graph_normalisation_means_mean_0_std_1_and_a_graph_without_it_asks_for_them(tmp_path):
+    inside = load_model(str(export(CASES["normalise_batchnorm"][0], tmp_path / "norm.onnx")))
+    assert inside.mean == (0.0,) * 4 and inside.std == (1.0,) * 4 and inside.source["normalised_inside"]
+    assert inside.weights == str(tmp_path / "norm.onnx") and len(inside.weights_sha256) == 64
+    assert any(isinstance(m, nn.BatchNorm2d) for m in inside.module.modules())
+    plain = export(CASES["global_mean"][0], tmp_path / "plain.onnx")
+    with pytest.raises(InputError, match="does not say how its input is normalised: give MEAN= and STD="):
+        load_model(str(plain))
+    spec = load_model(str(plain), mean=0.5, std=0.25)
+    assert spec.mean == (0.5,) * 4 and spec.num_classes == 3
+    with pytest.raises(InputError, match="holds its own weights; WEIGHTS=other.pt is for PyTorch models"):
+        load_model(str(plain), "other.pt", mean=0.5, std=0.25)
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    (tmp_path / "notes.onnx").write_text("these are my notes, not a model\n")
+    with pytest.raises(InputError, match=r"notes.onnx' is not a valid ONNX model"):
+        load_model(str(tmp_path / "notes.onnx"), mean=0, std=1)
+    with pytest.raises(InputError, match=r"missing.onnx' does not exist \(expected an ONNX file\)"):
+        load_model(str(tmp_path / "missing.onnx"), mean=0, std=1)
+
+
+def test_an_unsupported_operator_is_named_with_its_node_and_what_is_supported(tmp_path):
+    path = export(nn.Sequential(nn.Conv2d(4, 4, 1), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.ELU()), tmp_path / "m.onnx")
+    with pytest.raises(InputError) as error:
+        load_model(str(path), mean=0, std=1)
+    message = str(error.value)
+    assert "node '/1/Tanh' (Tanh) has an operator this importer does not convert (2 such nodes: Elu, Tanh)" in message
+    assert "supported: Add, AveragePool, BatchNormalization, Clip, Concat, Conv," in message
+
+
+def test_dynamic_height_and_width_need_input_shape(tmp_path):
+    path = export(CASES["global_mean"][0], tmp_path / "m.onnx", dynamic_spatial=True)
+    with pytest.raises(InputError, match=r"has dynamic input axes \(4x\?x\?\); give the shape of one sample with "
+                                         r"INPUT_SHAPE=CxHxW"):
+        load_model(str(path), mean=0, std=1)
+    assert load_model(str(path), input_shape=(4, 24, 20), mean=0, std=1).input_shape == (4, 24, 20)
+    with pytest.raises(InputError, match=r"takes C x H x W = \(4, None, None\); INPUT_SHAPE= gave \(3, 24, 20\)"):
+        load_model(str(path), input_shape=(3, 24, 20), mean=0, std=1)
+
+
+@pytest.mark.parametrize("opset", [9, 30])
+def test_an_opset_the_importer_does_not_read_is_refused_naming_the_range(opset, tmp_path):
+    model = onnx.load(str(export(CASES["conv_same"][0], tmp_path / "m.onnx")))
+    model.opset_import[0].version = opset  # too old for its Pad/Clip inputs, or newer than this onnx knows
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(InputError, match=rf"(uses ONNX opset {opset}; this importer reads opsets 11-22|not a valid ONNX)"):
+        load_model(str(tmp_path / "old.onnx"), mean=0, std=1)
+
+
+def test_a_module_that_does_not_match_the_file_names_the_first_node_that_differs(tmp_path, monkeypatch):
+    # an importer bug stood in for by a wrong table entry: a Sigmoid read as a ReLU
+    monkeypatch.setitem(onnx_ops.IMPORTERS, "Sigmoid", lambda b, node: b.fn(torch.relu, b.value(node.input[0])))
+    path = export(CASES["squeeze_excite"][0], tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=r"differs from ONNX Runtime on the file by .*; first differing node: "
+                                         r"'/Sigmoid' \(Sigmoid\), output '/Sigmoid_output_0' differs by"):
+        import_onnx(path)
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx_user")
+    return {**{name: make_onnx(name, folder) for name in NETS}, "keras": keras_onnx(folder)}
+
+
+# MobileNet and the Keras net normalise inside their graphs; the others take the data as (x - 0.5) / 0.25. On both cores most of these
+# small layers cost more cycles factored than dense, so 0.9 of the MACs is what the allocation can reach.
+NORMALISE = {"mobilenetv3": [], "keras": [], "squeezenet": ["--mean", "0.5", "--std", "0.25"],
+             "shufflenet": ["--mean", "0.5", "--std", "0.25"]}
+OPS = {"mobilenetv3": {"HARD_SWISH", "LOGISTIC", "MUL", "SUB"}, "squeezenet": {"CONCATENATION", "SOFTMAX"},
+       "shufflenet": {"CONCATENATION", "TRANSPOSE", "STRIDED_SLICE"}, "keras": {"MUL", "ADD", "SOFTMAX"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rpi4", "cortex-m7"])
+@pytest.mark.parametrize("name", [*sorted(NETS), "keras"])
+def test_a_user_onnx_file_deploys_with_a_budget_and_its_own_file_is_the_baseline(user_files, name, target, tmp_path):
+    path, data = user_files[name]
+    before = path.read_bytes()
+    out = tmp_path / "build"
+    code = main(["deploy", "--target", target, "--model", str(path), "--data", str(data), "--eval-samples", "0",
+                 "--budget", "0.9", *NORMALISE[name], "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0, report["failures"]
+    assert path.read_bytes() == before
+    source = report["model_source"]
+    assert source["onnx"] == str(path) and source["max_abs_diff"] < 1e-4 and source["opset"] == (17 if name == "keras" else 18)
+    variants = report["variants"]
+    # the dense baseline is the user's own file in ONNX Runtime: its top-1 is the file's
+    x, y = np.load(data)["x_test"], np.load(data)["y_test"]
+    mean, std = (0.0, 1.0) if name in ("mobilenetv3", "keras") else (0.5, 0.25)
+    file_top1 = float((run(session(path), ((x - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)).argmax(1) == y).mean())
+    assert variants["dense_fp32"]["top1"] == pytest.approx(file_top1) and file_top1 > 0.9
+    assert variants["factored_int8"]["macs"] <= 0.9 * variants["dense_fp32"]["macs"]
+    assert variants["factored_int8"]["top1"] >= file_top1 - 0.05
+    assert any("matches ONNX Runtime on the file" in note for note in report["notes"])
+    if target == "cortex-m7":
+        from pipeline.tflm.firmware import model_ops
+
+        assert OPS[name] <= set(model_ops((out / "model.tflite").read_bytes()))
+        assert report["device"]["passed"] and variants["factored_int8"]["board"]["cycles"] > 0
