@@ -52,7 +52,7 @@ def test_hand_checked_choice_and_its_reason():
 
 
 def test_an_unreachable_budget_names_the_floor():
-    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.318 of the macs \(70 of 220; 20 in layers"):
+    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.318 of the macs \(70 of 220: the layers' cheapest options save 150; 20 in layers"):
         allocate(TABLE, budget=CostBudget("macs", 0.3), total=220)
 
 
@@ -187,3 +187,14 @@ def test_an_unreachable_budget_fails_before_any_sensitivity_is_measured(monkeypa
     data = Dataset(np.zeros((50, 32, 32, 3), np.uint8), np.arange(50) % 10, "zeros")
     with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.\d+ .*Raise the budget to at least 0\.\d+"):
         stage.compress(spec, data, settings=settings, tuning=load_target("rpi4").finetune, progress=False)
+
+
+def test_an_unreachable_cycle_budget_names_the_saving_not_a_negative_rest():
+    """Layers timed alone carry their own input and output, so their cycles can add up to more than the model's:
+    the floor is the model less what the cheapest options save, and no "layers not factored" figure below zero."""
+    table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 8.0), Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, 6.0),
+             Candidate("b", None, (), 100, 10, 0.0, 1.0, 8.0), Candidate("b", "svd", (1,), 30, 3, 0.01, 1.0, 7.0)]
+    with pytest.raises(ConfigError, match=r"keeps 0\.800 of the cycles \(12 of 15: the layers' cheapest options "
+                                          r"save 3\)\. Raise the budget to at least 0\.800") as error:
+        allocate(table, budget=parse_budget("cycles:0.5"), total=15.0)
+    assert "not factored" not in str(error.value)

@@ -74,9 +74,13 @@ def check_reachable(candidates: list[Candidate], *, budget: CostBudget, total: f
     fixed = total - sum(_cost(next(c for c in o if c.method is None), budget.resource) for o in by_layer.values())
     floor = fixed + sum(_cost(options[0], budget.resource) for options in by_layer.values())
     if floor > budget.fraction * total:
+        # cycles of layers timed alone include each run's own input and output, so they can add up to more than
+        # the whole model: then only what the options save is meaningful, not what is left outside them
+        outside = f"; {fixed:,.0f} in layers not factored" if fixed >= 0 else ""
         raise ConfigError(f"Budget {budget} is out of reach: the cheapest candidate of every layer still keeps "
-                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}; {fixed:,.0f} in layers "
-                          f"not factored). Raise the budget to at least {floor / total:.3f}, or allow lower ranks or more layers")
+                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}: the layers' "
+                          f"cheapest options save {total - floor:,.0f}{outside}). Raise the budget to at least "
+                          f"{floor / total:.3f}, or allow lower ranks or more layers")
     return floor / total
 
 
