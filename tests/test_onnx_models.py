@@ -87,7 +87,7 @@ def test_an_opset_the_importer_does_not_read_is_refused_naming_the_range(opset, 
     model = onnx.load(str(export(CASES["conv_same"][0], tmp_path / "m.onnx")))
     model.opset_import[0].version = opset  # too old for its Pad/Clip inputs, or newer than this onnx knows
     onnx.save(model, str(tmp_path / "old.onnx"))
-    with pytest.raises(InputError, match=rf"(uses ONNX opset {opset}; this importer reads opsets 11-22|not a valid ONNX)"):
+    with pytest.raises(InputError, match=rf"uses ONNX opset {opset}; this importer reads opsets 11-22 \(re-export it"):
         load_model(str(tmp_path / "old.onnx"), mean=0, std=1)
 
 

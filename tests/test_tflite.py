@@ -138,6 +138,16 @@ class SoftmaxHead(nn.Module):
         return F.softmax(self.fc(x.flatten(1)), 1)
 
 
+class SqueezeUnsqueeze(nn.Module):  # a Keras-style head: squeeze after the mean, unsqueeze before a 1x1 conv
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, 6), nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3), keepdim=True).squeeze(3).squeeze(2)
+        return self.out(self.fc(y).unsqueeze(-1).unsqueeze(-1))
+
+
 # name: (module, TFLite ops it must become, tolerance in output steps). Each op that requantizes (conv,
 # linear, add, mean, average pool) may round one step differently from ORT; max pool, pad, slice and
 # reshape move values unchanged. So a chain of n requantizing ops is held to n steps.
@@ -165,6 +175,7 @@ CASES = {
     "relu6_standalone": (Relu6Shared(), {"CONV_2D", "RELU6", "QUANTIZE", "ADD"}, 3),
     "resize_nearest": (Upsample(), {"CONV_2D", "RESIZE_NEAREST_NEIGHBOR"}, 1),
     "softmax": (SoftmaxHead(), {"RESHAPE", "FULLY_CONNECTED", "SOFTMAX"}, 2),
+    "squeeze_unsqueeze": (SqueezeUnsqueeze(), {"CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"}, 4),
 }
 
 
