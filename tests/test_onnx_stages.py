@@ -1,5 +1,6 @@
 """export -> simplify -> quantize -> emit on tiny models, and costs read back from the ONNX graph."""
 
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -96,11 +97,15 @@ def test_int8_model_tracks_float_on_a_trained_net(tmp_path):
     assert onnx_cost(q).params == onnx_cost(fp32).params == 62_006
 
 
-def test_ort_format_model_loads_and_agrees_with_the_int8_onnx(tmp_path):
+def test_ort_format_model_loads_and_agrees_with_the_int8_onnx(tmp_path, monkeypatch):
     fp32, _ = export_onnx(SeedNet(), tmp_path / "s.onnx", check_inputs=inputs(8))
     q = quantize_onnx(fp32, tmp_path / "q.onnx", calibration=inputs(16), settings=Quantization())
     (tmp_path / "out").mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     files = emit_onnxruntime(tmp_path / "out", int8_onnx=q, fp32_onnx=fp32)
+    assert list(scratch.iterdir()) == []  # neither the work folder nor its lock is left in the temp folder
     x = inputs(16, 5)
     assert np.array_equal(run(session(files["int8_ort"]), x), run(session(files["int8_onnx"]), x))
     config = files["ort_config"].read_text()

@@ -1,7 +1,5 @@
 """The emit stage for ONNX Runtime boards: the int8 model, its ORT-format twin and the reduced-build config."""
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -10,20 +8,9 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import StageError
-from pipeline.util import sha256_file
+from pipeline.util import cache_dir, cache_lock, sha256_file
 
 ORT_CONFIG = "required_operators_and_types.config"
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path):
-    """One conversion at a time in a work folder: two deploys of the same model may run at once."""
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: Path) -> dict[str, Path]:
@@ -39,7 +26,9 @@ def emit_onnxruntime(out_dir: str | os.PathLike, *, int8_onnx: Path, fp32_onnx: 
     # it works in included. A fixed hash seed, no address randomisation (setarch -R, where the kernel allows
     # it), a fixed environment and a work folder named by the model's content make the file reproducible.
     work = Path(tempfile.gettempdir()) / f"cnn-deploy-ort-{sha256_file(int8_onnx)[:16]}"
-    with _exclusive(work.with_name(work.name + ".lock")):
+    # one conversion at a time in that folder (two deploys of one model may run at once); the lock file lives in
+    # the cache, so nothing is left beside the work folder
+    with cache_lock(cache_dir("locks", work.name)):
         shutil.rmtree(work, ignore_errors=True)
         (work / "in").mkdir(parents=True)
         try:
