@@ -82,6 +82,20 @@ def test_dynamic_height_and_width_need_input_shape(tmp_path):
         load_model(str(path), input_shape=(3, 24, 20), mean=0, std=1)
 
 
+def test_a_channels_last_input_is_refused_with_the_tf2onnx_flag_that_fixes_it(tmp_path):
+    """What tf2onnx writes without --inputs-as-nchw: NHWC in, a Transpose to NCHW first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+                               helper.make_node("Conv", ["nchw", "w"], ["scores"])], "keras",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8, 8, 3])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 4, 8, 8])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "nhwc.onnx"))
+    with pytest.raises(InputError, match=r"takes its input channels-last .* convert it with tf2onnx's --inputs-as-nchw image"):
+        load_model(str(tmp_path / "nhwc.onnx"), mean=0, std=1)
+
+
 @pytest.mark.parametrize("opset", [9, 30])
 def test_an_opset_the_importer_does_not_read_is_refused_naming_the_range(opset, tmp_path):
     model = onnx.load(str(export(CASES["conv_same"][0], tmp_path / "m.onnx")))

@@ -83,6 +83,11 @@ def _input_shape(model: onnx.ModelProto, path, given) -> tuple[int, int, int]:
     dims = inputs[0].type.tensor_type.shape.dim
     if len(dims) != 4:
         raise InputError(f"Model {str(path)!r}: input {inputs[0].name!r} has {len(dims)} axes; expected N x C x H x W")
+    readers = [n for n in model.graph.node if inputs[0].name in n.input]
+    if len(readers) == 1 and readers[0].op_type == "Transpose" and list(attrs(readers[0]).get("perm", [])) == [0, 3, 1, 2]:
+        raise InputError(f"Model {str(path)!r} takes its input channels-last (N x H x W x C, transposed to NCHW by its "
+                         f"first node); expected N x C x H x W: convert it with tf2onnx's --inputs-as-nchw "
+                         f"{inputs[0].name} (from_keras/from_function: inputs_as_nchw=[{inputs[0].name!r}])")
     found = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
     if given is not None:
         given = tuple(int(v) for v in given)
