@@ -142,3 +142,10 @@ def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def onnx_attributes(node) -> dict:
+    """An ONNX node's attributes by name, as Python values (the QDQ reader and the ONNX importer both read them)."""
+    from onnx.helper import get_attribute_value  # onnx only where a graph is read
+
+    return {a.name: get_attribute_value(a) for a in node.attribute}

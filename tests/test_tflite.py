@@ -273,7 +273,7 @@ def test_one_operator_table_drives_the_converter_the_resolver_and_the_readme():
     import re
     from pathlib import Path
 
-    from pipeline.tflm.convert import _Converter
+    from pipeline.tflm.convert import _Converter  # with its BlockOps mixin
     from pipeline.tflm.ops import OPERATORS, RESOLVER_CALLS, readme_table
 
     root = Path(__file__).resolve().parents[1]

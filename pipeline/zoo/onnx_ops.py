@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from pipeline.errors import InputError
+from pipeline.util import onnx_attributes as attrs
 
 
 class Builder:
@@ -82,10 +83,6 @@ def layer_name(node) -> str:
 
 def label(node) -> str:
     return f"{node.name or node.output[0]!r} ({node.op_type})"
-
-
-def attrs(node) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _optional(node, index: int) -> str | None:
