@@ -149,3 +149,10 @@ def onnx_attributes(node) -> dict:
     from onnx.helper import get_attribute_value  # onnx only where a graph is read
 
     return {a.name: get_attribute_value(a) for a in node.attribute}
+
+
+def onnx_data_inputs(graph) -> list:
+    """A graph's inputs that are not weights: files from before IR version 4 list every initializer as an input too,
+    in any order, so `graph.input[0]` need not be the data."""
+    weights = {i.name for i in graph.initializer}
+    return [v for v in graph.input if v.name not in weights]

@@ -114,6 +114,28 @@ def test_a_module_that_does_not_match_the_file_names_the_first_node_that_differs
         import_onnx(path)
 
 
+def test_a_module_that_cannot_run_names_the_node_where_it_parts_from_the_file(tmp_path, monkeypatch):
+    # an importer bug stood in for by a wrong table entry: a Flatten from the wrong axis, so the linear layer after
+    # it raises in torch; the message names the node where the two part, the Flatten
+    monkeypatch.setitem(onnx_ops.IMPORTERS, "Flatten", lambda b, node: b.fn(torch.flatten, b.value(node.input[0]), 2))
+    path = export(CASES["maxpool_flatten_linear"][0], tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=r"converted, but the module does not run .*first differing node: "
+                                         r"'/Flatten' \(Flatten\), output '/Flatten_output_0' differs by shape"):
+        import_onnx(path)
+
+
+def test_weights_listed_as_graph_inputs_are_not_taken_for_the_data(tmp_path):
+    """Files from before IR version 4 list every initializer among the inputs, and not always after the data."""
+    model = onnx.load(str(export(CASES["global_mean"][0], tmp_path / "m.onnx")))
+    weights = [onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer]
+    data = list(model.graph.input)
+    del model.graph.input[:]
+    model.graph.input.extend([*weights, *data])
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    spec = load_model(str(tmp_path / "old.onnx"), mean=0, std=1)
+    assert spec.input_shape == (4, 16, 16) and spec.source["max_abs_diff"] < 1e-4
+
+
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx_user")

@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.onnx.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from pipeline.onnx.quantize import quantize_onnx
 from pipeline.onnx.simplify import simplify_onnx
-from pipeline.util import atomic_path
+from pipeline.util import atomic_path, onnx_data_inputs
 from targets import Quantization
 
 
@@ -25,12 +25,9 @@ def to_onnx(module: nn.Module, folder: Path, stem: str, *, check_inputs: np.ndar
             quantization: Quantization) -> OnnxPair:
     """Write `<stem>.fp32.onnx` and `<stem>.int8.onnx` into `folder` (stems may hold dots: `b0.35`)."""
     raw, diff = export_onnx(module, folder / f"{stem}.raw.onnx", check_inputs=check_inputs)
-    notes = [f"exported ONNX matches torch to {diff:.2g} (max abs) on {len(check_inputs)} test images"]
-    fp32, note = simplify_onnx(raw, folder / f"{stem}.fp32.onnx", check_inputs=check_inputs)
-    raw.unlink()
-    notes += [note] if note else []
-    int8 = quantize_onnx(fp32, folder / f"{stem}.int8.onnx", calibration=calibration, settings=quantization)
-    return OnnxPair(fp32, int8, tuple(notes))
+    note = f"exported ONNX matches torch to {diff:.2g} (max abs) on {len(check_inputs)} test images"
+    return _simplified_and_quantized(raw, folder, stem, note, check_inputs=check_inputs, calibration=calibration,
+                                     quantization=quantization)
 
 
 def from_onnx_file(source: Path, folder: Path, stem: str, *, check_inputs: np.ndarray, calibration: np.ndarray,
@@ -38,9 +35,7 @@ def from_onnx_file(source: Path, folder: Path, stem: str, *, check_inputs: np.nd
     """The same pair from a user's ONNX file, which stays the reference: only its input and output are renamed to
     the names every later stage reads; simplification is kept only where it computes the same outputs."""
     model = onnx.load(str(source))
-    inits = {i.name for i in model.graph.initializer}
-    renames = {next(v.name for v in model.graph.input if v.name not in inits): INPUT_NAME,
-               model.graph.output[0].name: OUTPUT_NAME}
+    renames = {onnx_data_inputs(model.graph)[0].name: INPUT_NAME, model.graph.output[0].name: OUTPUT_NAME}
     for value in (*model.graph.input, *model.graph.output):
         value.name = renames.get(value.name, value.name)
     for node in model.graph.node:
@@ -48,9 +43,15 @@ def from_onnx_file(source: Path, folder: Path, stem: str, *, check_inputs: np.nd
         node.output[:] = [renames.get(n, n) for n in node.output]
     with atomic_path(folder / f"{stem}.raw.onnx") as tmp:
         onnx.save(model, str(tmp))
-    raw = folder / f"{stem}.raw.onnx"
-    fp32, note = simplify_onnx(raw, folder / f"{stem}.fp32.onnx", check_inputs=check_inputs)
+    return _simplified_and_quantized(folder / f"{stem}.raw.onnx", folder, stem,
+                                     f"the model's own ONNX file {source.name}, input and output renamed",
+                                     check_inputs=check_inputs, calibration=calibration, quantization=quantization)
+
+
+def _simplified_and_quantized(raw: Path, folder: Path, stem: str, note: str, *, check_inputs: np.ndarray,
+                              calibration: np.ndarray, quantization: Quantization) -> OnnxPair:
+    """The rest of the chain from `raw`, which it replaces: simplify, then quantize."""
+    fp32, simplify_note = simplify_onnx(raw, folder / f"{stem}.fp32.onnx", check_inputs=check_inputs)
     raw.unlink()
     int8 = quantize_onnx(fp32, folder / f"{stem}.int8.onnx", calibration=calibration, settings=quantization)
-    return OnnxPair(fp32, int8, (f"the model's own ONNX file {source.name}, input and output renamed",
-                                 *([note] if note else [])))
+    return OnnxPair(fp32, int8, (note, *([simplify_note] if simplify_note else [])))

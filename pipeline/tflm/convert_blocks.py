@@ -24,9 +24,10 @@ class BlockOps:
         self.out.op(OPS.QUANTIZE, [index], [out], tfl.BuiltinOptions.QuantizeOptions, tfl.QuantizeOptionsT())
         return out
 
-    def operand(self, node, name: str, like: str) -> int:
-        """An input of an element-wise op: an activation, or a constant laid out to broadcast against `like`."""
-        if self.src.canonical(name) not in self.src.consts and self.src.weight(name) is None:
+    def operand(self, node, name: str, like: str, *, reciprocal: bool = False) -> int:
+        """An input of an element-wise op: an activation, or a constant (or its reciprocal, for a Div) laid out to
+        broadcast against `like`."""
+        if not self.src.is_constant(name):
             return self.tensor(name)
         real = self.src.real(name)
         rank = len(self.shape(like))
@@ -34,7 +35,9 @@ class BlockOps:
             real = real.reshape((1,) * (rank - real.ndim) + real.shape)
         if real.ndim == rank:
             real = to_tflite_layout(real)
-        weight = self.src.weight(name)
+        weight = None if reciprocal else self.src.weight(name)
+        if reciprocal:
+            real = 1.0 / real
         if weight is not None and weight[1].size == 1:
             scale, zp = float(weight[1][0]), int(weight[2].ravel()[0])
         else:  # a float constant: symmetric int8 represents each of its (usually few) values to 1/254 of the largest
@@ -46,19 +49,17 @@ class BlockOps:
         if node.name in self.fused:
             return
         a, b = node.input
-        like = a if self.src.canonical(a) not in self.src.consts and self.src.weight(a) is None else b
-        if node.op_type == "Div":  # only by a constant: multiply by its reciprocal
-            if self.src.weight(b) is None and self.src.canonical(b) not in self.src.consts:
-                raise StageError(f"Node {node.name!r} (Div) divides by a computed tensor; expected a constant divisor")
-            divisor = self.src.real(b)
-            self.src.consts[f"{node.name}_reciprocal"] = (1.0 / divisor).astype(np.float32)
-            b = f"{node.name}_reciprocal"
+        divide = node.op_type == "Div"
+        if divide and not self.src.is_constant(b):
+            raise StageError(f"Node {node.name!r} (Div) divides by a computed tensor; expected a constant divisor")
         code, options_type, options = {
             "Add": (OPS.ADD, tfl.BuiltinOptions.AddOptions, tfl.AddOptionsT),
             "Sub": (OPS.SUB, tfl.BuiltinOptions.SubOptions, tfl.SubOptionsT),
             "Mul": (OPS.MUL, tfl.BuiltinOptions.MulOptions, tfl.MulOptionsT),
-            "Div": (OPS.MUL, tfl.BuiltinOptions.MulOptions, tfl.MulOptionsT)}[node.op_type]
-        self.emit(node, code, [self.operand(node, a, like), self.operand(node, b, like)], options_type, options())
+            "Div": (OPS.MUL, tfl.BuiltinOptions.MulOptions, tfl.MulOptionsT)}[node.op_type]  # by the reciprocal
+        like = b if self.src.is_constant(a) else a
+        self.emit(node, code, [self.operand(node, a, like), self.operand(node, b, like, reciprocal=divide)],
+                  options_type, options())
 
     def softmax(self, node):
         axis = attrs(node).get("axis", -1)

@@ -53,6 +53,10 @@ class QdqGraph:
         zp = self.consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int8)
         return self.consts[node.input[0]], np.atleast_1d(self.consts[node.input[1]]), np.atleast_1d(zp), attrs(node).get("axis", 1)
 
+    def is_constant(self, name: str) -> bool:
+        """A constant, directly or through its DequantizeLinear; else an activation computed at run time."""
+        return self.canonical(name) in self.consts or self.weight(name) is not None
+
     def real(self, name: str) -> np.ndarray:
         """A constant's real value, dequantized when it comes through DequantizeLinear."""
         w = self.weight(name)

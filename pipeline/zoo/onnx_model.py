@@ -24,6 +24,7 @@ from onnx import numpy_helper, shape_inference
 from torch import fx
 
 from pipeline.errors import InputError
+from pipeline.util import onnx_data_inputs
 from pipeline.zoo.onnx_ops import IMPORTERS, SUPPORTED, Builder, attrs, label
 
 # The opsets this importer reads: torch exports 17-20, tf2onnx 13-18; before 11 Pad/Clip/Resize took attributes
@@ -75,8 +76,7 @@ def _opset(model: onnx.ModelProto, path) -> int:
 
 
 def _input_shape(model: onnx.ModelProto, path, given) -> tuple[int, int, int]:
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in inits]
+    inputs = onnx_data_inputs(model.graph)
     if len(inputs) != 1 or len(model.graph.output) != 1:
         raise InputError(f"Model {str(path)!r} has {len(inputs)} inputs and {len(model.graph.output)} outputs; "
                          "expected one image-like input and one output of class scores")
@@ -106,8 +106,7 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
     import onnxsim  # imports torch and onnxruntime itself: ~5 s, so only when an ONNX file is read
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {i.name for i in model.graph.initializer}
-    dims = next(v for v in model.graph.input if v.name not in inits).type.tensor_type.shape.dim
+    dims = onnx_data_inputs(model.graph)[0].type.tensor_type.shape.dim
     for dim, size in zip(dims, (1, *shape), strict=True):
         dim.Clear()
         dim.dim_value = size
@@ -119,9 +118,10 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
     return shape_inference.infer_shapes(model, strict_mode=False)
 
 
-def _normalised_inside(graph: onnx.GraphProto, consts: dict) -> bool:
+def _normalised_inside(graph: onnx.GraphProto) -> bool:
     """True when the input's first reader shifts or scales it by constants: the data then arrives unnormalised."""
-    readers = [n for n in graph.node if graph.input[0].name in n.input]
+    consts = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    readers = [n for n in graph.node if onnx_data_inputs(graph)[0].name in n.input]
     return len(readers) == 1 and readers[0].op_type in ("Sub", "Add", "Mul", "Div") and \
         any(i in consts for i in readers[0].input)
 
@@ -132,7 +132,7 @@ def _build(model: onnx.ModelProto, path) -> tuple[fx.GraphModule, dict[str, str]
     for node in model.graph.node:
         if node.op_type == "Constant":
             b.consts[node.output[0]] = numpy_helper.to_array(attrs(node)["value"])
-    b.values[model.graph.input[0].name] = b.fx.placeholder("x")
+    b.values[onnx_data_inputs(model.graph)[0].name] = b.fx.placeholder("x")
     unsupported = [n for n in model.graph.node if n.op_type not in IMPORTERS and n.op_type != "Constant"]
     if unsupported:
         first = unsupported[0]
@@ -177,17 +177,28 @@ def _first_difference(fixed: onnx.ModelProto, module: fx.GraphModule, fx_names: 
     sess = _session(probe.SerializeToString())
     wanted = [o.name for o in sess.get_outputs()]
     got = dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: x[:1]}), strict=True))
-    seen = {}
+    seen, failed = {}, []
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
-            seen[n.name] = result = super().run_node(n)
+            try:
+                seen[n.name] = result = super().run_node(n)
+            except Exception:  # torch's own error for this node: where the module and the file part
+                failed.append(n.name)
+                raise
             return result
 
     with torch.no_grad():
-        Recorder(module).run(torch.from_numpy(x[:1]))
+        try:
+            Recorder(module).run(torch.from_numpy(x[:1]))
+        except Exception:
+            pass  # `failed` names the node; the nodes before it are compared below
     by_output = {o: n for n in probe.graph.node for o in n.output}
     for name in names:
+        if fx_names[name] in failed:
+            return f"{label(by_output[name])}, which the module cannot compute"
+        if fx_names[name] not in seen:
+            continue  # a node after the failure, or one the module computes inside another
         expected, actual = got[name], seen[fx_names[name]].numpy()
         if expected.shape != actual.shape or not np.allclose(actual, expected, rtol=1e-3, atol=1e-4):
             node = by_output[name]
@@ -210,7 +221,7 @@ def import_onnx(path: str | os.PathLike, *, input_shape=None) -> OnnxImport:
     with torch.no_grad():
         try:
             actual = module(torch.from_numpy(x)).numpy()
-        except RuntimeError as exc:
+        except Exception as exc:  # torch's error for whichever node it could not compute
             raise InputError(f"Model {str(path)!r} converted, but the module does not run "
                              f"({str(exc).splitlines()[0]}); the first differing node: "
                              f"{_first_difference(fixed, module, fx_names, x)}") from exc
@@ -219,11 +230,6 @@ def import_onnx(path: str | os.PathLike, *, input_shape=None) -> OnnxImport:
         raise InputError(f"Model {str(path)!r}: the converted module differs from ONNX Runtime on the file by "
                          f"{diff:.3g} (expected at most {CHECK_TOLERANCE:g} of the output's scale); first "
                          f"differing node: {_first_difference(fixed, module, fx_names, x)}")
-    return OnnxImport(module=module, input_shape=shape, normalised_inside=_normalised_inside(fixed.graph, _consts(fixed)),
+    return OnnxImport(module=module, input_shape=shape, normalised_inside=_normalised_inside(fixed.graph),
                       opset=opset, nodes=len(original.graph.node), max_abs_diff=diff)
 
-
-def _consts(model: onnx.ModelProto) -> dict:
-    found = {i.name: None for i in model.graph.initializer}
-    found.update({n.output[0]: None for n in model.graph.node if n.op_type == "Constant"})
-    return found

@@ -309,22 +309,18 @@ def _pad(b: Builder, node):
 @_imports("Resize")
 def _resize(b: Builder, node):
     a = attrs(node)
-    mode = a.get("mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    transform = a.get("coordinate_transformation_mode", b"half_pixel")
-    transform = transform.decode() if isinstance(transform, bytes) else transform
-    nearest = a.get("nearest_mode", b"round_prefer_floor")
-    nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+    settings = tuple(v.decode() if isinstance(v, bytes) else v for v in (
+        a.get("mode", b"nearest"), a.get("coordinate_transformation_mode", b"half_pixel"),
+        a.get("nearest_mode", b"round_prefer_floor")))
+    if settings != ("nearest", "asymmetric", "floor"):
+        # torch's F.interpolate(mode="nearest") is exactly this rule, and so is TFLite's RESIZE_NEAREST_NEIGHBOR
+        raise InputError(f"Node {label(node)} resizes with {', '.join(settings)}; expected nearest with asymmetric "
+                         "coordinates and floor (what torch's F.interpolate(mode='nearest') exports)")
     x = b.value(node.input[0])
-    scales = b.const(node.input[2], node) if _optional(node, 2) else None
     sizes = b.const(node.input[3], node) if _optional(node, 3) else None
-    if mode != "nearest" or transform != "asymmetric" or nearest != "floor":
-        # whole-number upsampling picks the same pixels under every nearest rule but asymmetric+floor's
-        # neighbours; other rules and linear modes are not what TFLite's RESIZE_NEAREST_NEIGHBOR does
-        raise InputError(f"Node {label(node)} resizes with mode={mode}, {transform}, {nearest}; expected nearest "
-                         "with asymmetric coordinates and floor (torch's F.interpolate(mode='nearest'))")
     if sizes is not None and len(sizes):
         return b.fn(F.interpolate, x, size=tuple(int(v) for v in sizes[2:]), mode="nearest")
+    scales = b.const(node.input[2], node)
     return b.fn(F.interpolate, x, scale_factor=tuple(float(v) for v in scales[2:]), mode="nearest")
 
 
