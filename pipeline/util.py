@@ -156,3 +156,15 @@ def onnx_data_inputs(graph) -> list:
     in any order, so `graph.input[0]` need not be the data."""
     weights = {i.name for i in graph.initializer}
     return [v for v in graph.input if v.name not in weights]
+
+
+# torch's F.interpolate(mode="nearest") and TFLite's RESIZE_NEAREST_NEIGHBOR: the one Resize rule both ends run
+NEAREST_FLOOR = ("nearest", "asymmetric", "floor")
+
+
+def onnx_resize_rule(node) -> tuple[str, str, str]:
+    """A Resize node's mode, coordinate transformation and nearest rule, with ONNX's defaults."""
+    a = onnx_attributes(node)
+    return tuple(v.decode() if isinstance(v, bytes) else v for v in (
+        a.get("mode", b"nearest"), a.get("coordinate_transformation_mode", b"half_pixel"),
+        a.get("nearest_mode", b"round_prefer_floor")))

@@ -9,6 +9,7 @@ from pipeline.errors import StageError
 from pipeline.tflm.flatbuffer import Quant
 from pipeline.tflm.layout import layout, to_tflite_layout
 from pipeline.tflm.qdq import attrs
+from pipeline.util import NEAREST_FLOOR, onnx_resize_rule
 
 OPS = tfl.BuiltinOperator
 LOGISTIC_QUANT = Quant((1 / 256,), (-128,))  # what TFLite's int8 LOGISTIC and SOFTMAX write: [0, 1) in 256 steps
@@ -157,11 +158,8 @@ class BlockOps:
         self.emit(node, OPS.DEPTHWISE_CONV_2D, [self.tensor(x), wt, bt], tfl.BuiltinOptions.DepthwiseConv2DOptions, options)
 
     def resize(self, node):
-        a = attrs(node)
-        settings = tuple(v.decode() if isinstance(v, bytes) else v for v in (
-            a.get("mode", b"nearest"), a.get("coordinate_transformation_mode", b"half_pixel"),
-            a.get("nearest_mode", b"round_prefer_floor")))
-        if settings != ("nearest", "asymmetric", "floor"):
+        settings = onnx_resize_rule(node)
+        if settings != NEAREST_FLOOR:
             raise StageError(f"Node {node.name!r} (Resize) uses {', '.join(settings)}; TFLite's RESIZE_NEAREST_NEIGHBOR "
                              "is nearest, asymmetric, floor")
         self.require_same_quant(node, node.input[0], node.output[0])

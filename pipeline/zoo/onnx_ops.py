@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from pipeline.errors import InputError
+from pipeline.util import NEAREST_FLOOR, onnx_resize_rule
 from pipeline.util import onnx_attributes as attrs
 
 
@@ -308,12 +309,8 @@ def _pad(b: Builder, node):
 
 @_imports("Resize")
 def _resize(b: Builder, node):
-    a = attrs(node)
-    settings = tuple(v.decode() if isinstance(v, bytes) else v for v in (
-        a.get("mode", b"nearest"), a.get("coordinate_transformation_mode", b"half_pixel"),
-        a.get("nearest_mode", b"round_prefer_floor")))
-    if settings != ("nearest", "asymmetric", "floor"):
-        # torch's F.interpolate(mode="nearest") is exactly this rule, and so is TFLite's RESIZE_NEAREST_NEIGHBOR
+    settings = onnx_resize_rule(node)
+    if settings != NEAREST_FLOOR:
         raise InputError(f"Node {label(node)} resizes with {', '.join(settings)}; expected nearest with asymmetric "
                          "coordinates and floor (what torch's F.interpolate(mode='nearest') exports)")
     x = b.value(node.input[0])
