@@ -42,12 +42,13 @@ def target_help(default: str, what: str = "a profile") -> str:
 
 
 def budget_forms() -> str:
-    from pipeline.compress.budget.allocate import ALIASES, RESOURCES
     from pipeline.deploy import NO_BUDGET
+    from targets.budget import ALIASES, RESOURCES
 
     aliases = "; ".join(f"{alias}: is {name}:" for alias, name in ALIASES.items())
-    return (f"F (of MACs), {', '.join(f'{r}:F' for r in RESOURCES)} ({aliases}), or {NO_BUDGET}: keep fraction F "
-            "of the dense model's MACs, parameters or estimated board cycles")
+    return (f"F (of MACs), {', '.join(f'{r}:F' for r in RESOURCES)} ({aliases}), arena:40KiB, several joined by "
+            f"commas (cycles:0.58,arena:40KiB), or {NO_BUDGET}: keep fraction F of the dense model's MACs, parameters, "
+            "estimated board cycles or activation arena, or bytes of arena")
 
 
 def _add_model_flags(p) -> None:
@@ -119,7 +120,7 @@ def cmd_decompose(args) -> int:
         model, plan = decompose(spec.module, input_shape=spec.input_shape, settings=settings, seed=args.seed)
     print(plan.table())
     if args.out:
-        save_factored(args.out, model, plan, model_name=spec.name)
+        save_factored(args.out, model, plan, model_name=spec.name, input_shape=spec.input_shape)
         write_text(Path(args.out).with_suffix(".plan.json"), plan.to_json())
         print(f"factored model: {args.out}; plan: {Path(args.out).with_suffix('.plan.json')}")
     return 0

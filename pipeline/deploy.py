@@ -22,7 +22,6 @@ import torch
 
 from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preprocess
 from pipeline.cluster import connect
-from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
 from pipeline.compute import torch_device as resolve_torch_device
@@ -52,6 +51,7 @@ from pipeline.tflm.on_board import firmware_for_build
 from pipeline.util import staging_beside, swap_in
 from pipeline.zoo import ModelSpec, load_model
 from targets import Memory, TargetProfile, load_target
+from targets.budget import parse_budget
 
 SEED = 0
 CHECK_SAMPLES = 64  # real test images used to check export and simplification
@@ -300,11 +300,11 @@ def check_cycle_budget(build: Build) -> list[str]:
     estimate of the two deployed int8 models, recorded in the allocation; a miss is a warning with both figures."""
     allocation = build.compressed.allocation
     dense, factored = (build.variants[n].board for n in ("dense_int8", "factored_int8"))
-    if not allocation or not allocation["budget"].startswith("cycles:") or not dense or not factored:
+    if not allocation or "cycles" not in parse_budget(allocation["budget"]).resources or not dense or not factored:
         return []
     kept = factored["cycles"] / dense["cycles"]
     allocation["whole_model_kept"] = round(kept, 4)
-    fraction = parse_budget(allocation["budget"]).fraction
+    fraction = parse_budget(allocation["budget"]).get("cycles").fraction
     if kept <= fraction:
         return []
     return [f"budget {allocation['budget']} missed on the whole model: factored int8 {factored['cycles']:,} estimated "
@@ -415,7 +415,7 @@ def layer_cost_for(profile: TargetProfile, *, calibration: np.ndarray | None = N
             return OnnxLayerCycles(profile.quantization, core=profile.core, calibration=calibration, sample=sample,
                                    log=log)
     except DeviceError as exc:
-        if budget and parse_budget(budget).resource == "cycles":
+        if budget and "cycles" in parse_budget(budget).resources:
             raise DeviceError(f"BUDGET={budget} on {profile.name} counts estimated cycles on the emulated board: "
                               f"{exc}") from exc
         log(f"per-layer cycles not estimated, the allocation weighs this host's latency: {exc}")

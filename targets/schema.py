@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError, unknown
+from targets.budget import parse_budget
 
 TARGETS_DIR = Path(__file__).resolve().parent
 BASES_DIR = TARGETS_DIR / "base"
@@ -87,18 +88,18 @@ class Decomposition:
     sensitivity_samples: int
     latency_weight: float  # 0: MACs (or parameters) are the only cost
     gradual: tuple[float, ...]  # intermediate budgets when fine-tuning, in the budget's resource
+    arena_never_grows: bool  # a budget without an arena constraint gets arena:1 (the dense model's arena at most)
 
     def __post_init__(self):
         # imported here: the method registry needs torch, and reading a profile should not
-        from pipeline.compress.budget.allocate import parse_budget
-        from pipeline.compress.methods import CONV_METHODS
+        from pipeline.compress.methods import METHOD_NAMES
         from pipeline.compress.ranks import parse_rank
 
-        if self.method not in CONV_METHODS:
-            raise unknown("method", self.method, CONV_METHODS)
+        if self.method not in METHOD_NAMES:
+            raise unknown("method", self.method, METHOD_NAMES)
         for method in self.candidates:
-            if method not in CONV_METHODS:
-                raise unknown("candidate method", method, CONV_METHODS)
+            if method not in METHOD_NAMES:
+                raise unknown("candidate method", method, METHOD_NAMES)
         parse_rank(self.rank)
         if self.budget:
             parse_budget(self.budget)
@@ -258,8 +259,6 @@ def check_gradual(decomposition: Decomposition, tuning: Finetune) -> None:
     """Intermediate budgets are only reached when fine-tuning, need a budget above which they lie, and must
     leave the final budget at least one epoch. Checked when a profile is built and again by `compress`, which
     takes the two sections without a profile."""
-    from pipeline.compress.budget.allocate import parse_budget
-
     steps = decomposition.gradual
     if not steps or not tuning.epochs:
         return
@@ -267,6 +266,9 @@ def check_gradual(decomposition: Decomposition, tuning: Finetune) -> None:
         raise ConfigError(f"decomposition.gradual {list(steps)} needs a budget to end at; none is set "
                           "(BUDGET=0.35 or decomposition.budget)")
     final = parse_budget(decomposition.budget).fraction
+    if final is None:
+        raise ConfigError(f"decomposition.gradual {list(steps)} steps down the budget's first constraint, and "
+                          f"{parse_budget(decomposition.budget).first} is a number of bytes; put a fraction first")
     if steps[-1] <= final:
         raise ConfigError(f"decomposition.gradual {list(steps)} must stay above the budget {final:g}")
     needed = len(steps) * tuning.step_epochs

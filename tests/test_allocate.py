@@ -8,10 +8,11 @@ import torch
 from helpers import plain
 from torch import nn
 
-from pipeline.compress.budget.allocate import CostBudget, allocate, parse_budget
+from pipeline.compress.budget.allocate import allocate
 from pipeline.compress.budget.sensitivity import Candidate, candidate_ranks, sensitivities
 from pipeline.compress.methods import METHODS
 from pipeline.errors import ConfigError
+from targets.budget import Budget, Constraint, parse_budget
 
 
 def cand(layer, method, macs, kl):
@@ -35,7 +36,7 @@ def brute_force(table, limit):
 
 @pytest.mark.parametrize("fraction", [1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.32])
 def test_allocation_meets_the_budget_at_the_least_summed_kl(fraction):
-    choices, summary = allocate(TABLE, budget=CostBudget("macs", fraction), total=220)
+    choices, summary = allocate(TABLE, budget=parse_budget(f"macs:{fraction}"), total=220)
     by_name = {(c.layer, c.method): c for c in TABLE}
     picked = [by_name[(layer, choice.method)] for layer, choice in choices.items()]
     assert 20 + sum(c.macs for c in picked) <= fraction * 220
@@ -44,7 +45,7 @@ def test_allocation_meets_the_budget_at_the_least_summed_kl(fraction):
 
 
 def test_hand_checked_choice_and_its_reason():
-    choices, summary = allocate(TABLE, budget=CostBudget("macs", 0.5), total=220)  # at most 110 MACs
+    choices, summary = allocate(TABLE, budget=parse_budget(f"macs:{0.5}"), total=220)  # at most 110 MACs
     # a:svd + b:tucker2 = 20 + 60 + 20 = 100 MACs at KL 0.07 beats a:tucker2 + b:svd (100 MACs, KL 0.25)
     assert (choices["a"].method, choices["b"].method) == ("svd", "tucker2")
     assert summary["predicted_kl"] == pytest.approx(0.07)
@@ -52,27 +53,27 @@ def test_hand_checked_choice_and_its_reason():
 
 
 def test_an_unreachable_budget_names_the_floor():
-    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.318 of the macs \(70 of 220: the layers' cheapest options save 150; 20 in layers"):
-        allocate(TABLE, budget=CostBudget("macs", 0.3), total=220)
+    with pytest.raises(ConfigError, match=r"out of reach: macs:0.3 out of reach: the cheapest options keep 0\.318 of the macs \(70 of 220: the cheapest options save 150\)\. Raise macs to at least 0\.318"):
+        allocate(TABLE, budget=parse_budget(f"macs:{0.3}"), total=220)
 
 
 def test_parameter_budget_counts_parameters():
-    choices, _ = allocate(TABLE, budget=CostBudget("params", 0.5), total=22)
+    choices, _ = allocate(TABLE, budget=parse_budget(f"params:{0.5}"), total=22)
     kept = sum(next(c.params for c in TABLE if c.layer == k and c.method == v.method) for k, v in choices.items())
     assert 2 + kept <= 11
 
 
 @pytest.mark.parametrize("text,error", [("0", "in (0, 1]"), ("1.01", "in (0, 1]"), ("-0.5", "in (0, 1]"),
-                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params, cycles, latency")])
+                                        ("nan", "in (0, 1]"), ("x", "in (0, 1]"), ("flops:0.3", "known: macs, params, cycles, arena, latency")])
 def test_bad_budgets_are_refused(text, error):
     with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         parse_budget(text)
 
 
 def test_budget_forms():
-    assert parse_budget("0.35") == CostBudget("macs", 0.35)
-    assert parse_budget("params:0.5") == CostBudget("params", 0.5)
-    assert parse_budget(1) == CostBudget("macs", 1.0)
+    assert parse_budget("0.35") == Budget((Constraint("macs", 0.35),))
+    assert parse_budget("params:0.5") == Budget((Constraint("params", 0.5),))
+    assert parse_budget(1) == Budget((Constraint("macs", 1.0),))
 
 
 def test_candidate_ranks_are_rounded_and_deduplicated():
@@ -128,9 +129,9 @@ def test_latency_weight_steers_the_allocation_away_from_slow_shapes():
     # a: svd saves more MACs but runs slower than dense; b: tucker2 is slightly worse in KL but fast
     table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("a", "svd", (1,), 40, 4, 0.01, 1.0, 3.0),
              Candidate("b", None, (), 100, 10, 0.0, 1.0, 1.0), Candidate("b", "tucker2", (1,), 40, 4, 0.02, 1.0, 0.5)]
-    unweighted, _ = allocate(table, budget=CostBudget("macs", 0.7), total=200)
+    unweighted, _ = allocate(table, budget=parse_budget(f"macs:{0.7}"), total=200)
     assert (unweighted["a"].method, unweighted["b"].method) == ("svd", None)
-    steered, summary = allocate(table, budget=CostBudget("macs", 0.7), total=200, latency_weight=1.0)
+    steered, summary = allocate(table, budget=parse_budget(f"macs:{0.7}"), total=200, latency_weight=1.0)
     assert (steered["a"].method, steered["b"].method) == (None, "tucker2")
     assert summary["layer_latency"] == {"dense": 2.0, "chosen": 1.5}
     assert "cost 0.5 vs 1 dense" in steered["b"].reason
@@ -156,21 +157,21 @@ def test_a_candidate_slower_than_its_dense_layer_on_the_board_is_never_chosen_wh
     # a's svd saves the most MACs at the least KL but costs more cycles than the dense layer
     table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 10.0), Candidate("a", "svd", (1,), 30, 3, 0.001, 1.0, 12.0),
              Candidate("a", "tucker2", (1,), 50, 5, 0.02, 1.0, 8.0), Candidate("b", None, (), 100, 10, 0.0, 1.0, 10.0)]
-    assert allocate(table, budget=CostBudget("macs", 0.8), total=200)[0]["a"].method == "svd"  # a host cost: weighed only
-    for budget, total in ((CostBudget("macs", 0.8), 200), (CostBudget("params", 0.9), 20), (CostBudget("cycles", 0.95), 20.0)):
+    assert allocate(table, budget=parse_budget(f"macs:{0.8}"), total=200)[0]["a"].method == "svd"  # a host cost: weighed only
+    for budget, total in ((parse_budget(f"macs:{0.8}"), 200), (parse_budget(f"params:{0.9}"), 20), (parse_budget(f"cycles:{0.95}"), 20.0)):
         choices, summary = allocate(table, budget=budget, total=total, never_slower=True)
         assert choices["a"].method == "tucker2" and summary["slower_than_dense"] == 1
-    with pytest.raises(ConfigError, match="out of reach: the cheapest candidate of every layer still keeps 0.750"):
-        allocate(table, budget=CostBudget("macs", 0.7), total=200, never_slower=True)
+    with pytest.raises(ConfigError, match="the cheapest options keep 0.750"):
+        allocate(table, budget=parse_budget(f"macs:{0.7}"), total=200, never_slower=True)
 
 
 def test_a_factorisation_that_costs_more_than_its_layer_is_never_an_option():
     """In the budget's own resource: a chain with more parameters (or a slower one) than its dense layer."""
     table = [Candidate("a", None, (), 100, 50, 0.0, 1.0), Candidate("a", "svd", (4,), 40, 80, 0.001, 1.0),
              Candidate("a", "tucker2", (2,), 60, 30, 0.3, 0.7), Candidate("b", None, (), 100, 50, 0.0, 1.0)]
-    choices, _ = allocate(table, budget=CostBudget("params", 0.9), total=100)
+    choices, _ = allocate(table, budget=parse_budget(f"params:{0.9}"), total=100)
     assert choices["a"].method == "tucker2"  # svd saves MACs but adds parameters: not a parameter saving
-    choices, _ = allocate(table, budget=CostBudget("macs", 0.9), total=200)
+    choices, _ = allocate(table, budget=parse_budget(f"macs:{0.9}"), total=200)
     assert choices["a"].method == "svd"
 
 
@@ -185,7 +186,7 @@ def test_an_unreachable_budget_fails_before_any_sensitivity_is_measured(monkeypa
     spec = load_model("seednet")
     settings = load_target("rpi4").override(decomposition={"budget": "0.2"}).decomposition
     data = Dataset(np.zeros((50, 32, 32, 3), np.uint8), np.arange(50) % 10, "zeros")
-    with pytest.raises(ConfigError, match=r"out of reach: .* keeps 0\.\d+ .*Raise the budget to at least 0\.\d+"):
+    with pytest.raises(ConfigError, match=r"out of reach: .* keep 0\.\d+ .*Raise macs to at least 0\.\d+"):
         stage.compress(spec, data, settings=settings, tuning=load_target("rpi4").finetune, progress=False)
 
 
@@ -194,7 +195,7 @@ def test_an_unreachable_cycle_budget_names_the_saving_not_a_negative_rest():
     the floor is the model less what the cheapest options save, and no "layers not factored" figure below zero."""
     table = [Candidate("a", None, (), 100, 10, 0.0, 1.0, 8.0), Candidate("a", "svd", (1,), 30, 3, 0.01, 1.0, 6.0),
              Candidate("b", None, (), 100, 10, 0.0, 1.0, 8.0), Candidate("b", "svd", (1,), 30, 3, 0.01, 1.0, 7.0)]
-    with pytest.raises(ConfigError, match=r"keeps 0\.800 of the cycles \(12 of 15: the layers' cheapest options "
-                                          r"save 3\)\. Raise the budget to at least 0\.800") as error:
+    with pytest.raises(ConfigError, match=r"keep 0\.800 of the cycles \(12 of 15: the cheapest options "
+                                          r"save 3\)\. Raise cycles to at least 0\.800") as error:
         allocate(table, budget=parse_budget("cycles:0.5"), total=15.0)
     assert "not factored" not in str(error.value)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.compress.budget.allocate import ALIASES, RESOURCES
+from targets.budget import ALIASES, RESOURCES
 from pipeline.compress.methods import METHODS
 from pipeline.deploy import DEFAULT_BUDGET, DEFAULT_MODEL, NO_BUDGET, default_budget
 from pipeline.zoo import ZOO

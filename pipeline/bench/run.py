@@ -25,7 +25,6 @@ import torch
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.cluster import Job, connect
-from pipeline.compress.budget.allocate import parse_budget
 from pipeline.compress.plan import DecompositionPlan
 from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
@@ -46,6 +45,7 @@ from pipeline.tflm.on_board import count_on_board
 from pipeline.util import cache_dir, host_machine, seconds, sha256_json, write_text
 from pipeline.zoo import load_model
 from targets import load_target
+from targets.budget import parse_budget
 
 BUDGETS = (0.75, 0.5, 0.35, 0.25)
 SEED = 0
@@ -97,7 +97,8 @@ def _load_point(meta_path: Path, spec, weights) -> dict:
 def _save_point(meta_path: Path, made: dict, spec) -> None:
     for stage, model in made["models"].items():
         plan = DecompositionPlan.from_dict(made["plans"][stage])
-        save_factored(meta_path.with_suffix(f".{stage}.pt"), model, plan, model_name=spec.name)
+        save_factored(meta_path.with_suffix(f".{stage}.pt"), model, plan, model_name=spec.name,
+                      input_shape=spec.input_shape)
     write_text(meta_path, json.dumps({"record": made["record"], "seconds": made["seconds"]}, indent=1))
 
 

@@ -92,9 +92,10 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
     """Mean over matched points of ||s - t||^2 / ||t||^2: each block's relative error, so deep and shallow
     blocks weigh alike whatever their scale (the FitNets hint of Romero et al. 2015, without a regressor
     because the shapes already agree)."""
+    # a block whose channels were cut no longer matches the teacher's shape: it is not matched (no regressor)
     terms = [(student[n].float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
-             for n, t in teacher.items()]
-    return torch.stack(terms).mean()
+             for n, t in teacher.items() if student[n].shape == t.shape]
+    return torch.stack(terms).mean() if terms else next(iter(student.values())).new_zeros(())
 
 
 def _reestimate(model: nn.Module, train_set: Dataset, *, mean, std, batches: int, batch_size: int, seed: int,

@@ -519,6 +519,10 @@ def _channel_unfoldings(layer: nn.Module) -> list[np.ndarray]:
 
 CONV_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.layer_type is nn.Conv2d and not m.by_shape))
 SHAPE_METHODS = tuple(m for m in METHODS.values() if m.by_shape)
+# structured channel pruning (`pipeline/compress/prune.py`): a method of whole channel groups, not of one layer, so
+# it is no Method class; a method name and a budget candidate like the factorisations
+PRUNE = "prune"
+METHOD_NAMES = (*CONV_METHODS, PRUNE)
 
 
 def unsupported_reason(layer: nn.Module) -> str:
@@ -547,4 +551,4 @@ def method_for(layer: nn.Module, conv_method: str) -> Method:
 def methods_for(layer: nn.Module, conv_methods: tuple[str, ...]) -> list[Method]:
     """The candidates a budget allocation may try on `layer`."""
     shaped = [m for m in SHAPE_METHODS if m.applies(layer)]
-    return shaped[:1] or [method_for(layer, name) for name in conv_methods]
+    return shaped[:1] or [method_for(layer, name) for name in conv_methods if name != PRUNE]

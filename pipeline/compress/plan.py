@@ -38,6 +38,8 @@ class LayerPlan:
     agreement: float | None = None
     latency: float | None = None
     dense_latency: float | None = None
+    channels: tuple[int, int] | None = None  # (input, output) channels kept where a channel cut touched the layer
+    channels_before: tuple[int, int] | None = None  # the dense layer's
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DecompositionPlan:
     round_to: int
     layers: tuple[LayerPlan, ...]
     seconds: float
+    cuts: dict | None = None  # channel group -> the channels it kept (indices into the dense layer's), when pruned
 
     @property
     def macs_before(self) -> int:
@@ -59,14 +62,20 @@ class DecompositionPlan:
     def to_dict(self) -> dict:
         return {"requested_method": self.requested_method, "rank_rule": self.rank_rule, "round_to": self.round_to,
                 "seconds": round(self.seconds, 3), "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers], "cuts": self.cuts}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DecompositionPlan":
         known = {f.name for f in fields(LayerPlan)}
-        layers = tuple(LayerPlan(**{**{k: v for k, v in layer.items() if k in known}, "ranks": tuple(layer["ranks"])})
-                       for layer in data["layers"])
-        return cls(data["requested_method"], data["rank_rule"], data["round_to"], layers, data["seconds"])
+        def row(layer: dict) -> LayerPlan:
+            fields_ = {k: v for k, v in layer.items() if k in known}
+            for key in ("channels", "channels_before"):
+                if fields_.get(key) is not None:
+                    fields_[key] = tuple(fields_[key])
+            return LayerPlan(**{**fields_, "ranks": tuple(layer["ranks"])})
+
+        return cls(data["requested_method"], data["rank_rule"], data["round_to"], tuple(map(row, data["layers"])),
+                   data["seconds"], data.get("cuts"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -78,22 +87,40 @@ class DecompositionPlan:
             return "no Conv2d or Linear layers: nothing to factor, the model stays dense"
         costs = cost_unit is not None and any(p.dense_latency is not None for p in self.layers)
         what = "cycles" if costs and "cycles" in cost_unit else "host ms"
-        head = ("layer", "method", "ranks", "MACs before", "MACs after", "params after",
-                *((f"{what} before", f"{what} after") if costs else ()), "weight err.", "output err.", "note")
-        rows = [(p.name, p.method or "dense", "x".join(map(str, p.ranks)) or "-", f"{p.macs_before:,}",
-                 f"{p.macs_after:,}", f"{p.params_after:,}",
-                 *((_cost(p.dense_latency), _cost(p.latency if p.method else p.dense_latency)) if costs else ()),
+        cut = any(p.channels for p in self.layers)
+        head = ("layer", "method", *(("channels kept",) if cut else ()), "ranks", "MACs before", "MACs after",
+                "params after", *((f"{what} before", f"{what} after") if costs else ()), "weight err.", "output err.",
+                "note")
+        rows = [(p.name, _method(p), *((_channels(p),) if cut else ()), "x".join(map(str, p.ranks)) or "-",
+                 f"{p.macs_before:,}", f"{p.macs_after:,}", f"{p.params_after:,}",
+                 *((_cost(p.dense_latency, what), _cost(p.latency if p.method else p.dense_latency, what))
+                   if costs else ()),
                  _figure(p.rel_error), _figure(p.output_error), p.note)
                 for p in self.layers]
         kept = self.macs_after / self.macs_before if self.macs_before else 1.0
-        rows.append(("total", "", "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", *(("", "") if costs else ()),
+        rows.append(("total", "", *(("",) if cut else ()), "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", *(("", "") if costs else ()),
                      "", "", f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
         table = markdown_table(head, rows)
         return f"{table}\n\n{what} before / after: each layer alone, {cost_unit}" if costs else table
 
 
-def _cost(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.6g}"
+def _cost(value: float | None, what: str = "cycles") -> str:
+    """Cycles as whole numbers (5,964,610, not 5.96461e+06); host milliseconds to four significant digits."""
+    if value is None:
+        return "-"
+    return f"{round(value):,}" if what == "cycles" else f"{value:,.4g}"
+
+
+def _method(p: "LayerPlan") -> str:
+    if p.method:
+        return f"prune + {p.method}" if p.channels and p.channels != p.channels_before else p.method
+    return "prune" if p.channels and p.channels != p.channels_before else "dense"
+
+
+def _channels(p: "LayerPlan") -> str:
+    if not p.channels:
+        return "-"
+    return f"{p.channels[0]}/{p.channels_before[0]} -> {p.channels[1]}/{p.channels_before[1]}"
 
 
 def _figure(value: float | None) -> str:

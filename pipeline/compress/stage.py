@@ -10,16 +10,22 @@ from dataclasses import dataclass
 from torch import nn
 
 from calib import Dataset, preprocess, split_training
-from pipeline.compress.budget.allocate import CostBudget, allocate, check_reachable, parse_budget
-from pipeline.compress.budget.macs import totals
+from pipeline.compress.budget.allocate import allocate, check_reachable
+from pipeline.compress.budget.arena import timeline
+from pipeline.compress.budget.macs import count, totals
+from pipeline.compress.budget.menu import pricing_for
 from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skeleton_candidates
+from pipeline.compress.cuts import apply_cuts, split_choices, uniform_cuts, with_cuts
 from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
+from pipeline.compress.methods import PRUNE
 from pipeline.compress.plan import DecompositionPlan
+from pipeline.compress.prune import channel_groups, kept_counts
 from pipeline.compute import CPU, TorchDevice, torch_device
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageError
 from pipeline.zoo import ModelSpec
 from targets import Decomposition, Finetune, check_gradual
+from targets.budget import Budget, Constraint, parse_budget
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,11 @@ def timed(settings: Decomposition, layer_cost: LayerCost | None) -> LayerCost | 
     budget = parse_budget(settings.budget) if settings.budget else None
     if budget is None:
         return None
-    if budget.resource == "cycles" and (layer_cost is None or not layer_cost.board):
+    if "cycles" in budget.resources and (layer_cost is None or not layer_cost.board):
         about = "no per-layer cost was given" if layer_cost is None else f"its layer cost is {layer_cost.unit}"
         raise ConfigError(f"Budget {budget} counts the board's estimated cycles, but {about}; a cycle budget needs a "
                           "target with a [board] core (cortex-a72, cortex-m4, cortex-m7) and the cycle tools, or use "
-                          f"BUDGET=macs:{budget.fraction:g}")
+                          f"BUDGET=macs:{budget.get('cycles').fraction:g}")
     if layer_cost is not None and (layer_cost.board or settings.latency_weight > 0):
         return layer_cost
     if settings.latency_weight > 0:
@@ -108,45 +114,121 @@ def sensitivity_table(spec: ModelSpec, samples: Samples, *, settings: Decomposit
                          use_cache=use_cache, progress=progress, device=device)
 
 
-def check_budget(spec: ModelSpec, settings: Decomposition, layer_cost: LayerCost | None = None) -> tuple[list, float]:
-    """Every candidate's skeleton costs (with the target's cycles where they are weighed) and the dense model's
-    total in the budget's resource; a budget below what they can reach fails here, before any sensitivity work."""
+@dataclass(frozen=True)
+class Menu:
+    """What a budget is allocated from, known before any sensitivity work: every option's skeleton costs (with the
+    target's cycles where they are weighed), the dense model's totals per resource, the pricing of a selection
+    where channel cuts couple layers or the arena is bounded, and each constraint's floor."""
+
+    budget: Budget
+    skeleton: list
+    totals: dict
+    pricing: object | None
+    floors: dict
+
+
+def effective_budget(settings: Decomposition) -> Budget:
+    """The budget as given, with `arena:1` added where the profile says RAM must not grow (`arena_never_grows`,
+    every microcontroller) and the budget does not bound the arena itself."""
     budget = parse_budget(settings.budget)
-    skeleton = skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings)
-    if budget.resource != "cycles":  # a MAC or parameter floor is known at once, before any layer is timed
-        check_reachable(skeleton, budget=budget, total=_total(spec, budget.resource, None))
-    cost = timed(settings, layer_cost)
-    if cost is not None:
-        skeleton = skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings, latency=cost)
-    total = _total(spec, budget.resource, cost)
-    check_reachable(skeleton, budget=budget, total=total, never_slower=bool(cost and cost.board))
-    return skeleton, total
+    if settings.arena_never_grows:
+        budget = budget.adding(Constraint("arena", fraction=1.0))
+    return budget
 
 
-def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, budget: CostBudget | None, *,
-            settings: Decomposition, layer_cost, skeleton, total, seed: int, use_cache: bool, progress: bool, log,
-            device: TorchDevice = CPU):
-    """`module` (the dense model, or a tuned student collapsed back to dense layers) factored once: to `budget`
-    by measured sensitivity when there is one, else by `settings`' method and rank rule. Returns the factored
-    model, its plan, the allocation's record (None without a budget) and the seconds of each part. `skeleton` and
-    `total` are `check_budget`'s: a cycle budget stays a fraction of the dense model's cycles at every step."""
+def check_budget(spec: ModelSpec, settings: Decomposition, layer_cost: LayerCost | None = None) -> Menu:
+    """Every option's skeleton costs and the dense model's totals in the budget's resources; a budget below what
+    they can reach fails here, before any sensitivity work, naming each constraint's floor. One floor computation
+    with the options the allocation will have: on a board's own estimate a factorisation slower than its layer is
+    dropped first, so the layers are timed before the check; elsewhere the floor needs no timing and comes first."""
+    if layer_cost is None or not layer_cost.board:  # no option is dropped for its cycles: the floor needs no timing
+        menu = _menu(spec, settings, None)
+        cost = timed(settings, layer_cost)
+        return menu if cost is None else _menu(spec, settings, cost)
+    return _menu(spec, settings, timed(settings, layer_cost))
+
+
+def _menu(spec: ModelSpec, settings: Decomposition, cost: LayerCost | None) -> Menu:
+    budget = effective_budget(settings)
+    skeleton = skeleton_candidates(spec.module, input_shape=spec.input_shape, settings=settings, latency=cost)
+    found = {r: _total(spec, r, cost) for r in budget.resources if r not in ("arena", "cycles") or cost is not None}
+    cuts = [c for c in skeleton if c.method == PRUNE]
+    pricing = None
+    if cuts or "arena" in budget.resources:
+        try:
+            pricing = _pricing(spec, settings, skeleton, found, cost, arena="arena" in budget.resources)
+        except ConfigError:
+            if parse_budget(settings.budget).get("arena"):
+                raise
+            budget = parse_budget(settings.budget)  # the implicit arena:1 needs a traceable graph: without one, unbounded
+            pricing = _pricing(spec, settings, skeleton, found, cost, arena=False) if cuts else None
+        if "arena" in budget.resources:
+            found["arena"] = pricing.arena({})
+    checked = budget if cost is not None or "cycles" not in budget.resources else \
+        Budget(tuple(c for c in budget.constraints if c.resource != "cycles"))
+    floors = {}
+    if checked.constraints:
+        floors = check_reachable(skeleton, budget=checked, totals=found, pricing=pricing,
+                                 arena=pricing.arena if pricing and "arena" in budget.resources else None,
+                                 never_slower=bool(cost and cost.board))
+    return Menu(budget, skeleton, found, pricing, floors)
+
+
+def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: dict, cost, *, arena: bool):
+    costs_last = list(count(spec.module, spec.input_shape))[-1]
+    groups = []
+    if any(c.method == PRUNE for c in skeleton):
+        groups, _ = channel_groups(spec.module, spec.input_shape, layers=settings.layers, exclude=settings.exclude,
+                                   last_layer=costs_last)
+    keeps = {g.name: kept_counts(g, fractions=settings.rank_fractions, round_to=settings.round_to) for g in groups}
+    line = None
+    if arena:
+        out_group = {n: g.name for g in groups for n in g.producers + g.depthwise}
+        try:
+            line = timeline(spec.module, spec.input_shape, out_group=out_group,
+                            channels={g.name: g.channels for g in groups})
+        except StageError as exc:
+            raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
+                              "arena, or set decomposition.arena_never_grows = false") from exc
+    return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found, keeps=keeps,
+                       latency=cost, timeline=line, microcontroller=settings.arena_never_grows)
+
+
+def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
+            layer_cost, seed: int, use_cache: bool, progress: bool, log, device: TorchDevice = CPU,
+            step: Budget | None = None):
+    """`module` (the dense model, or a tuned student collapsed back to dense layers) compressed once: to the menu's
+    budget (or the gradual `step` of it) by measured sensitivity when there is one, else by `settings`' method and
+    rank rule. Channel cuts are applied first, then the factorisations, fitted on the cut model. Returns the
+    compressed model, its plan, the allocation's record (None without a budget) and the seconds of each part."""
     seconds, choices, allocation = {}, None, None
-    if budget is not None:
+    if menu is not None:
+        budget = step or menu.budget
         started = time.perf_counter()
         model_spec = dataclasses.replace(spec, module=module)
         cost = timed(settings, layer_cost)
         candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_cost=layer_cost,
-                                              skeleton=skeleton, seed=seed, use_cache=use_cache, progress=progress,
-                                              device=device)
-        choices, allocation = allocate(candidates, budget=budget, total=total, latency_weight=settings.latency_weight,
-                                       never_slower=bool(cost and cost.board))
+                                              skeleton=menu.skeleton, seed=seed, use_cache=use_cache,
+                                              progress=progress, device=device)
+        pricing = menu.pricing
+        choices, allocation = allocate(candidates, budget=budget, totals=menu.totals,
+                                       latency_weight=settings.latency_weight, never_slower=bool(cost and cost.board),
+                                       pricing=pricing, arena=pricing.arena if pricing and pricing.timeline else None)
         allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
-                          latency_unit=cost.unit if cost else None, total=total)
+                          latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
+                          totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()})
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
-    factored, plan = decompose(module, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
+        cuts, choices = split_choices(choices)
+    elif settings.method == PRUNE:
+        cuts, choices = uniform_cuts(module, spec.input_shape, settings), {}
+    else:
+        cuts = {}
+    pruned, kept = apply_cuts(module, spec.input_shape, cuts)
+    factored, plan = decompose(pruned, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
                                calibration=samples.fit, choices=choices, device=device)
+    plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept)
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 
@@ -162,15 +244,19 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     `tuning.step_epochs`, and collapsed back to dense layers before the next: every allocation is measured on
     the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
     teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
-    budget = parse_budget(settings.budget) if settings.budget else None
     check_gradual(settings, tuning)
-    skeleton, total = check_budget(spec, settings, layer_cost) if budget else (None, None)
+    menu = check_budget(spec, settings, layer_cost) if settings.budget else None
+    budget = menu.budget if menu else None
+    if settings.gradual and tuning.epochs and menu and any(c.method == PRUNE for c in menu.skeleton):
+        raise ConfigError("decomposition.gradual steps collapse factored chains back to dense layers between steps, "
+                          "and a channel cut cannot be collapsed; use no gradual steps with \"prune\" among the "
+                          "candidates")
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
     device = torch_device(tuning.device, mixed_precision=tuning.mixed_precision)  # autocast only in fine-tuning
-    common = dict(spec=spec, samples=samples, settings=settings, layer_cost=layer_cost, skeleton=skeleton,
-                  total=total, seed=seed, use_cache=use_cache, progress=progress, log=log, device=device)
-    one_shot, plan, allocation, seconds = _factor(spec.module, budget=budget, **common)
+    common = dict(spec=spec, samples=samples, settings=settings, layer_cost=layer_cost, menu=menu, seed=seed,
+                  use_cache=use_cache, progress=progress, log=log, device=device)
+    one_shot, plan, allocation, seconds = _factor(spec.module, **common)
     one_shot_plan = plan
     model, history = one_shot, None
     if tuning.epochs:
@@ -179,8 +265,8 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
                                  progress=progress)
         started, steps, student = time.perf_counter(), [], spec.module
         for fraction in settings.gradual:
-            step_budget = dataclasses.replace(budget, fraction=fraction)
-            factored, step_plan, _, spent = _factor(student, budget=step_budget, **common)
+            step_budget = budget.with_first(fraction)
+            factored, step_plan, _, spent = _factor(student, step=step_budget, **common)
             # the step's last epoch, not its best held-out one: the held-out images are in the teacher's training
             # set, so a student nearer the teacher scores higher there (ResNet-20 factored to 0.6 of MACs: 97.5%
             # untuned, 97.0% after two epochs) and the step's tuning would be thrown away
@@ -192,7 +278,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             student = collapse(tuned, step_plan, student)
         factored = one_shot
         if steps:
-            factored, plan, allocation, spent = _factor(student, budget=budget, **common)
+            factored, plan, allocation, spent = _factor(student, **common)
             seconds["steps"] = [s["seconds"] for s in steps] + [spent]
         model, history = tune(factored, settings=dataclasses.replace(
             tuning, epochs=tuning.epochs - len(steps) * tuning.step_epochs))

@@ -1,102 +1,205 @@
-"""Budget allocation: pick one candidate per layer so the model meets a budget of MACs, parameters or the
-board's estimated cycles (the whole int8 model's) with the least summed sensitivity.
+"""Budget allocation: one option per decision unit (a layer: keep it or one of its factorisations; a channel group:
+keep its channels or cut them) so that the model meets every constraint of a budget (MACs, parameters, the
+board's estimated cycles of the whole int8 model, the activation arena) with the least summed sensitivity.
 
-A multiple-choice knapsack, solved by its Lagrangian relaxation (each layer independently minimises
-KL + lambda * cost; lambda bisected to the smallest value that meets the budget), then greedy upgrades
-into whatever budget is left. Summing per-layer KLs assumes the layers' errors add, which holds well
-for small errors, the regime a budget is chosen in.
+A multiple-choice knapsack solved by its Lagrangian relaxation: each unit minimises KL + lambda * price, the price
+being the option's whole-model costs, each as a share of its constraint's limit, summed over the budget's
+additive constraints; lambda is bisected to the smallest value at which every constraint holds, then greedy
+upgrades spend whatever is left. Where units are independent (factorisation alone: a layer's cost does not depend
+on the others) one pass per lambda is the exact relaxation, optimal on the convex hull. A channel cut changes
+the shapes, and so the costs, of every layer it touches: the relaxation is then minimised by coordinate descent
+(each unit in turn, given the others, until none changes), and a layer whose channels are cut is not also
+factored. The arena is a peak, not a sum: it is met afterwards by repair, each step taking the cut that lowers
+the planned arena at the least KL per byte and fixing it, then spending the additive constraints again.
 
-With `latency_weight` w > 0 each candidate's loss becomes KL + w * latency / (the dense layers' summed
-latency): among factorisations that save MACs, the faster ones on the target's int8 kernels are preferred. With
-the board's own estimate (`never_slower`), one that costs more cycles than its dense layer is no option at all.
+Summing per-unit KLs assumes their errors add, which holds well for small errors, the regime a budget is chosen in.
+With `latency_weight` w > 0 each option's loss becomes KL + w * latency / (the dense layers' summed latency). With
+the board's own estimate (`never_slower`), a factorisation that costs more cycles than its dense layer is no
+option at all, in the floor as in the allocation.
 """
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from pipeline.compress.budget.sensitivity import Candidate
 from pipeline.compress.plan import Choice
 from pipeline.errors import ConfigError
+from targets.budget import Budget, parse_budget
 
-RESOURCES = {"macs": "macs", "params": "params", "cycles": "latency"}  # a budget's resource: the Candidate field
-ALIASES = {"latency": "cycles"}  # BUDGET=latency:F, the earlier name, is a cycle budget
+__all__ = ["allocate", "floors", "check_reachable", "parse_budget", "Budget", "FIELD"]
 
-
-@dataclass(frozen=True)
-class CostBudget:
-    resource: str  # "macs", "params" or "cycles" (the board's estimated cycles of the whole int8 model)
-    fraction: float  # of the dense model's total to keep
-
-    def __str__(self) -> str:
-        return f"{self.resource}:{self.fraction:g}"
-
-
-def parse_budget(text: str | float) -> CostBudget:
-    """'0.35' (of MACs), 'macs:0.35', 'params:0.5' or 'cycles:0.5' ('latency:0.5' is the same): the fraction of
-    the dense model to keep, in (0, 1]."""
-    resource, _, value = str(text).rpartition(":")
-    resource = ALIASES.get(resource, resource or "macs")
-    if resource not in RESOURCES:
-        raise ConfigError(f"Budget {text!r}: unknown resource {resource!r}; known: {', '.join([*RESOURCES, *ALIASES])}")
-    try:
-        fraction = float(value)
-    except ValueError:
-        fraction = float("nan")
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"Budget {text!r}; expected the fraction of the dense model's {resource} to keep, in "
-                          "(0, 1], e.g. BUDGET=0.35, BUDGET=params:0.5 or BUDGET=cycles:0.75")
-    return CostBudget(resource, fraction)
+FIELD = {"macs": "macs", "params": "params", "cycles": "latency"}  # an additive resource: the Candidate field
+ADDITIVE = tuple(FIELD)
+EPSILON = 1e-9
 
 
 def _cost(candidate: Candidate, resource: str) -> float:
-    return getattr(candidate, RESOURCES[resource])
+    return getattr(candidate, FIELD[resource])
 
 
-def _by_layer(candidates: list[Candidate], resource: str, never_slower: bool = False) -> dict[str, list[Candidate]]:
-    """Each layer's options, cheapest first: its dense entry and the factorisations that cost less than it in
-    the budget's resource, and with `never_slower` also in the target's cycles (a chain slower than its layer is
-    never an option, whatever the budget counts)."""
-    dense = {c.layer: c for c in candidates if c.method is None}
-    by_layer: dict[str, list[Candidate]] = defaultdict(list)
+def units_of(candidates: list[Candidate], budget: Budget, never_slower: bool = False) -> dict[str, list[Candidate]]:
+    """Each unit's options, its keep option first: a layer's factorisations that cost less than it in every
+    additive resource the budget counts (a chain with more parameters saves no parameters) and, with
+    `never_slower`, in the board's cycles; a channel group's cuts."""
+    keep = {c.layer: c for c in candidates if c.method is None}
+    units: dict[str, list[Candidate]] = defaultdict(list)
+    counted = [r for r in budget.resources if r in ADDITIVE]
     for c in candidates:
-        slower = never_slower and c.latency is not None and c.latency >= (dense[c.layer].latency or float("inf"))
-        if c.method is None or (_cost(c, resource) < _cost(dense[c.layer], resource) and not slower):
-            by_layer[c.layer].append(c)
-    for options in by_layer.values():
-        options.sort(key=lambda c: (_cost(c, resource), c.kl))
-    return by_layer
+        if c.method is None or c.method == "prune":
+            units[c.layer].append(c)
+            continue
+        dense = keep[c.layer]
+        slower = never_slower and c.latency is not None and c.latency >= (dense.latency or float("inf"))
+        if not slower and all(_cost(c, r) < _cost(dense, r) for r in counted):
+            units[c.layer].append(c)
+    for name, options in units.items():
+        if options[0].method is not None:  # a group's keep option, when the table did not list one
+            options.insert(0, Candidate(name, None, (), 0, 0, 0.0, 1.0))
+        options[1:] = sorted(options[1:], key=lambda c: (c.kl, c.ranks))
+    return dict(units)
 
 
-def check_reachable(candidates: list[Candidate], *, budget: CostBudget, total: float, never_slower: bool = False) -> float:
-    """The cheapest the candidates can make the model, as a fraction of `total`; an unreachable budget is an error
-    naming that floor. Needs only the candidates' costs, so it runs before any sensitivity is measured."""
-    by_layer = _by_layer(candidates, budget.resource, never_slower)
-    fixed = total - sum(_cost(next(c for c in o if c.method is None), budget.resource) for o in by_layer.values())
-    floor = fixed + sum(_cost(options[0], budget.resource) for options in by_layer.values())
-    if floor > budget.fraction * total:
-        # cycles of layers timed alone include each run's own input and output, so they can add up to more than
-        # the whole model: then only what the options save is meaningful, not what is left outside them
-        outside = f"; {fixed:,.0f} in layers not factored" if fixed >= 0 else ""
-        raise ConfigError(f"Budget {budget} is out of reach: the cheapest candidate of every layer still keeps "
-                          f"{floor / total:.3f} of the {budget.resource} ({floor:,.0f} of {total:,.0f}: the layers' "
-                          f"cheapest options save {total - floor:,.0f}{outside}). Raise the budget to at least "
-                          f"{floor / total:.3f}, or allow lower ranks or more layers")
-    return floor / total
+class Separable:
+    """Whole-model costs when every unit's cost is its own: the dense totals less what each chosen option saves."""
+
+    def __init__(self, units: dict[str, list[Candidate]], totals: dict[str, float]):
+        self.totals = totals
+        self.dense = {name: options[0] for name, options in units.items()}
+
+    def __call__(self, selection: dict[str, Candidate]) -> dict[str, float]:
+        return {r: self.totals[r] + sum(_cost(c, r) - _cost(self.dense[n], r) for n, c in selection.items())
+                for r in self.totals if r in ADDITIVE}
+
+    def change(self, selection: dict[str, Candidate], name: str, option: Candidate) -> dict[str, float]:
+        """What the whole-model costs change by when unit `name` takes `option` instead."""
+        return {r: _cost(option, r) - _cost(selection[name], r) for r in self.totals if r in ADDITIVE}
+
+    def valid(self, selection: dict[str, Candidate], name: str, option: Candidate) -> bool:
+        return True
 
 
-def allocate(candidates: list[Candidate], *, budget: CostBudget, total: float, latency_weight: float = 0.0,
-             never_slower: bool = False) -> tuple[dict[str, Choice], dict]:
-    """One Choice per layer in `candidates`, and a summary. `total` is the dense model's whole MACs, parameters
-    or cycles, layers outside the candidates and the operators between layers included (they stay as they are).
-    `never_slower`: the candidates' `latency` is the board's estimate, and none slower than its dense layer is
-    an option."""
-    if budget.resource == "cycles" and any(c.latency is None for c in candidates):
-        untimed = sorted({f"{c.layer} ({c.method or 'dense'})" for c in candidates if c.latency is None})
+def _limits(budget: Budget, totals: dict[str, float]) -> dict[str, float]:
+    missing = [c.resource for c in budget.constraints if c.resource not in totals]
+    if missing:
+        raise ConfigError(f"Budget {budget}: no dense figure for {', '.join(missing)} was given; known: "
+                          f"{', '.join(totals)}")
+    return {c.resource: c.limit(totals[c.resource]) for c in budget.constraints}
+
+
+def _descend(units, start, score: Callable[[float, dict], tuple], price, loss=lambda c: 0.0) -> dict[str, Candidate]:
+    """Coordinate descent: each unit in turn takes the option minimising `score(summed loss, whole-model costs)`,
+    given the others, until no unit changes (one pass when the units are independent)."""
+    selection = dict(start)
+    costs = price(selection)
+    total_loss = sum(loss(c) for c in selection.values())
+    for _ in range(12):
+        changed = False
+        for name, options in units.items():
+            current = selection[name]
+            best, best_key, best_delta = current, None, None
+            for option in options:
+                if option is not current and not price.valid(selection, name, option):
+                    continue
+                delta = {} if option is current else price.change(selection, name, option)
+                trial = {r: v + delta.get(r, 0.0) for r, v in costs.items()}
+                k = score(total_loss - loss(current) + loss(option), trial)
+                if best_key is None or k < best_key:
+                    best, best_key, best_delta = option, k, delta
+            if best is not current:
+                selection[name], changed = best, True
+                costs = {r: v + best_delta.get(r, 0.0) for r, v in costs.items()}
+                total_loss += loss(best) - loss(current)
+        if not changed:
+            break
+    return selection
+
+
+def _arena_descent(units, start, arena, price) -> dict[str, Candidate]:
+    """The selection with the least planned arena, by coordinate descent on the whole plan."""
+    selection = dict(start)
+    for _ in range(12):
+        changed = False
+        for name, options in units.items():
+            best, best_bytes = selection[name], arena(selection)
+            for option in options:
+                if option is selection[name] or not price.valid(selection, name, option):
+                    continue
+                size = arena({**selection, name: option})
+                if size < best_bytes:
+                    best, best_bytes = option, size
+            if best is not selection[name]:
+                selection[name], changed = best, True
+        if not changed:
+            break
+    return selection
+
+
+def floors(candidates: list[Candidate], *, budget: Budget, totals: dict[str, float], pricing=None,
+           arena: Callable | None = None, never_slower: bool = False) -> dict[str, float]:
+    """The least each of the budget's resources can reach, as a fraction of the dense model's: the one floor the
+    early check and the allocation both use, with the options the allocation may take (never_slower included)."""
+    units = units_of(candidates, budget, never_slower)
+    price = pricing or Separable(units, totals)
+    start = {n: o[0] for n, o in units.items()}
+    found = {}
+    for resource in budget.resources:
+        if resource == "arena":
+            if arena is not None:
+                found[resource] = arena(_arena_descent(units, start, arena, price)) / totals["arena"]
+            continue
+        low = _descend(units, start, lambda _loss, costs, r=resource: (costs[r],), price)
+        found[resource] = price(low)[resource] / totals[resource]
+    return found
+
+
+def check_reachable(candidates: list[Candidate], *, budget: Budget, totals: dict[str, float], pricing=None,
+                    arena: Callable | None = None, never_slower: bool = False) -> dict[str, float]:
+    """Each constraint's floor (see `floors`); a budget any of whose constraints lies below its floor is an error
+    naming every constraint's floor. Needs only the options' costs, so it runs before any sensitivity is
+    measured."""
+    found = floors(candidates, budget=budget, totals=totals, pricing=pricing, arena=arena, never_slower=never_slower)
+    limits = _limits(budget, totals)
+    missed = [c for c in budget.constraints if c.resource in found
+              and found[c.resource] * totals[c.resource] > limits[c.resource] * (1 + EPSILON)]
+    if missed:
+        parts = []
+        for c in budget.constraints:
+            if c.resource not in found:
+                continue
+            floor, dense = found[c.resource] * totals[c.resource], totals[c.resource]
+            verdict = "out of reach" if c in missed else "reachable"
+            parts.append(f"{c} {verdict}: the cheapest options keep {found[c.resource]:.3f} of the {c.resource} "
+                         f"({floor:,.0f} of {dense:,.0f}: the cheapest options save {dense - floor:,.0f})")
+        first = missed[0]
+        at_least = (f"{found[first.resource]:.3f}" if first.limit_bytes is None
+                    else f"{found[first.resource] * totals[first.resource]:,.0f} bytes")
+        raise ConfigError(f"Budget {budget} is out of reach: {'; '.join(parts)}. Raise {first.resource} to at least "
+                          f"{at_least}, or allow lower ranks, channel cuts or more layers")
+    return found
+
+
+def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None = None,
+             totals: dict[str, float] | None = None, latency_weight: float = 0.0, never_slower: bool = False,
+             pricing=None, arena: Callable | None = None) -> tuple[dict[str, Choice], dict]:
+    """One Choice per unit in `candidates`, and a summary. `totals` are the dense model's whole figures per
+    resource (`total` alone: the first constraint's), layers outside the candidates and the operators between
+    layers included. `pricing` prices a whole selection where channel cuts couple the units (see
+    `pipeline.compress.budget.menu`); `arena` plans a selection's activation bytes."""
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    totals = dict(totals or {budget.resource: total})
+    if "cycles" in budget.resources and any(c.latency is None for c in candidates if c.method != "prune"):
+        untimed = sorted({f"{c.layer} ({c.method or 'dense'})" for c in candidates
+                          if c.latency is None and c.method != "prune"})
         raise ConfigError(f"Budget {budget} needs every candidate's cycles; not estimated: {', '.join(untimed[:5])}")
-    check_reachable(candidates, budget=budget, total=total, never_slower=never_slower)
-    by_layer = _by_layer(candidates, budget.resource, never_slower)
-    dense = {name: next(c for c in options if c.method is None) for name, options in by_layer.items()}
-    fixed = total - sum(_cost(c, budget.resource) for c in dense.values())
+    if "arena" in budget.resources and arena is None:
+        raise ConfigError(f"Budget {budget} bounds the arena, and no arena estimate was given (a target without "
+                          "activation memory figures)")
+    check_reachable(candidates, budget=budget, totals=totals, pricing=pricing, arena=arena, never_slower=never_slower)
+    units = units_of(candidates, budget, never_slower)
+    price = pricing or Separable(units, totals)
+    limits = _limits(budget, totals)
+    additive = [r for r in budget.resources if r in ADDITIVE]
+    dense = {name: options[0] for name, options in units.items()}
     dense_latency = sum(c.latency or 0.0 for c in dense.values())
     weight = latency_weight / dense_latency if latency_weight and dense_latency else 0.0
 
@@ -104,62 +207,132 @@ def allocate(candidates: list[Candidate], *, budget: CostBudget, total: float, l
         own = c.latency if c.latency is not None else (dense[c.layer].latency or 0.0)
         return c.kl + weight * own
 
-    target = budget.fraction * total
+    def spent(selection) -> dict[str, float]:
+        costs = price(selection)
+        if arena is not None and "arena" in budget.resources:
+            costs["arena"] = arena(selection)
+        return costs
 
-    def pick(lam: float) -> dict[str, Candidate]:
-        return {name: min(options, key=lambda c: (loss(c) + lam * _cost(c, budget.resource) / total,
-                                                   _cost(c, budget.resource)))
-                for name, options in by_layer.items()}
+    def fits(costs: dict[str, float], resources) -> bool:
+        return all(costs[r] <= limits[r] * (1 + EPSILON) for r in resources)
 
-    def spent(selection: dict[str, Candidate]) -> int:
-        return fixed + sum(_cost(c, budget.resource) for c in selection.values())
+    def normalised(costs: dict[str, float]) -> float:
+        return sum(costs[r] / limits[r] for r in additive)
 
-    low, high = 0.0, 1.0
-    while spent(pick(high)) > target:
-        high *= 4
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if spent(pick(mid)) > target else (low, mid)
-    selection = pick(high)
-    upgrades = 0
-    while True:  # spend what the relaxation left on the upgrades that buy the most KL per unit of cost
-        slack = target - spent(selection)
-        best = None
-        for name, options in by_layer.items():
-            now = selection[name]
-            for c in options:
-                extra = _cost(c, budget.resource) - _cost(now, budget.resource)
-                if 0 < extra <= slack and loss(c) < loss(now):
-                    rate = (loss(now) - loss(c)) / extra
+    frozen: dict[str, Candidate] = {}
+
+    def solve() -> dict[str, Candidate]:
+        free = {n: ([frozen[n]] if n in frozen else o) for n, o in units.items()}
+        start = {n: o[0] for n, o in free.items()}
+        if not additive:
+            return start
+
+        def pick(lam):
+            return _descend(free, start, lambda kl, costs: (kl + lam * normalised(costs), normalised(costs)), price,
+                            loss)
+
+        low, high = 0.0, 1.0
+        while not fits(price(pick(high)), additive):
+            high *= 4
+            if high > 1e12:
+                raise ConfigError(f"Budget {budget}: no selection meets {', '.join(additive)} together (each alone "
+                                  "is reachable); raise one of them")
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (mid, high) if not fits(price(pick(mid)), additive) else (low, mid)
+        selection = pick(high)
+        return _upgrade(selection)
+
+    def _upgrade(selection) -> dict[str, Candidate]:
+        """Spend what the relaxation left on the upgrades that buy the most KL per unit of price."""
+        nonlocal upgrades
+        while True:
+            now_costs = price(selection)
+            now_price = normalised(now_costs)
+            best = None
+            for name, options in units.items():
+                if name in frozen:
+                    continue
+                now = selection[name]
+                for c in options:
+                    if loss(c) >= loss(now):
+                        continue
+                    if not price.valid(selection, name, c):
+                        continue
+                    delta = price.change(selection, name, c)
+                    trial = {r: v + delta.get(r, 0.0) for r, v in now_costs.items()}
+                    if not fits(trial, additive):
+                        continue
+                    extra = normalised(trial) - now_price
+                    rate = (loss(now) - loss(c)) / max(extra, EPSILON)
                     if best is None or rate > best[0]:
                         best = (rate, name, c)
-        if best is None:
-            break
-        selection[best[1]] = best[2]
-        upgrades += 1
-    choices = {name: Choice(c.method, c.ranks, _reason(c, by_layer[name], dense[name], budget, total), kl=c.kl,
-                            agreement=c.agreement, latency=c.latency, dense_latency=dense[name].latency)
+            if best is None:
+                return selection
+            selection[best[1]] = best[2]
+            upgrades += 1
+
+    upgrades, repairs = 0, []
+    selection = solve()
+    if "arena" in budget.resources:
+        for _ in range(4 * len(units)):
+            now = spent(selection)
+            if now["arena"] <= limits["arena"]:
+                break
+            best = None
+            for name, options in units.items():
+                if name in frozen:
+                    continue
+                for c in options:
+                    if c is selection[name] or not price.valid(selection, name, c):
+                        continue
+                    saved = now["arena"] - arena({**selection, name: c})
+                    if saved > 0:
+                        rate = (loss(c) - loss(selection[name])) / saved
+                        if best is None or rate < best[0]:
+                            best = (rate, name, c)
+            if best is None:
+                break
+            frozen[best[1]] = best[2]
+            repairs.append(f"{best[1]}: {best[2].method or 'keep'} {'x'.join(map(str, best[2].ranks))}".strip())
+            selection = solve()
+    costs = spent(selection)
+    if not fits(costs, budget.resources):
+        over = [f"{r} {costs[r]:,.0f} > {limits[r]:,.0f}" for r in budget.resources if costs[r] > limits[r] * (1 + EPSILON)]
+        raise ConfigError(f"Budget {budget}: no selection found that meets every constraint together ({'; '.join(over)} "
+                          "at the closest); raise one of them")
+    choices = {name: Choice(c.method, c.ranks, _reason(c, units[name], dense[name], budget, price, selection),
+                            kl=c.kl, agreement=c.agreement, latency=c.latency, dense_latency=dense[name].latency)
                for name, c in selection.items()}
-    slower = [c for c in candidates if c.method and c.latency is not None and c.latency >= (dense[c.layer].latency or float("inf"))] \
-        if never_slower else []
-    summary = {"budget": str(budget), "lambda": high, "greedy_upgrades": upgrades, "kept": spent(selection) / total,
+    slower = [c for c in candidates if c.method not in (None, "prune") and c.latency is not None
+              and c.latency >= (dense[c.layer].latency or float("inf"))] if never_slower else []
+    summary = {"budget": str(budget), "greedy_upgrades": upgrades,
+               "kept": costs[budget.resource] / totals[budget.resource],
+               "kept_by_resource": {r: round(costs[r] / totals[r], 6) for r in budget.resources},
+               "estimated": {r: round(costs[r], 2) for r in budget.resources},
                "predicted_kl": round(sum(c.kl for c in selection.values()), 6), "latency_weight": latency_weight,
-               "never_slower": never_slower, "slower_than_dense": len(slower)}
+               "never_slower": never_slower, "slower_than_dense": len(slower), "arena_repairs": repairs}
     if dense_latency:
         summary["layer_latency"] = {"dense": round(dense_latency, 4), "chosen": round(
             sum(c.latency if c.latency is not None else dense[c.layer].latency or 0.0 for c in selection.values()), 4)}
     return choices, summary
 
 
-def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budget: CostBudget, total: int) -> str:
-    saved = (_cost(dense, budget.resource) - _cost(chosen, budget.resource)) / total
-    cheaper = [c for c in options if _cost(c, budget.resource) < _cost(chosen, budget.resource)]
+def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budget: Budget, price, selection) -> str:
+    resource = budget.resource
+    whole = price(selection).get(resource)
+    alone = price({**selection, chosen.layer: dense}).get(resource) if whole is not None else None
+    cheaper = [c for c in options if c is not chosen and resource in FIELD and price.valid(selection, chosen.layer, c)
+               and price.change(selection, chosen.layer, c)[resource] < 0]
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
     then = (f"; the best cheaper option ({nxt.method} {'x'.join(map(str, nxt.ranks))}) costs KL {nxt.kl:.4f}"
             if nxt else "; no cheaper option")
     timing = (f"; cost {chosen.latency:,.4g} vs {dense.latency:,.4g} dense"
-              if chosen.method and chosen.latency is not None and dense.latency else "")
+              if chosen.method not in (None, "prune") and chosen.latency is not None and dense.latency else "")
     if chosen.method is None:
         return f"budget {budget}: kept dense{then}"
-    return (f"budget {budget}: KL {chosen.kl:.4f}, agreement {chosen.agreement:.1%} on held-out images, "
-            f"saves {saved:.1%} of the model's {budget.resource}{timing}{then}")
+    saved = f", saves {(alone - whole) / price.totals[resource]:.1%} of the model's {resource}" \
+        if whole is not None and alone is not None and resource in price.totals else ""
+    what = f"keeps {chosen.ranks[0]} channels, " if chosen.method == "prune" else ""
+    return (f"budget {budget}: {what}KL {chosen.kl:.4f}, agreement {chosen.agreement:.1%} on held-out images"
+            f"{saved}{timing}{then}")

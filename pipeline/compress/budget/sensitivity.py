@@ -24,14 +24,16 @@ from pipeline.cluster import Job, Local, connect
 from pipeline.compress import datafit
 from pipeline.compress.budget.macs import count
 from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
-from pipeline.compress.methods import Method, methods_for
+from pipeline.compress.methods import PRUNE, Method, methods_for
+from pipeline.compress.prune import PREFIX as CUT_PREFIX
+from pipeline.compress.prune import channel_groups, kept_counts, prune, unit_name
 from pipeline.compress.ranks import round_up
 from pipeline.compute import CPU, TorchDevice
 from pipeline.errors import StageError
 from pipeline.util import cache_dir, cache_lock, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
-VERSION = 5  # 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
+VERSION = 6  # 6: channel cuts ("prune") are candidates; 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,45 @@ def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], sett
                     found.append(Candidate(name, method.name, ranks, macs, sum(p.numel() for p in chain.parameters()),
                                            float("nan"), float("nan")))
                     items.append((chain, cost.input_shape))
+    cuts, _ = cut_candidates(module, input_shape=input_shape, settings=settings,
+                             last_layer=list(costs)[-1] if costs else None)
     if latency is not None:
         found = [dataclasses.replace(c, latency=t) for c, t in zip(found, layer_costs(latency, items), strict=True)]
-    return found
+    return found + cuts
+
+
+def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition,
+                   last_layer: str | None) -> tuple[list[Candidate], list]:
+    """Every channel cut a budget may take when `settings.candidates` names "prune": each prunable group (see
+    `prune.channel_groups`) at each of `rank_fractions` of its channels, rounded to `round_to`; KL unknown. MACs and
+    parameters are the whole model's with that cut alone. Returns them and the groups."""
+    if PRUNE not in settings.candidates:
+        return [], []
+    groups, _ = channel_groups(module, input_shape, layers=settings.layers, exclude=settings.exclude,
+                               last_layer=last_layer)
+    found = []
+    for group in groups:
+        for kept in kept_counts(group, fractions=settings.rank_fractions, round_to=settings.round_to):
+            macs, params = _cut_totals(module, input_shape, group.name, kept)
+            found.append(Candidate(unit_name(group.name), PRUNE, (kept,), macs, params, float("nan"), float("nan")))
+    return found, groups
+
+
+def _cut_totals(module, input_shape, group: str, kept: int) -> tuple[int, int]:
+    from pipeline.compress.budget.macs import totals
+
+    return totals(prune(module, input_shape, {group: kept})[0], input_shape)
+
+
+def measure_cut(module: nn.Module, held: torch.Tensor, reference: torch.Tensor, *, input_shape: tuple[int, ...],
+                group: str, kept: int) -> tuple[float, float]:
+    """One channel cut alone: group `group` of `module` cut to `kept` channels (largest group magnitude kept); the
+    mean KL of the net's logits on `held` from `reference` and their top-1 agreement."""
+    with threadpool_limits(limits=1):
+        pruned, _ = prune(module.cpu() if held.device.type == "cpu" else module, input_shape, {group: kept})
+    with torch.inference_mode():
+        logits = pruned.to(held.device)(held)
+    return round(_kl(reference, logits), 8), round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)
 
 
 def _fingerprint(module: nn.Module, *arrays: np.ndarray, settings: dict) -> str:
@@ -192,7 +230,7 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             skeleton = skeleton_candidates(module, input_shape=input_shape, settings=settings, latency=latency)
         dense_model = module.eval()
         work = copy.deepcopy(module).eval()
-        names = list(dict.fromkeys(c.layer for c in skeleton))
+        names = list(dict.fromkeys(c.layer for c in skeleton if c.method != PRUNE))
         held_t = torch.from_numpy(np.ascontiguousarray(heldout_x, dtype=np.float32))
         io = {} if fit_x is None else datafit.layer_io(
             dense_model, names, torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
@@ -206,7 +244,8 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
         layer_io = {name: cluster.put(io.get(name, (None, None))) for name in names}
         by_name = {m.name: m for name in names for m in methods_for(module.get_submodule(name), methods)}
         found = [c for c in skeleton if c.method is None]
-        factored = [c for c in skeleton if c.method is not None]
+        factored = [c for c in skeleton if c.method not in (None, PRUNE)]
+        cuts = [c for c in skeleton if c.method == PRUNE]
         jobs = [Job(f"sensitivity {c.layer} {c.method} {'x'.join(map(str, c.ranks))}", measure_candidate,
                     (shared["module"], layer_io[c.layer], shared["held"], shared["reference"]),
                     {"name": c.layer, "method": by_name[c.method], "ranks": c.ranks, "seed": seed}) for c in factored]
@@ -216,7 +255,15 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             chain, kl, agreement = measured
             found.append(dataclasses.replace(c, params=sum(p.numel() for p in chain.parameters()), kl=kl,
                                              agreement=agreement))
-        found.sort(key=lambda c: names.index(c.layer))  # each layer's dense entry, then its candidates
+        cut_jobs = [Job(f"sensitivity {c.layer} keep {c.ranks[0]}", measure_cut, (shared["module"], shared["held"],
+                                                                                  shared["reference"]),
+                        {"input_shape": tuple(input_shape), "group": c.layer.removeprefix(CUT_PREFIX), "kept": c.ranks[0]})
+                    for c in cuts]
+        for c, (kl, agreement) in zip(cuts, cluster.run(cut_jobs, desc="sensitivity (cuts)", progress=progress),
+                                      strict=True):
+            found.append(dataclasses.replace(c, kl=kl, agreement=agreement))
+        order = {name: i for i, name in enumerate(dict.fromkeys(c.layer for c in skeleton))}
+        found.sort(key=lambda c: order[c.layer])  # each layer's dense entry, then its candidates; then the cuts
         seconds = round(time.perf_counter() - started, 2)
         write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
                                      "candidates": [asdict(c) for c in found]}, indent=1))

@@ -1,0 +1,169 @@
+"""What a channel cut costs: whole-model MACs, parameters, the board's cycles and the arena of a selection whose
+channel groups change the shapes of the layers they touch.
+
+Every layer a group touches is priced at each shape the groups can give it (input and output channels kept): MACs
+and parameters counted on the shape, cycles measured on it by the target's layer cost (the same emulated-board
+tables as the factorisations'). Operators between the layers (adds, pools, requantization) keep their dense cost,
+so a cycle estimate of a pruned model errs high; the deploy's whole-model figure is the true one.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+from torch import nn
+
+from pipeline.compress.budget.arena import Timeline, chain_intermediates, persistent_bytes
+from pipeline.compress.budget.macs import count
+from pipeline.compress.budget.sensitivity import Candidate, LayerCost, layer_costs
+from pipeline.compress.methods import METHODS, PRUNE
+from pipeline.compress.prune import ChannelGroup, unit_name
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """A layer a group touches: which groups set its input and output channels, and its dense geometry."""
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    in_group: str | None
+    out_group: str | None
+    depthwise: bool  # in and out set by one group
+
+    @property
+    def full(self) -> tuple[int, int]:
+        m = self.module
+        return (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+
+
+def resized(layer: Shaped, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """The layer at another channel count, with the input shape it then reads."""
+    m = layer.module
+    if isinstance(m, nn.Linear):
+        return nn.Linear(cin, cout, bias=m.bias is not None), (cin,)
+    groups = cin if layer.depthwise else m.groups
+    conv = nn.Conv2d(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups,
+                     bias=m.bias is not None, padding_mode=m.padding_mode)
+    return conv, (cin, *layer.input_shape[1:])
+
+
+class Pricing:
+    """Whole-model costs of a selection (unit -> option) where channel groups couple the layers they touch."""
+
+    def __init__(self, *, totals: dict[str, float], groups: list[ChannelGroup], layers: dict[str, Shaped],
+                 variants: dict[tuple[str, int, int], dict[str, float]], timeline: Timeline | None = None,
+                 chains: dict[tuple[str, str, tuple[int, ...]], list[int]] | None = None, persistent: dict | None = None):
+        self.totals, self.layers, self.variants = totals, layers, variants
+        self.groups = {g.name: g for g in groups}
+        self.touching = {unit_name(g.name): tuple(n for n, s in layers.items() if g.name in (s.in_group, s.out_group))
+                         for g in groups}
+        self.timeline, self.chains, self.persistent = timeline, chains or {}, persistent or {}
+
+    def _kept(self, selection, group: str | None, full: int) -> int:
+        if group is None:
+            return full
+        option = selection.get(unit_name(group))
+        kept = option.ranks[0] if option is not None and option.method == PRUNE else self.groups[group].channels
+        return full * kept // self.groups[group].channels  # a flattened input carries each channel H*W times
+
+    def _layer(self, selection, name: str) -> dict[str, float]:
+        layer = self.layers[name]
+        option = selection.get(name)
+        if option is not None and option.method not in (None, PRUNE):
+            return {"macs": option.macs, "params": option.params, "cycles": option.latency}
+        cin, cout = layer.full
+        return self.variants[(name, self._kept(selection, layer.in_group, cin), self._kept(selection, layer.out_group, cout))]
+
+    def _sum(self, selection, names) -> dict[str, float]:
+        found = {r: 0.0 for r in self.totals if r != "arena"}
+        for name in names:
+            cost = self._layer(selection, name)
+            for r in found:
+                found[r] += cost[r] or 0.0
+        return found
+
+    def _affected(self, name: str) -> tuple[str, ...]:
+        return self.touching.get(name, (name,) if name in self.layers else ())
+
+    def __call__(self, selection) -> dict[str, float]:
+        now, base = self._sum(selection, self.layers), self._sum({}, self.layers)  # {}: every unit at its keep
+        return {r: self.totals[r] + now[r] - base[r] for r in now}
+
+    def change(self, selection, name: str, option) -> dict[str, float]:
+        names = self._affected(name)
+        before, after = self._sum(selection, names), self._sum({**selection, name: option}, names)
+        return {r: after[r] - before[r] for r in before}
+
+    def valid(self, selection, name: str, option) -> bool:
+        """A layer is not both cut and factored: its factorisations were fitted and timed at its dense shape."""
+        if option.method is None:
+            return True
+        if option.method == PRUNE:
+            return not any(selection.get(n) is not None and selection[n].method not in (None, PRUNE)
+                           for n in self.touching.get(name, ()))
+        layer = self.layers.get(name)
+        if layer is None:
+            return True
+        return all(selection.get(unit_name(g)) is None or selection[unit_name(g)].method != PRUNE
+                   for g in (layer.in_group, layer.out_group) if g)
+
+    def arena(self, selection) -> int:
+        """Planned activation bytes plus the arena's persistent part, estimated (see `arena`)."""
+        keep = {g: selection[unit_name(g)].ranks[0] for g in self.groups
+                if unit_name(g) in selection and selection[unit_name(g)].method == PRUNE}
+        chains = {n: self.chains[(n, o.method, o.ranks)] for n, o in selection.items()
+                  if o.method not in (None, PRUNE) and (n, o.method, o.ranks) in self.chains}
+        planned = self.timeline.arena(keep, chains)
+        p = self.persistent
+        if not p:
+            return planned
+        channels = p["conv_channels"] - sum(self.groups[g].channels - k for g, k in keep.items()
+                                            for _ in self.groups[g].producers + self.groups[g].depthwise)
+        ops = p["operators"] + sum(len(c) for c in chains.values())
+        return planned + persistent_bytes(operators=ops, conv_channels=channels)
+
+
+def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list[ChannelGroup],
+                candidates: list[Candidate], totals: dict[str, float], keeps: dict[str, list[int]],
+                latency: LayerCost | None = None, timeline: Timeline | None = None,
+                microcontroller: bool = False) -> Pricing:
+    """The pricing of `candidates` (factorisations and cuts) on `module`: every layer a group touches measured at
+    every shape the cuts `keeps` (group -> channel counts) can give it."""
+    costs = count(module, input_shape)
+    out_group, in_group = {}, {}
+    for g in groups:
+        for n in g.producers + g.depthwise:
+            out_group[n] = g.name
+        for n in g.consumers + g.depthwise:
+            in_group[n] = g.name
+    names = [n for n in costs if n in out_group or n in in_group or any(c.layer == n for c in candidates)]
+    layers = {n: Shaped(n, module.get_submodule(n), costs[n].input_shape, in_group.get(n), out_group.get(n),
+                        n in out_group and out_group[n] == in_group.get(n)) for n in names}
+    channels = {g.name: g.channels for g in groups}
+    shapes, items = [], []
+    for layer in layers.values():
+        cin, cout = layer.full
+        ins = [cin] + [cin * k // channels[layer.in_group] for k in keeps.get(layer.in_group, [])] if layer.in_group else [cin]
+        outs = [cout] + [cout * k // channels[layer.out_group] for k in keeps.get(layer.out_group, [])] \
+            if layer.out_group else [cout]
+        pairs = [(i, i) for i in ins] if layer.depthwise else list(itertools.product(ins, outs))
+        for i, o in pairs:
+            shaped, shape = resized(layer, i, o)
+            cost = next(iter(count(shaped, shape).values()))
+            shapes.append(((layer.name, i, o), {"macs": cost.macs, "params": cost.params, "cycles": None}))
+            items.append((shaped, shape))
+    if latency is not None:
+        for (_, cost), cycles in zip(shapes, layer_costs(latency, items), strict=True):
+            cost["cycles"] = cycles
+    chains = {}
+    if timeline is not None:
+        for c in candidates:
+            if c.method not in (None, PRUNE) and c.layer in layers:
+                chain = METHODS[c.method].skeleton(layers[c.layer].module, c.ranks)
+                chains[(c.layer, c.method, c.ranks)] = chain_intermediates(chain, layers[c.layer].input_shape)
+    persistent = None
+    if microcontroller and timeline is not None:
+        persistent = {"operators": len(timeline.steps) + sum(1 for s in timeline.steps if s.pad),
+                      "conv_channels": sum(c.output_shape[0] for c in costs.values() if c.kind == "Conv2d")}
+    return Pricing(totals=totals, groups=groups, layers=layers, variants=dict(shapes), timeline=timeline, chains=chains,
+                   persistent=persistent)

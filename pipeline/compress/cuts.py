@@ -1,0 +1,68 @@
+"""Channel cuts in the compress stage: which cuts a rule asks for (METHOD=prune RANK=0.5), applying an allocation's
+cuts before its factorisations, and the plan rows that say what each cut did to each layer."""
+
+import dataclasses
+
+from torch import nn
+
+from pipeline.compress.budget.macs import count
+from pipeline.compress.plan import Choice, DecompositionPlan
+from pipeline.compress.prune import PREFIX, channel_groups, prune
+from pipeline.compress.ranks import parse_rank, round_up
+from pipeline.errors import ConfigError
+from targets import Decomposition
+
+
+def uniform_cuts(module: nn.Module, input_shape: tuple[int, ...], settings: Decomposition) -> dict[str, int]:
+    """METHOD=prune without a budget: every prunable group keeps the fraction RANK of its channels, rounded up to
+    `round_to`."""
+    rule = parse_rank(settings.rank)
+    if rule.kind != "ratio":
+        raise ConfigError(f"METHOD=prune takes RANK as the fraction of each group's channels to keep, in (0, 1) "
+                          f"(e.g. RANK=0.5); got RANK={rule}")
+    costs = count(module, input_shape)
+    groups, _ = channel_groups(module, input_shape, layers=settings.layers, exclude=settings.exclude,
+                               last_layer=list(costs)[-1] if costs else None)
+    return {g.name: round_up(max(1, round(rule.value * g.channels)), settings.round_to, g.channels) for g in groups}
+
+
+def split_choices(choices: dict[str, Choice] | None) -> tuple[dict[str, int], dict[str, Choice] | None]:
+    """An allocation's channel cuts (group -> channels kept) and its per-layer choices."""
+    if choices is None:
+        return {}, None
+    cuts = {name.removeprefix(PREFIX): c.ranks[0] for name, c in choices.items() if name.startswith(PREFIX)
+            and c.method == "prune"}
+    return cuts, {name: c for name, c in choices.items() if not name.startswith(PREFIX)}
+
+
+def apply_cuts(module: nn.Module, input_shape: tuple[int, ...], cuts: dict[str, int]):
+    """`module` with `cuts` applied (a copy), and the channels each group kept; `module` itself when there are none."""
+    if not cuts:
+        return module, None
+    return prune(module, input_shape, cuts)
+
+
+def with_cuts(plan: DecompositionPlan, *, dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
+              kept: dict[str, list[int]] | None, reasons: dict[str, str] | None = None) -> DecompositionPlan:
+    """`plan` (made on the pruned model) measured against the dense model: each layer's MACs and parameters before
+    are the dense layer's, and a layer whose channels changed says how many it kept of how many."""
+    if not kept:
+        return plan
+    before, after = count(dense, input_shape), count(pruned, input_shape)
+    rows = []
+    for row in plan.layers:
+        b, a = before.get(row.name), after.get(row.name)
+        if b is None or a is None:
+            rows.append(row)
+            continue
+        channels = (a.input_shape[0], a.output_shape[0])
+        channels_before = (b.input_shape[0], b.output_shape[0])
+        change = {"macs_before": b.macs, "params_before": b.params}
+        if channels != channels_before:
+            change.update(channels=channels, channels_before=channels_before)
+            if row.method is None:
+                change.update(macs_after=a.macs, params_after=a.params)
+                why = "; ".join(filter(None, ((reasons or {}).get(row.name, ""), row.note)))
+                change["note"] = f"channels cut{': ' + why if why else ''}"
+        rows.append(dataclasses.replace(row, **change))
+    return dataclasses.replace(plan, layers=tuple(rows), cuts=kept)

@@ -1,0 +1,254 @@
+"""Channel pruning (Torch-Pruning's surgery, our choice of groups and channels), the budget language with several
+constraints, the allocator over coupled units, and the arena estimate."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import plain
+from torch import nn
+
+from pipeline.compress.budget.allocate import allocate, check_reachable
+from pipeline.compress.budget.arena import greedy_plan, timeline
+from pipeline.compress.budget.menu import pricing_for
+from pipeline.compress.budget.sensitivity import Candidate, skeleton_candidates
+from pipeline.compress.cuts import uniform_cuts
+from pipeline.compress.prune import channel_groups, kept_counts, prune, unit_name
+from pipeline.errors import ConfigError
+from targets.budget import Budget, Constraint, parse_budget
+
+
+class TinyResidual(nn.Module):
+    """A stem, a residual block, a depthwise-separable block and a classifier: every coupling pruning must follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn4 = nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 24, 1)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        x = F.relu(self.bn4(self.dw(F.relu(self.bn3(self.expand(x))))))
+        x = F.relu(self.project(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def tiny() -> TinyResidual:
+    torch.manual_seed(0)
+    net = TinyResidual().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+SHAPE = (3, 8, 8)
+
+
+def test_groups_follow_the_residual_add_and_the_depthwise_conv():
+    groups, refused = channel_groups(tiny(), SHAPE, last_layer="fc")
+    by_name = {g.name: g for g in groups}
+    assert refused == {}
+    residual = by_name["stem"]  # the stem's channels are the block's output too: one group across the add
+    assert residual.producers == ("stem", "conv2") and residual.consumers == ("conv1", "expand")
+    assert by_name["conv1"].producers == ("conv1",) and by_name["conv1"].consumers == ("conv2",)
+    depthwise = by_name["expand"]
+    assert depthwise.producers == ("expand",) and depthwise.consumers == ("project",) and depthwise.channels == 32
+    assert by_name["project"].consumers == ("fc",)  # the classifier's inputs are cut, never its classes
+    assert not any("fc" in g.producers for g in groups)
+
+
+def test_at_full_width_the_output_is_identical_and_cuts_keep_shapes_consistent():
+    net = tiny()
+    groups, _ = channel_groups(net, SHAPE, last_layer="fc")
+    x = torch.randn(4, *SHAPE)
+    full, kept = prune(net, SHAPE, {g.name: g.channels for g in groups})
+    assert torch.equal(full(x), net(x)) and all(len(k) == g.channels for g, k in zip(groups, kept.values(), strict=True))
+    cut, kept = prune(net, SHAPE, {g.name: kept_counts(g, fractions=(0.5,), round_to=4)[0] for g in groups})
+    assert cut(x).shape == (4, 5)
+    assert (cut.stem.out_channels, cut.conv1.in_channels, cut.conv2.out_channels, cut.bn2.num_features) == (8, 8, 8, 8)
+    assert (cut.expand.out_channels, cut.dw.groups, cut.dw.out_channels, cut.project.in_channels) == (16, 16, 16, 16)
+    assert cut.fc.in_features == 12 and cut.fc.out_features == 5
+    assert kept["stem"] == sorted(kept["stem"]) and len(kept["stem"]) == 8
+    again, _ = prune(net, SHAPE, {g: len(k) for g, k in kept.items()}, indices=kept)  # a saved model is rebuilt
+    assert torch.equal(again(x), cut(x))
+
+
+def test_the_largest_channels_by_group_magnitude_are_kept():
+    net = tiny()
+    with torch.no_grad():
+        net.conv1.weight[[3, 7]] *= 50  # two loud channels of conv1's group
+    _, kept = prune(net, SHAPE, {"conv1": 4})
+    assert {3, 7} <= set(kept["conv1"])
+
+
+def test_a_zero_padding_shortcut_is_refused_with_the_reason():
+    from pipeline.zoo.nets import CifarResNet
+
+    groups, refused = channel_groups(CifarResNet(8).eval(), (3, 32, 32), last_layer="linear")
+    assert "coupled to layers of other widths" in refused["conv1"] and "layer2.0.conv2: 32" in refused["conv1"]
+    assert [g.name for g in groups] == ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
+
+
+def test_channel_counts_round_to_the_targets_multiple():
+    group = channel_groups(tiny(), SHAPE, last_layer="fc")[0][0]
+    assert kept_counts(group, fractions=(0.1, 0.3, 0.5, 0.9), round_to=4) == [4, 8]  # 0.9 rounds to 16: no cut
+    settings = plain(method="prune", rank="0.5", round_to=4)
+    assert uniform_cuts(tiny(), SHAPE, settings) == {"stem": 8, "conv1": 8, "expand": 16, "project": 12}
+    with pytest.raises(ConfigError, match="RANK as the fraction of each group's channels"):
+        uniform_cuts(tiny(), SHAPE, plain(method="prune", rank="energy:0.9"))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("cycles:0.58,arena:40KiB", (Constraint("cycles", 0.58), Constraint("arena", limit_bytes=40960))),
+    ("0.5, arena:40960B", (Constraint("macs", 0.5), Constraint("arena", limit_bytes=40960))),
+    ("arena:0.8", (Constraint("arena", 0.8),)),
+    ("params:0.5,arena:0.5MiB", (Constraint("params", 0.5), Constraint("arena", limit_bytes=524288))),
+])
+def test_budgets_join_constraints_with_commas(text, expected):
+    budget = parse_budget(text)
+    assert budget.constraints == expected
+    assert parse_budget(str(budget)) == budget
+
+
+@pytest.mark.parametrize("text,error", [
+    ("arena:40960", "bare number; give bytes with a unit"), ("arena:40kib", "expected bytes with a unit"),
+    ("cycles:0.5,cycles:0.6", "bounds cycles more than once"), ("0.5,", "joined by commas"),
+    ("arena:0.5B", "whole number of bytes"), ("ram:0.5", "unknown resource 'ram'"),
+])
+def test_bad_combined_budgets_are_refused(text, error):
+    with pytest.raises(ConfigError, match=error):
+        parse_budget(text)
+
+
+def test_the_profile_refuses_a_bad_budget_and_microcontrollers_bound_the_arena_by_default():
+    from targets import load_target
+
+    with pytest.raises(ConfigError, match="bare number"):
+        load_target("rpi4").override(decomposition={"budget": "cycles:0.5,arena:4096"})
+    assert load_target("nucleo-l4r5zi").decomposition.arena_never_grows
+    assert not load_target("rpi4").decomposition.arena_never_grows
+
+
+def test_greedy_plan_places_largest_first_at_the_lowest_free_offset():
+    # a and b overlap in time, c follows a: c reuses a's place
+    assert greedy_plan([(100, 0, 1), (50, 1, 2), (100, 2, 3)]) == 150
+    assert greedy_plan([(64, 0, 0), (64, 1, 1)]) == 64
+
+
+def coupled_problem():
+    """Units of a tiny residual net priced by shape (MACs): cutting the stem's group shrinks four layers."""
+    net = tiny()
+    settings = plain(candidates=("tucker2", "prune"), rank_fractions=(0.5,), round_to=4, keep_first_and_last=True)
+    skeleton = skeleton_candidates(net, input_shape=SHAPE, settings=settings)
+    rng = np.random.default_rng(0)
+    measured = [c if c.method is None else Candidate(c.layer, c.method, c.ranks, c.macs, c.params,
+                                                     float(rng.uniform(0.01, 0.2)), 0.9) for c in skeleton]
+    groups, _ = channel_groups(net, SHAPE, last_layer="fc")
+    from pipeline.compress.budget.macs import totals
+
+    macs, params = totals(net, SHAPE)
+    keeps = {g.name: kept_counts(g, fractions=(0.5,), round_to=4) for g in groups}
+    line = timeline(net, SHAPE, out_group={n: g.name for g in groups for n in g.producers + g.depthwise},
+                    channels={g.name: g.channels for g in groups})
+    pricing = pricing_for(net, SHAPE, groups=groups, candidates=measured, totals={"macs": macs, "params": params},
+                          keeps=keeps, timeline=line)
+    return net, measured, pricing, macs
+
+
+def test_the_pricing_of_a_cut_equals_the_cut_models_own_count():
+    from pipeline.compress.budget.macs import totals
+
+    net, measured, pricing, macs = coupled_problem()
+    cut = next(c for c in measured if c.layer == unit_name("stem"))
+    assert pricing({unit_name("stem"): cut})["macs"] == totals(prune(net, SHAPE, {"stem": cut.ranks[0]})[0], SHAPE)[0]
+    assert pricing({})["macs"] == macs
+
+
+def test_the_allocator_meets_a_combined_budget_with_cuts_and_factorisations():
+    net, measured, pricing, macs = coupled_problem()
+    planned = pricing.arena({})
+    budget = Budget((Constraint("macs", 0.6), Constraint("arena", limit_bytes=int(planned * 0.75))))
+    choices, summary = allocate(measured, budget=budget, totals={"macs": macs, "arena": planned}, pricing=pricing,
+                                arena=pricing.arena)
+    selection = {}
+    for name, choice in choices.items():
+        selection[name] = next(c for c in measured if c.layer == name and c.method == choice.method
+                               and c.ranks == choice.ranks) if choice.method else Candidate(name, None, (), 0, 0, 0, 1)
+    assert pricing(selection)["macs"] <= 0.6 * macs and pricing.arena(selection) <= planned * 0.75
+    assert summary["kept_by_resource"]["macs"] <= 0.6 and summary["estimated"]["arena"] <= planned * 0.75
+    for name, choice in choices.items():  # a layer cut is never also factored
+        if choice.method not in (None, "prune"):
+            assert all(choices.get(unit_name(g)) is None or choices[unit_name(g)].method != "prune"
+                       for g in (pricing.layers[name].in_group, pricing.layers[name].out_group) if g)
+
+
+def test_an_unreachable_combined_budget_names_each_constraints_floor_and_the_floor_is_accepted():
+    net, measured, pricing, macs = coupled_problem()
+    planned = pricing.arena({})
+    budget = Budget((Constraint("macs", 0.05), Constraint("arena", 0.9)))
+    with pytest.raises(ConfigError, match=r"macs:0.05 out of reach: the cheapest options keep (0\.\d+) of the macs.*"
+                                          r"arena:0.9 reachable") as error:
+        check_reachable(measured, budget=budget, totals={"macs": macs, "arena": planned}, pricing=pricing,
+                        arena=pricing.arena)
+    floor = float(str(error.value).split("Raise macs to at least ")[1].split(",")[0])
+    choices, summary = allocate(measured, budget=Budget((Constraint("macs", floor + 5e-4),)), totals={"macs": macs},
+                                pricing=pricing)
+    assert summary["kept"] <= floor + 5e-4
+
+
+def test_the_arena_estimate_is_close_to_what_tflite_micro_allocates(tmp_path):
+    """The planned activations plus the persistent part against TFLM's recording allocator on the converted model."""
+    from pipeline.compress.budget.menu import Pricing
+    from pipeline.onnx.chain import to_onnx
+    from pipeline.tflm import interpreter
+    from pipeline.tflm.convert import convert_to_tflite
+    from targets import load_target
+
+    net = tiny()
+    shape = (3, 16, 16)
+    groups, _ = channel_groups(net, shape, last_layer="fc")
+    line = timeline(net, shape, out_group={n: g.name for g in groups for n in g.producers + g.depthwise},
+                    channels={g.name: g.channels for g in groups})
+    pricing = pricing_for(net, shape, groups=groups, candidates=[], totals={"macs": 1}, keeps={}, timeline=line,
+                          microcontroller=True)
+    assert isinstance(pricing, Pricing)
+    x = np.random.default_rng(0).uniform(size=(16, *shape)).astype(np.float32)
+    pair = to_onnx(net, tmp_path, "m", check_inputs=x[:2], calibration=x,
+                   quantization=load_target("cortex-m4").quantization)
+    measured = interpreter.arena_bytes(convert_to_tflite(pair.int8, tmp_path / "m.tflite").read_bytes())
+    assert abs(pricing.arena({}) - measured) <= 0.15 * measured, (pricing.arena({}), measured)
+
+
+def test_a_pruned_and_factored_model_is_saved_and_rebuilt(tmp_path):
+    from pipeline.compress.cuts import with_cuts
+    from pipeline.compress.decompose import decompose
+    from pipeline.compress.plan import Choice
+    from pipeline.compress.store import load_factored, save_factored
+
+    net = tiny()
+    cut, kept = prune(net, SHAPE, {"stem": 8, "conv1": 8})
+    factored, plan = decompose(cut, input_shape=SHAPE, settings=plain(), progress=False,
+                               choices={"expand": Choice("pointwise-svd", (4,), "test")})
+    plan = with_cuts(plan, dense=net, pruned=cut, input_shape=SHAPE, kept=kept)
+    rows = {p.name: p for p in plan.layers}
+    assert rows["conv1"].channels == (8, 8) and rows["conv1"].channels_before == (16, 16)
+    assert rows["conv1"].macs_before == 16 * 16 * 9 * 64 and rows["conv1"].macs_after == 8 * 8 * 9 * 64
+    assert "8/16 -> 8/16" in plan.table() and "prune + pointwise-svd" in plan.table()
+    save_factored(tmp_path / "p.pt", factored, plan, model_name="tiny", input_shape=SHAPE)
+    loaded, loaded_plan, _ = load_factored(tmp_path / "p.pt", tiny())
+    x = torch.randn(2, *SHAPE)
+    assert loaded_plan.cuts == kept and torch.equal(loaded(x), factored(x))
