@@ -96,7 +96,7 @@ def test_rank_above_a_layers_maximum_is_an_error_naming_the_layer():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: channel-svd, cp, slice-svd, svd, tucker2"):
+    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: channel-svd, cp, prune, slice-svd, svd, tucker2"):
         decompose(SeedNet(), settings=plain(method="pca"), input_shape=(3, 32, 32))
 
 

@@ -139,7 +139,7 @@ def test_an_unknown_base_names_the_known_ones(tmp_path):
 
 def test_settings_are_validated_when_built_from_a_profile_an_override_or_code():
     profile = load_target("rpi4")
-    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: channel-svd, cp, slice-svd, svd, tucker2"):
+    with pytest.raises(ConfigError, match="Unknown method 'pca'; known: channel-svd, cp, prune, slice-svd, svd, tucker2"):
         profile.override(decomposition={"method": "pca"})
     with pytest.raises(ConfigError, match="FINETUNE_EPOCHS=-1"):
         profile.override(finetune={"epochs": -1})
