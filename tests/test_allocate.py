@@ -53,7 +53,7 @@ def test_hand_checked_choice_and_its_reason():
 
 
 def test_an_unreachable_budget_names_the_floor():
-    with pytest.raises(ConfigError, match=r"out of reach: macs:0.3 out of reach: the cheapest options keep 0\.318 of the macs \(70 of 220: the cheapest options save 150\)\. Raise macs to at least 0\.318"):
+    with pytest.raises(ConfigError, match=r"out of reach: the cheapest options keep 0\.318 of the macs \(70 of 220: the cheapest options save 150\)\. Raise macs to at least 0\.318"):
         allocate(TABLE, budget=parse_budget(f"macs:{0.3}"), total=220)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from targets.budget import ALIASES, RESOURCES
 from pipeline.compress.methods import METHODS
 from pipeline.deploy import DEFAULT_BUDGET, DEFAULT_MODEL, NO_BUDGET, default_budget
 from pipeline.zoo import ZOO
 from targets import known_targets
+from targets.budget import ALIASES, RESOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,14 @@ cuts before its factorisations, and the plan rows that say what each cut did to 
 
 import dataclasses
 
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from pipeline.compress.budget.macs import count
 from pipeline.compress.plan import Choice, DecompositionPlan
-from pipeline.compress.prune import PREFIX, channel_groups, prune
+from pipeline.compress.prune import PREFIX, channel_groups, consumers_of, prune, refit_consumers
 from pipeline.compress.ranks import parse_rank, round_up
 from pipeline.errors import ConfigError
 from targets import Decomposition
@@ -26,24 +29,42 @@ def uniform_cuts(module: nn.Module, input_shape: tuple[int, ...], settings: Deco
     return {g.name: round_up(max(1, round(rule.value * g.channels)), settings.round_to, g.channels) for g in groups}
 
 
-def split_choices(choices: dict[str, Choice] | None) -> tuple[dict[str, int], dict[str, Choice] | None]:
-    """An allocation's channel cuts (group -> channels kept) and its per-layer choices."""
+def split_choices(choices: dict[str, Choice] | None) -> tuple[dict[str, int], dict[str, Choice] | None, dict[str, str]]:
+    """An allocation's channel cuts (group -> channels kept), its per-layer choices, and why each cut was made."""
     if choices is None:
-        return {}, None
-    cuts = {name.removeprefix(PREFIX): c.ranks[0] for name, c in choices.items() if name.startswith(PREFIX)
-            and c.method == "prune"}
-    return cuts, {name: c for name, c in choices.items() if not name.startswith(PREFIX)}
+        return {}, None, {}
+    cut = {name.removeprefix(PREFIX): c for name, c in choices.items() if name.startswith(PREFIX) and c.method == "prune"}
+    return ({g: c.ranks[0] for g, c in cut.items()}, {n: c for n, c in choices.items() if not n.startswith(PREFIX)},
+            {g: c.reason for g, c in cut.items()})
 
 
-def apply_cuts(module: nn.Module, input_shape: tuple[int, ...], cuts: dict[str, int]):
-    """`module` with `cuts` applied (a copy), and the channels each group kept; `module` itself when there are none."""
+def apply_cuts(module: nn.Module, input_shape: tuple[int, ...], cuts: dict[str, int], *, settings: Decomposition,
+               calibration: np.ndarray | None = None, seed: int = 0):
+    """`module` with `cuts` applied (a copy), and the channels each group kept; `module` itself when there are none.
+    With `calibration` images the layers reading cut channels are refitted to their dense outputs (see
+    `prune.refit_consumers`), as every factor chain is fitted to its layer's output. The third value names, per
+    layer, the cut groups that touch it."""
     if not cuts:
-        return module, None
-    return prune(module, input_shape, cuts)
+        return module, None, {}
+    pruned, kept = prune(module, input_shape, cuts)
+    costs = count(module, input_shape)
+    groups, _ = channel_groups(module, input_shape, layers=settings.layers, exclude=settings.exclude,
+                               last_layer=list(costs)[-1])
+    if calibration is not None:
+        x = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
+        with threadpool_limits(limits=1):
+            refit_consumers(pruned, module, consumers_of(groups, cuts, list(costs)), x, seed=seed)
+    touching = {}
+    for g in groups:
+        if g.name in cuts:
+            for n in g.producers + g.consumers + g.depthwise:
+                touching.setdefault(n, []).append(g.name)
+    return pruned, kept, touching
 
 
 def with_cuts(plan: DecompositionPlan, *, dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
-              kept: dict[str, list[int]] | None, reasons: dict[str, str] | None = None) -> DecompositionPlan:
+              kept: dict[str, list[int]] | None, touching: dict[str, list[str]] | None = None,
+              reasons: dict[str, str] | None = None) -> DecompositionPlan:
     """`plan` (made on the pruned model) measured against the dense model: each layer's MACs and parameters before
     are the dense layer's, and a layer whose channels changed says how many it kept of how many."""
     if not kept:
@@ -62,7 +83,9 @@ def with_cuts(plan: DecompositionPlan, *, dense: nn.Module, pruned: nn.Module, i
             change.update(channels=channels, channels_before=channels_before)
             if row.method is None:
                 change.update(macs_after=a.macs, params_after=a.params)
-                why = "; ".join(filter(None, ((reasons or {}).get(row.name, ""), row.note)))
-                change["note"] = f"channels cut{': ' + why if why else ''}"
+            groups = (touching or {}).get(row.name, [])
+            why = "; ".join(f"group {g} keeps {len(kept[g])} channels ({(reasons or {}).get(g, 'uniform cut')})"
+                            for g in groups if g in kept)
+            change["note"] = "; ".join(filter(None, (why, row.note if row.method else "")))
         rows.append(dataclasses.replace(row, **change))
     return dataclasses.replace(plan, layers=tuple(rows), cuts=kept)

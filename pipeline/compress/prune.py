@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from pipeline.compress import datafit
 from pipeline.compress.ranks import round_up
 from pipeline.errors import ConfigError, StageError
 
@@ -161,3 +162,28 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], keep: dict[str, int],
     except Exception as exc:
         raise StageError(f"the model pruned to {keep} no longer runs ({type(exc).__name__}: {exc})") from exc
     return pruned, kept
+
+
+@torch.no_grad()
+def refit_consumers(pruned: nn.Module, dense: nn.Module, names, x: torch.Tensor, *, seed: int = 0) -> list[str]:
+    """The reconstruction step of channel pruning (He et al., "Channel Pruning for Accelerating Very Deep Neural
+    Networks", ICCV 2017): each layer in `names` that reads cut channels gets the least-squares weights (and bias)
+    that best reproduce the dense layer's output from what the pruned network now feeds it, in execution order so
+    each also absorbs what the refits before it changed. Layers of several groups (other than depthwise, which a
+    cut keeps exact) are left as they are. Returns the names refitted."""
+    done = []
+    outputs = datafit.layer_io(dense, list(names), x)
+    for name in names:
+        layer = pruned.get_submodule(name)
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            continue
+        inputs = datafit.layer_inputs(pruned, name, x)
+        datafit.least_squares(layer, inputs, datafit.outputs_2d(outputs[name][1]), seed=seed)
+        done.append(name)
+    return done
+
+
+def consumers_of(groups: list[ChannelGroup], cut: dict[str, int], order: list[str]) -> list[str]:
+    """The layers reading channels that `cut` removes, in execution order."""
+    reading = {n for g in groups if g.name in cut for n in g.consumers}
+    return [n for n in order if n in reading]

@@ -19,7 +19,7 @@ from pipeline.compress.cuts import apply_cuts, split_choices, uniform_cuts, with
 from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.methods import PRUNE
-from pipeline.compress.plan import DecompositionPlan
+from pipeline.compress.plan import Choice, DecompositionPlan
 from pipeline.compress.prune import channel_groups, kept_counts
 from pipeline.compute import CPU, TorchDevice, torch_device
 from pipeline.errors import ConfigError, StageError
@@ -220,15 +220,19 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
-        cuts, choices = split_choices(choices)
+        cuts, choices, reasons = split_choices(choices)
     elif settings.method == PRUNE:
-        cuts, choices = uniform_cuts(module, spec.input_shape, settings), {}
+        cuts, reasons = uniform_cuts(module, spec.input_shape, settings), {}
+        choices = {n: Choice(None, (), f"METHOD=prune RANK={settings.rank}: channels cut, no factorisation")
+                   for n in count(module, spec.input_shape)}
     else:
-        cuts = {}
-    pruned, kept = apply_cuts(module, spec.input_shape, cuts)
+        cuts, reasons = {}, {}
+    pruned, kept, touching = apply_cuts(module, spec.input_shape, cuts, settings=settings, calibration=samples.fit,
+                                        seed=seed)
     factored, plan = decompose(pruned, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
                                calibration=samples.fit, choices=choices, device=device)
-    plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept)
+    plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept, touching=touching,
+                     reasons=reasons)
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 

@@ -70,12 +70,22 @@ class Separable:
         return {r: self.totals[r] + sum(_cost(c, r) - _cost(self.dense[n], r) for n, c in selection.items())
                 for r in self.totals if r in ADDITIVE}
 
-    def change(self, selection: dict[str, Candidate], name: str, option: Candidate) -> dict[str, float]:
-        """What the whole-model costs change by when unit `name` takes `option` instead."""
-        return {r: _cost(option, r) - _cost(selection[name], r) for r in self.totals if r in ADDITIVE}
+    def change(self, selection: dict[str, Candidate], moves: dict[str, Candidate]) -> dict[str, float]:
+        """What the whole-model costs change by when the units in `moves` take those options instead."""
+        return {r: sum(_cost(o, r) - _cost(selection[n], r) for n, o in moves.items())
+                for r in self.totals if r in ADDITIVE}
 
-    def valid(self, selection: dict[str, Candidate], name: str, option: Candidate) -> bool:
-        return True
+    def conflicts(self, selection: dict[str, Candidate], name: str, option: Candidate) -> list[str]:
+        return []
+
+
+def _move(units, price, selection, name: str, option: Candidate) -> dict[str, Candidate]:
+    """Unit `name` taking `option`, with every unit it cannot coexist with back at its keep option (a channel cut
+    and a factorisation of a layer it touches); empty when one of those is held to another option."""
+    resets = {u: units[u][0] for u in price.conflicts(selection, name, option)}
+    if any(o.method is not None for o in resets.values()):
+        return {}
+    return {name: option, **resets}
 
 
 def _limits(budget: Budget, totals: dict[str, float]) -> dict[str, float]:
@@ -98,17 +108,20 @@ def _descend(units, start, score: Callable[[float, dict], tuple], price, loss=la
             current = selection[name]
             best, best_key, best_delta = current, None, None
             for option in options:
-                if option is not current and not price.valid(selection, name, option):
+                moves = {} if option is current else _move(units, price, selection, name, option)
+                if option is not current and not moves:
                     continue
-                delta = {} if option is current else price.change(selection, name, option)
+                delta = price.change(selection, moves) if moves else {}
                 trial = {r: v + delta.get(r, 0.0) for r, v in costs.items()}
-                k = score(total_loss - loss(current) + loss(option), trial)
+                gain = sum(loss(o) - loss(selection[u]) for u, o in moves.items())
+                k = score(total_loss + gain, trial)
                 if best_key is None or k < best_key:
-                    best, best_key, best_delta = option, k, delta
+                    best, best_key, best_delta, best_moves, best_gain = option, k, delta, moves, gain
             if best is not current:
-                selection[name], changed = best, True
+                selection.update(best_moves)
+                changed = True
                 costs = {r: v + best_delta.get(r, 0.0) for r, v in costs.items()}
-                total_loss += loss(best) - loss(current)
+                total_loss += best_gain
         if not changed:
             break
     return selection
@@ -120,15 +133,19 @@ def _arena_descent(units, start, arena, price) -> dict[str, Candidate]:
     for _ in range(12):
         changed = False
         for name, options in units.items():
-            best, best_bytes = selection[name], arena(selection)
+            best, best_bytes = None, arena(selection)
             for option in options:
-                if option is selection[name] or not price.valid(selection, name, option):
+                if option is selection[name]:
                     continue
-                size = arena({**selection, name: option})
+                moves = _move(units, price, selection, name, option)
+                if not moves:
+                    continue
+                size = arena({**selection, **moves})
                 if size < best_bytes:
-                    best, best_bytes = option, size
-            if best is not selection[name]:
-                selection[name], changed = best, True
+                    best, best_bytes = moves, size
+            if best is not None:
+                selection.update(best)
+                changed = True
         if not changed:
             break
     return selection
@@ -167,8 +184,8 @@ def check_reachable(candidates: list[Candidate], *, budget: Budget, totals: dict
             if c.resource not in found:
                 continue
             floor, dense = found[c.resource] * totals[c.resource], totals[c.resource]
-            verdict = "out of reach" if c in missed else "reachable"
-            parts.append(f"{c} {verdict}: the cheapest options keep {found[c.resource]:.3f} of the {c.resource} "
+            verdict = "" if len(found) == 1 else f"{c} {'out of reach' if c in missed else 'reachable'}: "
+            parts.append(f"{verdict}the cheapest options keep {found[c.resource]:.3f} of the {c.resource} "
                          f"({floor:,.0f} of {dense:,.0f}: the cheapest options save {dense - floor:,.0f})")
         first = missed[0]
         at_least = (f"{found[first.resource]:.3f}" if first.limit_bytes is None
@@ -221,6 +238,12 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
 
     frozen: dict[str, Candidate] = {}
 
+    def fits_arena(selection) -> bool:
+        """An upgrade may not take the arena over its limit (nor further over, before the repair)."""
+        if arena is None or "arena" not in budget.resources:
+            return True
+        return arena(selection) <= max(limits["arena"], arena(current[0]))
+
     def solve() -> dict[str, Candidate]:
         free = {n: ([frozen[n]] if n in frozen else o) for n, o in units.items()}
         start = {n: o[0] for n, o in free.items()}
@@ -247,32 +270,32 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
         """Spend what the relaxation left on the upgrades that buy the most KL per unit of price."""
         nonlocal upgrades
         while True:
+            current[0] = selection
             now_costs = price(selection)
             now_price = normalised(now_costs)
             best = None
             for name, options in units.items():
                 if name in frozen:
                     continue
-                now = selection[name]
                 for c in options:
-                    if loss(c) >= loss(now):
+                    moves = _move(units, price, selection, name, c)
+                    gain = sum(loss(selection[u]) - loss(o) for u, o in moves.items())
+                    if not moves or gain <= 0 or any(u in frozen for u in moves):
                         continue
-                    if not price.valid(selection, name, c):
-                        continue
-                    delta = price.change(selection, name, c)
+                    delta = price.change(selection, moves)
                     trial = {r: v + delta.get(r, 0.0) for r, v in now_costs.items()}
-                    if not fits(trial, additive):
+                    if not fits(trial, additive) or not fits_arena({**selection, **moves}):
                         continue
                     extra = normalised(trial) - now_price
-                    rate = (loss(now) - loss(c)) / max(extra, EPSILON)
+                    rate = gain / max(extra, EPSILON)
                     if best is None or rate > best[0]:
-                        best = (rate, name, c)
+                        best = (rate, moves)
             if best is None:
                 return selection
-            selection[best[1]] = best[2]
+            selection.update(best[1])
             upgrades += 1
 
-    upgrades, repairs = 0, []
+    upgrades, repairs, current = 0, [], [None]
     selection = solve()
     if "arena" in budget.resources:
         for _ in range(4 * len(units)):
@@ -284,17 +307,20 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
                 if name in frozen:
                     continue
                 for c in options:
-                    if c is selection[name] or not price.valid(selection, name, c):
+                    if c is selection[name]:
                         continue
-                    saved = now["arena"] - arena({**selection, name: c})
+                    moves = _move(units, price, selection, name, c)
+                    if not moves or any(u in frozen for u in moves):
+                        continue
+                    saved = now["arena"] - arena({**selection, **moves})
                     if saved > 0:
-                        rate = (loss(c) - loss(selection[name])) / saved
+                        rate = sum(loss(o) - loss(selection[u]) for u, o in moves.items()) / saved
                         if best is None or rate < best[0]:
-                            best = (rate, name, c)
+                            best = (rate, moves)
             if best is None:
                 break
-            frozen[best[1]] = best[2]
-            repairs.append(f"{best[1]}: {best[2].method or 'keep'} {'x'.join(map(str, best[2].ranks))}".strip())
+            frozen.update(best[1])
+            repairs += [f"{u}: {o.method or 'keep'} {'x'.join(map(str, o.ranks))}".strip() for u, o in best[1].items()]
             selection = solve()
     costs = spent(selection)
     if not fits(costs, budget.resources):
@@ -322,8 +348,8 @@ def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budge
     resource = budget.resource
     whole = price(selection).get(resource)
     alone = price({**selection, chosen.layer: dense}).get(resource) if whole is not None else None
-    cheaper = [c for c in options if c is not chosen and resource in FIELD and price.valid(selection, chosen.layer, c)
-               and price.change(selection, chosen.layer, c)[resource] < 0]
+    cheaper = [c for c in options if c is not chosen and resource in FIELD
+               and price.change(selection, {chosen.layer: c})[resource] < 0]
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
     then = (f"; the best cheaper option ({nxt.method} {'x'.join(map(str, nxt.ranks))}) costs KL {nxt.kl:.4f}"
             if nxt else "; no cheaper option")

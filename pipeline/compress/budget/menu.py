@@ -89,23 +89,25 @@ class Pricing:
         now, base = self._sum(selection, self.layers), self._sum({}, self.layers)  # {}: every unit at its keep
         return {r: self.totals[r] + now[r] - base[r] for r in now}
 
-    def change(self, selection, name: str, option) -> dict[str, float]:
-        names = self._affected(name)
-        before, after = self._sum(selection, names), self._sum({**selection, name: option}, names)
+    def change(self, selection, moves: dict) -> dict[str, float]:
+        """What the whole-model costs change by when the units in `moves` take those options."""
+        names = {n for u in moves for n in self._affected(u)}
+        before, after = self._sum(selection, names), self._sum({**selection, **moves}, names)
         return {r: after[r] - before[r] for r in before}
 
-    def valid(self, selection, name: str, option) -> bool:
-        """A layer is not both cut and factored: its factorisations were fitted and timed at its dense shape."""
+    def conflicts(self, selection, name: str, option) -> list[str]:
+        """The units that cannot keep their option when `name` takes `option`: a layer is not both cut and factored
+        (its factorisations were fitted and timed at its dense shape)."""
         if option.method is None:
-            return True
+            return []
         if option.method == PRUNE:
-            return not any(selection.get(n) is not None and selection[n].method not in (None, PRUNE)
-                           for n in self.touching.get(name, ()))
+            return [n for n in self.touching.get(name, ()) if selection.get(n) is not None
+                    and selection[n].method not in (None, PRUNE)]
         layer = self.layers.get(name)
         if layer is None:
-            return True
-        return all(selection.get(unit_name(g)) is None or selection[unit_name(g)].method != PRUNE
-                   for g in (layer.in_group, layer.out_group) if g)
+            return []
+        return [unit_name(g) for g in dict.fromkeys((layer.in_group, layer.out_group)) if g
+                and selection.get(unit_name(g)) is not None and selection[unit_name(g)].method == PRUNE]
 
     def arena(self, selection) -> int:
         """Planned activation bytes plus the arena's persistent part, estimated (see `arena`)."""

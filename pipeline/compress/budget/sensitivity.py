@@ -26,7 +26,7 @@ from pipeline.compress.budget.macs import count
 from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
 from pipeline.compress.methods import PRUNE, Method, methods_for
 from pipeline.compress.prune import PREFIX as CUT_PREFIX
-from pipeline.compress.prune import channel_groups, kept_counts, prune, unit_name
+from pipeline.compress.prune import channel_groups, kept_counts, prune, refit_consumers, unit_name
 from pipeline.compress.ranks import round_up
 from pipeline.compute import CPU, TorchDevice
 from pipeline.errors import StageError
@@ -158,12 +158,17 @@ def _cut_totals(module, input_shape, group: str, kept: int) -> tuple[int, int]:
     return totals(prune(module, input_shape, {group: kept})[0], input_shape)
 
 
-def measure_cut(module: nn.Module, held: torch.Tensor, reference: torch.Tensor, *, input_shape: tuple[int, ...],
-                group: str, kept: int) -> tuple[float, float]:
-    """One channel cut alone: group `group` of `module` cut to `kept` channels (largest group magnitude kept); the
-    mean KL of the net's logits on `held` from `reference` and their top-1 agreement."""
+def measure_cut(module: nn.Module, fit_x: torch.Tensor | None, held: torch.Tensor, reference: torch.Tensor, *,
+                input_shape: tuple[int, ...], group: str, kept: int, consumers: tuple[str, ...] = (),
+                seed: int = 0) -> tuple[float, float]:
+    """One channel cut alone: group `group` of `module` cut to `kept` channels (largest group magnitude kept), the
+    layers reading them refitted to their dense outputs on `fit_x` (when given); the mean KL of the net's logits
+    on `held` from `reference` and their top-1 agreement."""
+    dense = module if held.device.type == "cpu" else copy.deepcopy(module).cpu()
     with threadpool_limits(limits=1):
-        pruned, _ = prune(module.cpu() if held.device.type == "cpu" else module, input_shape, {group: kept})
+        pruned, _ = prune(dense, input_shape, {group: kept})
+        if fit_x is not None:
+            refit_consumers(pruned, dense, consumers, fit_x, seed=seed)
     with torch.inference_mode():
         logits = pruned.to(held.device)(held)
     return round(_kl(reference, logits), 8), round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 6)
@@ -255,9 +260,18 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
             chain, kl, agreement = measured
             found.append(dataclasses.replace(c, params=sum(p.numel() for p in chain.parameters()), kl=kl,
                                              agreement=agreement))
-        cut_jobs = [Job(f"sensitivity {c.layer} keep {c.ranks[0]}", measure_cut, (shared["module"], shared["held"],
-                                                                                  shared["reference"]),
-                        {"input_shape": tuple(input_shape), "group": c.layer.removeprefix(CUT_PREFIX), "kept": c.ranks[0]})
+        groups = {}
+        if cuts:
+            costs = count(module, input_shape)
+            groups = {g.name: g for g in channel_groups(module, input_shape, layers=settings.layers,
+                                                        exclude=settings.exclude, last_layer=list(costs)[-1])[0]}
+            order = list(costs)
+        fit_t = None if fit_x is None else cluster.put(torch.from_numpy(np.ascontiguousarray(fit_x, dtype=np.float32)))
+        cut_jobs = [Job(f"sensitivity {c.layer} keep {c.ranks[0]}", measure_cut,
+                        (shared["module"], fit_t, shared["held"], shared["reference"]),
+                        {"input_shape": tuple(input_shape), "group": c.layer.removeprefix(CUT_PREFIX), "kept": c.ranks[0],
+                         "consumers": tuple(n for n in order if n in groups[c.layer.removeprefix(CUT_PREFIX)].consumers),
+                         "seed": seed})
                     for c in cuts]
         for c, (kl, agreement) in zip(cuts, cluster.run(cut_jobs, desc="sensitivity (cuts)", progress=progress),
                                       strict=True):
