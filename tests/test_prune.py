@@ -149,6 +149,15 @@ def test_greedy_plan_places_largest_first_at_the_lowest_free_offset():
     assert greedy_plan([(64, 0, 0), (64, 1, 1)]) == 64
 
 
+def test_the_timeline_plans_resnet8_as_tflite_micro_does():
+    """TFLM's recording allocator puts ResNet-8's activations in 51,264 B (head): the breadth-first operator order
+    (the projection shortcut before the block's second conv) and the planner's tie order (equal sizes, last created
+    first) both matter; either the other way gives 65,536 B."""
+    from pipeline.zoo.tiny import ResNet8
+
+    assert timeline(ResNet8().eval(), (3, 32, 32), out_group={}, channels={}).arena() == 51264
+
+
 def coupled_problem():
     """Units of a tiny residual net priced by shape (MACs): cutting the stem's group shrinks four layers."""
     net = tiny()
@@ -230,7 +239,7 @@ def test_the_arena_estimate_is_close_to_what_tflite_micro_allocates(tmp_path):
     pair = to_onnx(net, tmp_path, "m", check_inputs=x[:2], calibration=x,
                    quantization=load_target("cortex-m4").quantization)
     measured = interpreter.arena_bytes(convert_to_tflite(pair.int8, tmp_path / "m.tflite").read_bytes())
-    assert abs(pricing.arena({}) - measured) <= 0.15 * measured, (pricing.arena({}), measured)
+    assert abs(pricing.arena({}) - measured) <= 400, (pricing.arena({}), measured)  # planned part exact, the rest within 400 B
 
 
 def test_a_pruned_and_factored_model_is_saved_and_rebuilt(tmp_path):
