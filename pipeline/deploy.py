@@ -38,6 +38,7 @@ from pipeline.ort.emit import emit_onnxruntime
 from pipeline.ort.layer_latency import OrtLayerLatency
 from pipeline.ort.measure import measure_onnx
 from pipeline.output import build_folder, check_output, mark, writing
+from pipeline.report.budgets import check_arena, check_cycles
 from pipeline.report.compare import worse_than_dense
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
@@ -290,26 +291,10 @@ def compare_with_dense(build: Build) -> None:
             inner[layer.name] = max(sizes)
     build.warnings = worse_than_dense(build.variants, build.compressed.plan, intermediate_bytes=inner,
                                       latency_tolerance=build.profile.evaluation.latency_tolerance)
-    build.warnings += check_cycle_budget(build)
+    build.warnings += check_cycles(build.compressed.allocation, build.variants)
+    build.warnings += check_arena(build.compressed.allocation, build.variants)
     for warning in build.warnings:
         _stage(f"warning: {warning}")
-
-
-def check_cycle_budget(build: Build) -> list[str]:
-    """A cycle budget is the whole int8 model's: the allocation's prediction (per-layer costs) against the board's
-    estimate of the two deployed int8 models, recorded in the allocation; a miss is a warning with both figures."""
-    allocation = build.compressed.allocation
-    dense, factored = (build.variants[n].board for n in ("dense_int8", "factored_int8"))
-    if not allocation or "cycles" not in parse_budget(allocation["budget"]).resources or not dense or not factored:
-        return []
-    kept = factored["cycles"] / dense["cycles"]
-    allocation["whole_model_kept"] = round(kept, 4)
-    fraction = parse_budget(allocation["budget"]).get("cycles").fraction
-    if kept <= fraction:
-        return []
-    return [f"budget {allocation['budget']} missed on the whole model: factored int8 {factored['cycles']:,} estimated "
-            f"cycles = {kept:.3f} of dense int8 {dense['cycles']:,} (the per-layer costs predicted "
-            f"{allocation['kept']:.3f}); lower the budget by the difference"]
 
 
 def write_report(build: Build) -> None:

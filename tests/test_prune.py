@@ -1,6 +1,8 @@
 """Channel pruning (Torch-Pruning's surgery, our choice of groups and channels), the budget language with several
 constraints, the allocator over coupled units, and the arena estimate."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,61 @@ def test_a_pruned_and_factored_model_is_saved_and_rebuilt(tmp_path):
     loaded, loaded_plan, _ = load_factored(tmp_path / "p.pt", tiny())
     x = torch.randn(2, *SHAPE)
     assert loaded_plan.cuts == kept and torch.equal(loaded(x), factored(x))
+
+
+class OverheadCycles:
+    """A board's layer cost with a fixed cost per operator, as ONNX Runtime's on the A72: a chain of small layers
+    can cost more than the layer it replaces, so the never-slower rule drops options after timing."""
+
+    fingerprint = {"fake": "overhead"}
+    unit = "estimated fake cycles"
+    board = True
+
+    def layers(self, items):
+        from pipeline.compress.budget.macs import count
+
+        return [float(sum(c.macs for c in count(m, s).values()) + 60_000 * len(count(m, s))) for m, s in items]
+
+    def model(self, module, input_shape):
+        return float(sum(self.layers([(module, input_shape)])) + 100_000)
+
+
+class MobileNetV2Like(nn.Module):
+    """Inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 project, residual add) on 16x16 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        blocks = []
+        for _ in range(2):
+            blocks.append(nn.ModuleDict({"expand": nn.Conv2d(16, 64, 1), "dw": nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                                         "project": nn.Conv2d(64, 16, 1)}))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(16, 48, 1)
+        self.fc = nn.Linear(48, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.stem(x))
+        for b in self.blocks:
+            x = x + b["project"](F.relu6(b["dw"](F.relu6(b["expand"](x)))))
+        x = F.relu6(self.head(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_the_floor_a_refusal_names_is_accepted_when_given_back():
+    """Issue 37, seen with a MobileNetV2-like net on rpi4: BUDGET=0.6 was refused naming 0.714, and 0.724 was then
+    refused naming 0.899, the first check not dropping the options slower than their layer. One floor now."""
+    from pipeline.compress.stage import check_budget
+    from pipeline.zoo import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec("mnv2", MobileNetV2Like().eval(), (3, 16, 16), (0.5,) * 3, (0.25,) * 3, tuple("abcd"))
+    settings = plain(candidates=("tucker2", "svd"), rank_fractions=(0.25, 0.5, 0.75), round_to=8,
+                     keep_first_and_last=True, budget="0.6")
+    with pytest.raises(ConfigError, match=r"Raise macs to at least (0\.\d+)") as error:
+        check_budget(spec, settings, OverheadCycles())
+    floor = float(str(error.value).split("Raise macs to at least ")[1].split(",")[0])
+    menu = check_budget(spec, dataclasses.replace(settings, budget=f"{floor + 5e-4:.4f}"), OverheadCycles())
+    assert menu.floors["macs"] == pytest.approx(floor, abs=5e-4)
+    # without the board's cycles no option is dropped: the floor is lower, and it is not the one the board allows
+    assert check_budget(spec, dataclasses.replace(settings, budget="0.9"), None).floors["macs"] < floor - 0.05
