@@ -9,6 +9,9 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
+from pipeline.errors import StageError
+from pipeline.memory_plan import best_plan, greedy_plan, overlaps
+
 TYPES = {np.dtype(np.int8): tfl.TensorType.INT8, np.dtype(np.int32): tfl.TensorType.INT32,
          np.dtype(np.float32): tfl.TensorType.FLOAT32, np.dtype(np.uint8): tfl.TensorType.UINT8}
 
@@ -36,6 +39,7 @@ class FlatGraph:
     opcodes: dict = field(default_factory=dict)
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    plan: "OfflinePlan | None" = None  # set by `serialize`
 
     def _tensor(self, name: str, shape, dtype, quant: Quant | None, buffer: int) -> int:
         t = tfl.TensorT()
@@ -79,9 +83,80 @@ class FlatGraph:
             oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
             codes.append(oc)
         model.operatorCodes = codes
+        self.plan = offline_plan(subgraph, self.buffers)
+        if self.plan is not None:  # TFLM places the activations where this says, not by its own greedy rule
+            metadata = tfl.MetadataT()
+            metadata.name, metadata.buffer = OFFLINE_PLAN, len(self.buffers)
+            buffer = tfl.BufferT()
+            buffer.data = np.frombuffer(np.asarray([1, 0, len(self.tensors), *self.plan.offsets], np.int32).tobytes(),
+                                        np.uint8)
+            model.buffers = [*self.buffers, buffer]
+            model.metadata = [metadata]
         builder = flatbuffers.Builder(1 << 16)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         return bytes(builder.Output())
+
+
+OFFLINE_PLAN = "OfflineMemoryAllocation"  # TFLM's metadata name for offline-planned tensor offsets
+ALIGN = 16  # TFLM aligns every planned buffer
+ITEMSIZE = {tfl.TensorType.INT8: 1, tfl.TensorType.UINT8: 1, tfl.TensorType.INT16: 2, tfl.TensorType.INT32: 4,
+            tfl.TensorType.FLOAT32: 4}
+
+
+@dataclass(frozen=True)
+class OfflinePlan:
+    """Where each tensor lives in the arena (-1: a constant, or left to TFLM), and what it needs."""
+
+    offsets: tuple[int, ...]
+    bytes: int  # the planned activations' end
+    tflm_bytes: int  # what TFLM's own greedy rule would need for them
+    order: str  # which placement order found it
+
+
+def lifetimes(subgraph: tfl.SubGraphT, buffers: list) -> dict[int, list[int]]:
+    """Each activation tensor's [bytes (aligned), first, last] as TFLM's allocation info marks them: inputs at 0,
+    operator k (from 1) creates its outputs and last uses its inputs, the outputs live to the last operator."""
+    constant = {i for i, t in enumerate(subgraph.tensors) if buffers[t.buffer].data is not None
+                and len(buffers[t.buffer].data)}
+    found: dict[int, list[int]] = {}
+
+    def touch(i: int, scope: int) -> None:
+        if i < 0 or i in constant:
+            return
+        t = subgraph.tensors[i]
+        size = int(np.prod(t.shape)) * ITEMSIZE.get(t.type, 4)
+        entry = found.setdefault(i, [-(-size // ALIGN) * ALIGN, scope, scope])
+        entry[2] = max(entry[2], scope)
+
+    for i in subgraph.inputs:
+        touch(int(i), 0)
+    for k, op in enumerate(subgraph.operators, start=1):
+        for i in op.outputs:
+            touch(int(i), k)
+        for i in op.inputs:
+            touch(int(i), k)
+    for i in subgraph.outputs:
+        touch(int(i), len(subgraph.operators))
+    return found
+
+
+def offline_plan(subgraph: tfl.SubGraphT, buffers: list) -> OfflinePlan | None:
+    """The best placement `memory_plan.best_plan` finds for the activations, when it needs less than TFLM's own
+    rule would; None otherwise (TFLM then plans as usual). Checked: no two tensors alive together overlap."""
+    found = lifetimes(subgraph, buffers)
+    ids = sorted(found)  # creation order is tensor order: the writer adds each tensor as its operator is written
+    planned = [tuple(found[i]) for i in ids]
+    name, offsets, size = best_plan(planned)
+    greedy = greedy_plan(planned)
+    if size >= greedy:
+        return None
+    clash = overlaps(planned, offsets)
+    if clash:
+        raise StageError(f"offline memory plan ({name}) overlaps tensors {clash[:3]} alive together")
+    full = [-1] * len(subgraph.tensors)
+    for i, offset in zip(ids, offsets, strict=True):
+        full[i] = offset
+    return OfflinePlan(tuple(full), size, greedy, name)
 
 
 def builtin_name(code: int) -> str:

@@ -5,8 +5,8 @@ The int8 graph TFLite Micro runs is replayed from the torch graph: a conv or lin
 BatchNorm and ReLU fused), an add, a pool, a concat or a reshape another, a factored layer its chain's operators
 one after another; a stride-2 conv with padding SAME cannot express gets the PAD tensor the converter adds. Every
 tensor lives from the operator that writes it to the last that reads it, one byte per int8 element, and the
-buffers are placed by TFLite Micro's own rule (`GreedyMemoryPlanner`: largest first, each at the lowest offset
-free for its whole lifetime, 16-byte aligned). Pruned channels shrink the tensors their group owns; a factored
+buffers are placed as the TFLite writer places them (`pipeline/memory_plan.py`: TFLM's own greedy rule, or an
+offline plan the writer records where another order needs less). Pruned channels shrink the tensors their group owns; a factored
 layer adds its chain's intermediate tensors.
 
 What this leaves out is the arena's persistent part (TFLM's tensor and operator records, each conv's per-channel
@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from pipeline.errors import StageError
+from pipeline.memory_plan import best_plan
 
 ALIGN = 16  # TFLM aligns every planned buffer to 16 bytes
 # operators TFLite fuses into the conv, linear or add before them: they write no tensor of their own
@@ -67,7 +68,7 @@ class Timeline:
         """The planned activation bytes with groups cut to `keep` (group -> channels kept) and layers factored
         into chains whose intermediate tensors have `chains[layer]` bytes (in order)."""
         buffers, _ = self._buffers(keep or {}, chains or {})
-        return greedy_plan([(_aligned(s), a, b) for s, a, b in buffers if s])
+        return best_plan([(_aligned(s), a, b) for s, a, b in buffers if s])[2]
 
     def live(self, keep: dict[str, int] | None = None, chains: dict[str, list[int]] | None = None) -> dict[str, int]:
         """Per conv or linear layer, the most activation bytes alive at once while it runs (its input, output,
@@ -117,25 +118,6 @@ class Timeline:
         for i in self.outputs:
             buffers[i][2] = clock
         return list(buffers.values()), spans
-
-
-def greedy_plan(buffers: list[tuple[int, int, int]]) -> int:
-    """TFLite Micro's `GreedyMemoryPlanner`: (size, first use, last use) buffers, in the order the tensors were
-    created, placed largest first (equal sizes the last created first: the planner fills its list from the tail,
-    then bubble-sorts it), each at the lowest offset that overlaps no placed buffer alive at the same time; the
-    arena is the highest end. The tie order matters: on ResNet-8 it is 51,264 B against 65,536 B the other way."""
-    placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
-    high = 0
-    for size, first, last in sorted(reversed(buffers), key=lambda b: -b[0]):
-        clashes = sorted((o, s) for o, s, a, b in placed if a <= last and first <= b)
-        offset = 0
-        for o, s in clashes:
-            if offset + size <= o:
-                break
-            offset = max(offset, o + s)
-        placed.append((offset, size, first, last))
-        high = max(high, offset + size)
-    return high
 
 
 def _numel(node: torch.fx.Node) -> int:
