@@ -178,11 +178,10 @@ def coupled_problem():
     from pipeline.compress.budget.macs import totals
 
     macs, params = totals(net, SHAPE)
-    keeps = {g.name: kept_counts(g, fractions=(0.5,), round_to=4) for g in groups}
     line = timeline(net, SHAPE, out_group={n: g.name for g in groups for n in g.producers + g.depthwise},
                     channels={g.name: g.channels for g in groups})
     pricing = pricing_for(net, SHAPE, groups=groups, candidates=measured, totals={"macs": macs, "params": params},
-                          keeps=keeps, timeline=line)
+                          timeline=line)
     return net, measured, pricing, macs
 
 
@@ -240,7 +239,7 @@ def test_the_arena_estimate_is_close_to_what_tflite_micro_allocates(tmp_path):
     groups, _ = channel_groups(net, shape, last_layer="fc")
     line = timeline(net, shape, out_group={n: g.name for g in groups for n in g.producers + g.depthwise},
                     channels={g.name: g.channels for g in groups})
-    pricing = pricing_for(net, shape, groups=groups, candidates=[], totals={"macs": 1}, keeps={}, timeline=line,
+    pricing = pricing_for(net, shape, groups=groups, candidates=[], totals={"macs": 1}, timeline=line,
                           microcontroller=True)
     assert isinstance(pricing, Pricing)
     x = np.random.default_rng(0).uniform(size=(16, *shape)).astype(np.float32)

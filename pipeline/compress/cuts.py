@@ -53,7 +53,9 @@ def apply_cuts(module: nn.Module, input_shape: tuple[int, ...], cuts: dict[str, 
     if calibration is not None:
         x = torch.from_numpy(np.ascontiguousarray(calibration, dtype=np.float32))
         with threadpool_limits(limits=1):
-            refit_consumers(pruned, module, consumers_of(groups, cuts, list(costs)), x, seed=seed)
+            outputs_kept = {n: kept[g.name] for g in groups if g.name in cuts for n in g.producers}
+            refit_consumers(pruned, module, consumers_of(groups, cuts, list(costs)), x, seed=seed,
+                            outputs_kept=outputs_kept)
     touching = {}
     for g in groups:
         if g.name in cuts:

@@ -40,6 +40,8 @@ class LayerPlan:
     dense_latency: float | None = None
     channels: tuple[int, int] | None = None  # (input, output) channels kept where a channel cut touched the layer
     channels_before: tuple[int, int] | None = None  # the dense layer's
+    live_bytes: int | None = None  # activation bytes alive while it runs (estimated, int8), when the arena was planned
+    arena_share: float | None = None  # live_bytes as a share of the planned activations
 
 
 @dataclass(frozen=True)
@@ -88,18 +90,21 @@ class DecompositionPlan:
         costs = cost_unit is not None and any(p.dense_latency is not None for p in self.layers)
         what = "cycles" if costs and "cycles" in cost_unit else "host ms"
         cut = any(p.channels for p in self.layers)
+        live = any(p.live_bytes for p in self.layers)
         head = ("layer", "method", *(("channels kept",) if cut else ()), "ranks", "MACs before", "MACs after",
-                "params after", *((f"{what} before", f"{what} after") if costs else ()), "weight err.", "output err.",
-                "note")
+                "params after", *((f"{what} before", f"{what} after") if costs else ()),
+                *(("arena (live B, share)",) if live else ()), "weight err.", "output err.", "note")
         rows = [(p.name, _method(p), *((_channels(p),) if cut else ()), "x".join(map(str, p.ranks)) or "-",
                  f"{p.macs_before:,}", f"{p.macs_after:,}", f"{p.params_after:,}",
                  *((_cost(p.dense_latency, what), _cost(p.latency if p.method else p.dense_latency, what))
                    if costs else ()),
+                 *((f"{p.live_bytes:,} ({p.arena_share:.0%})" if p.live_bytes else "-",) if live else ()),
                  _figure(p.rel_error), _figure(p.output_error), p.note)
                 for p in self.layers]
         kept = self.macs_after / self.macs_before if self.macs_before else 1.0
-        rows.append(("total", "", *(("",) if cut else ()), "", f"{self.macs_before:,}", f"{self.macs_after:,}", "", *(("", "") if costs else ()),
-                     "", "", f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
+        rows.append(("total", "", *(("",) if cut else ()), "", f"{self.macs_before:,}", f"{self.macs_after:,}", "",
+                     *(("", "") if costs else ()), *(("",) if live else ()), "", "",
+                     f"{kept:.1%} of MACs kept; {self.seconds:.1f} s"))
         table = markdown_table(head, rows)
         return f"{table}\n\n{what} before / after: each layer alone, {cost_unit}" if costs else table
 

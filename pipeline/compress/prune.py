@@ -165,12 +165,14 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], keep: dict[str, int],
 
 
 @torch.no_grad()
-def refit_consumers(pruned: nn.Module, dense: nn.Module, names, x: torch.Tensor, *, seed: int = 0) -> list[str]:
+def refit_consumers(pruned: nn.Module, dense: nn.Module, names, x: torch.Tensor, *, seed: int = 0,
+                    outputs_kept: dict[str, list[int]] | None = None) -> list[str]:
     """The reconstruction step of channel pruning (He et al., "Channel Pruning for Accelerating Very Deep Neural
     Networks", ICCV 2017): each layer in `names` that reads cut channels gets the least-squares weights (and bias)
     that best reproduce the dense layer's output from what the pruned network now feeds it, in execution order so
     each also absorbs what the refits before it changed. Layers of several groups (other than depthwise, which a
-    cut keeps exact) are left as they are. Returns the names refitted."""
+    cut keeps exact) are left as they are. `outputs_kept` names the output channels a layer kept where another
+    cut also removed some of its outputs. Returns the names refitted."""
     done = []
     outputs = datafit.layer_io(dense, list(names), x)
     for name in names:
@@ -178,7 +180,10 @@ def refit_consumers(pruned: nn.Module, dense: nn.Module, names, x: torch.Tensor,
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             continue
         inputs = datafit.layer_inputs(pruned, name, x)
-        datafit.least_squares(layer, inputs, datafit.outputs_2d(outputs[name][1]), seed=seed)
+        target = outputs[name][1]
+        if outputs_kept and name in outputs_kept:
+            target = target[:, outputs_kept[name]]
+        datafit.least_squares(layer, inputs, datafit.outputs_2d(target), seed=seed)
         done.append(name)
     return done
 

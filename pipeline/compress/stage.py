@@ -20,7 +20,7 @@ from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.methods import PRUNE
 from pipeline.compress.plan import Choice, DecompositionPlan
-from pipeline.compress.prune import channel_groups, kept_counts
+from pipeline.compress.prune import channel_groups
 from pipeline.compute import CPU, TorchDevice, torch_device
 from pipeline.errors import ConfigError, StageError
 from pipeline.zoo import ModelSpec
@@ -180,17 +180,15 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
     if any(c.method == PRUNE for c in skeleton):
         groups, _ = channel_groups(spec.module, spec.input_shape, layers=settings.layers, exclude=settings.exclude,
                                    last_layer=costs_last)
-    keeps = {g.name: kept_counts(g, fractions=settings.rank_fractions, round_to=settings.round_to) for g in groups}
     line = None
-    if arena:
-        out_group = {n: g.name for g in groups for n in g.producers + g.depthwise}
-        try:
-            line = timeline(spec.module, spec.input_shape, out_group=out_group,
-                            channels={g.name: g.channels for g in groups})
-        except StageError as exc:
+    out_group = {n: g.name for g in groups for n in g.producers + g.depthwise}
+    try:  # the arena's timeline: for an arena constraint, and for each layer's share of the arena in the plan
+        line = timeline(spec.module, spec.input_shape, out_group=out_group, channels={g.name: g.channels for g in groups})
+    except StageError as exc:
+        if arena:
             raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
                               "arena, or set decomposition.arena_never_grows = false") from exc
-    return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found, keeps=keeps,
+    return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
                        latency=cost, timeline=line, microcontroller=settings.arena_never_grows)
 
 
@@ -220,6 +218,7 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
+        chosen = choices
         cuts, choices, reasons = split_choices(choices)
     elif settings.method == PRUNE:
         cuts, reasons = uniform_cuts(module, spec.input_shape, settings), {}
@@ -233,6 +232,11 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
                                calibration=samples.fit, choices=choices, device=device)
     plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept, touching=touching,
                      reasons=reasons)
+    if allocation is not None and menu.pricing is not None and menu.pricing.timeline is not None:
+        live, planned = menu.pricing.live(chosen)
+        plan = dataclasses.replace(plan, layers=tuple(
+            dataclasses.replace(p, live_bytes=live[p.name], arena_share=round(live[p.name] / planned, 4))
+            if p.name in live else p for p in plan.layers))
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 
@@ -249,12 +253,12 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
     teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
     check_gradual(settings, tuning)
+    if settings.gradual and tuning.epochs and PRUNE in settings.candidates:
+        # gradual steps collapse the factored chains back to dense layers between steps; a cut cannot be collapsed
+        settings = dataclasses.replace(settings, candidates=tuple(c for c in settings.candidates if c != PRUNE))
+        log("gradual steps: channel cuts are not candidates (a cut cannot be collapsed back between steps)")
     menu = check_budget(spec, settings, layer_cost) if settings.budget else None
     budget = menu.budget if menu else None
-    if settings.gradual and tuning.epochs and menu and any(c.method == PRUNE for c in menu.skeleton):
-        raise ConfigError("decomposition.gradual steps collapse factored chains back to dense layers between steps, "
-                          "and a channel cut cannot be collapsed; use no gradual steps with \"prune\" among the "
-                          "candidates")
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits
     device = torch_device(tuning.device, mixed_precision=tuning.mixed_precision)  # autocast only in fine-tuning

@@ -98,9 +98,16 @@ def _compression_lines(record: dict) -> list[str]:
     if allocation:
         source = "read from the cache" if allocation["sensitivity"]["cached"] else \
             f"measured in {allocation['sensitivity']['seconds']:.0f} s"
-        lines.append(f"Budget {allocation['budget']}: {allocation['kept']:.1%} kept; {allocation['candidates']} "
-                     f"candidates ({source}); summed KL of the choices {allocation['predicted_kl']:.4f}; latency "
-                     f"weight {allocation['latency_weight']:g}.")
+        kept = allocation.get("kept_by_resource") or {allocation["budget"].split(":")[0]: allocation["kept"]}
+        predicted = ", ".join(f"{r} {k:.1%}" for r, k in kept.items())
+        lines.append(f"Budget {allocation['budget']}: predicted to keep {predicted} of the dense model's; "
+                     f"{allocation['candidates']} candidates ({source}); summed KL of the choices "
+                     f"{allocation['predicted_kl']:.4f}; latency weight {allocation['latency_weight']:g}.")
+        arena = allocation.get("arena")
+        if arena:
+            lines.append(f"Arena: estimated {arena['estimated']:,.0f} B before export (dense {arena['dense_estimated']:,.0f} B), "
+                         f"measured {arena['measured']:,} B (dense {arena['dense_measured']:,} B; "
+                         f"{arena['measured_as']}); allowed {arena['limit']:,} B.")
     if tuned:
         lines.append(tuning_sentence(tuned))
     torch_work = record.get("torch")

@@ -109,12 +109,22 @@ class Pricing:
         return [unit_name(g) for g in dict.fromkeys((layer.in_group, layer.out_group)) if g
                 and selection.get(unit_name(g)) is not None and selection[unit_name(g)].method == PRUNE]
 
-    def arena(self, selection) -> int:
-        """Planned activation bytes plus the arena's persistent part, estimated (see `arena`)."""
+    def _shapes(self, selection) -> tuple[dict, dict]:
         keep = {g: selection[unit_name(g)].ranks[0] for g in self.groups
                 if unit_name(g) in selection and selection[unit_name(g)].method == PRUNE}
-        chains = {n: self.chains[(n, o.method, o.ranks)] for n, o in selection.items()
-                  if o.method not in (None, PRUNE) and (n, o.method, o.ranks) in self.chains}
+        chains = {n: self.chains[(n, o.method, tuple(o.ranks))] for n, o in selection.items()
+                  if o.method not in (None, PRUNE) and (n, o.method, tuple(o.ranks)) in self.chains}
+        return keep, chains
+
+    def live(self, selection) -> tuple[dict[str, int], int]:
+        """Per layer the activation bytes alive while it runs, and the planned activations' total (`selection`:
+        Candidates or the allocation's Choices)."""
+        keep, chains = self._shapes(selection)
+        return self.timeline.live(keep, chains), self.timeline.arena(keep, chains)
+
+    def arena(self, selection) -> int:
+        """Planned activation bytes plus the arena's persistent part, estimated (see `arena`)."""
+        keep, chains = self._shapes(selection)
         planned = self.timeline.arena(keep, chains)
         p = self.persistent
         if not p:
@@ -126,12 +136,15 @@ class Pricing:
 
 
 def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list[ChannelGroup],
-                candidates: list[Candidate], totals: dict[str, float], keeps: dict[str, list[int]],
-                latency: LayerCost | None = None, timeline: Timeline | None = None,
+                candidates: list[Candidate], totals: dict[str, float], latency: LayerCost | None = None, timeline: Timeline | None = None,
                 microcontroller: bool = False) -> Pricing:
     """The pricing of `candidates` (factorisations and cuts) on `module`: every layer a group touches measured at
-    every shape the cuts `keeps` (group -> channel counts) can give it."""
+    every shape the cuts among the candidates can give it."""
     costs = count(module, input_shape)
+    keeps: dict[str, list[int]] = {}
+    for c in candidates:
+        if c.method == PRUNE:
+            keeps.setdefault(c.layer.removeprefix(unit_name("")), []).append(c.ranks[0])
     out_group, in_group = {}, {}
     for g in groups:
         for n in g.producers + g.depthwise:

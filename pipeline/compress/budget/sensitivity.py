@@ -138,7 +138,7 @@ def skeleton_candidates(module: nn.Module, *, input_shape: tuple[int, ...], sett
 def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings: Decomposition,
                    last_layer: str | None) -> tuple[list[Candidate], list]:
     """Every channel cut a budget may take when `settings.candidates` names "prune": each prunable group (see
-    `prune.channel_groups`) at each of `rank_fractions` of its channels, rounded to `round_to`; KL unknown. MACs and
+    `prune.channel_groups`) at each of `channel_fractions` of its channels, rounded to `round_to`; KL unknown. MACs and
     parameters are the whole model's with that cut alone. Returns them and the groups."""
     if PRUNE not in settings.candidates:
         return [], []
@@ -146,7 +146,7 @@ def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings:
                                last_layer=last_layer)
     found = []
     for group in groups:
-        for kept in kept_counts(group, fractions=settings.rank_fractions, round_to=settings.round_to):
+        for kept in kept_counts(group, fractions=settings.channel_fractions, round_to=settings.round_to):
             macs, params = _cut_totals(module, input_shape, group.name, kept)
             found.append(Candidate(unit_name(group.name), PRUNE, (kept,), macs, params, float("nan"), float("nan")))
     return found, groups
@@ -218,6 +218,7 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
     `device` the forward passes run there, in this process (the fits stay on the CPU)."""
     methods, fractions, round_to = settings.candidates, settings.rank_fractions, settings.round_to
     key_settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to,
+                    **({"channel_fractions": list(settings.channel_fractions)} if PRUNE in methods else {}),
                     "layers": list(settings.layers), "exclude": list(settings.exclude),
                     "keep_first_and_last": settings.keep_first_and_last, "seed": seed, "input_shape": list(input_shape),
                     "latency": None if latency is None else latency.fingerprint,
