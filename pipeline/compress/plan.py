@@ -96,7 +96,8 @@ class DecompositionPlan:
                 *(("arena (live B, share)",) if live else ()), "weight err.", "output err.", "note")
         rows = [(p.name, _method(p), *((_channels(p),) if cut else ()), "x".join(map(str, p.ranks)) or "-",
                  f"{p.macs_before:,}", f"{p.macs_after:,}", f"{p.params_after:,}",
-                 *((_cost(p.dense_latency, what), _cost(p.latency if p.method else p.dense_latency, what))
+                 *((_cost(p.dense_latency, what),
+                    _cost(p.latency if p.method or p.channels != p.channels_before else p.dense_latency, what))
                    if costs else ()),
                  *((f"{p.live_bytes:,} ({p.arena_share:.0%})" if p.live_bytes else "-",) if live else ()),
                  _figure(p.rel_error), _figure(p.output_error), p.note)

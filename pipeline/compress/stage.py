@@ -232,13 +232,26 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
                                calibration=samples.fit, choices=choices, device=device)
     plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept, touching=touching,
                      reasons=reasons)
-    if allocation is not None and menu.pricing is not None and menu.pricing.timeline is not None:
-        live, planned = menu.pricing.live(chosen)
-        plan = dataclasses.replace(plan, layers=tuple(
-            dataclasses.replace(p, live_bytes=live[p.name], arena_share=round(live[p.name] / planned, 4))
-            if p.name in live else p for p in plan.layers))
+    if allocation is not None and menu.pricing is not None:
+        plan = _priced(plan, menu.pricing, chosen)
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
+
+
+def _priced(plan, pricing, chosen: dict) -> "DecompositionPlan":
+    """The plan's rows with what the pricing knows of the chosen selection: a cut layer's cycles at its new shape,
+    and each layer's live activation bytes and share of the planned arena."""
+    live, planned = pricing.live(chosen) if pricing.timeline is not None else ({}, 0)
+    rows = []
+    for p in plan.layers:
+        change = {}
+        if p.method is None and p.channels and p.channels != p.channels_before and p.name in pricing.layers:
+            cost = pricing.variant(chosen, p.name)
+            change.update(latency=cost["cycles"], dense_latency=pricing.variant({}, p.name)["cycles"])
+        if p.name in live and planned:
+            change.update(live_bytes=live[p.name], arena_share=round(live[p.name] / planned, 4))
+        rows.append(dataclasses.replace(p, **change))
+    return dataclasses.replace(plan, layers=tuple(rows))
 
 
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,

@@ -49,7 +49,7 @@ class DeployReport:
         micro = {n: v.details for n, v in self.variants.items() if "arena_bytes" in v.details}
         if micro:
             lines += ["", markdown_table(
-                ("int8 in TFLM", "flash B", "arena B", "smallest arena B", "LiteRT top-1", "ORT int8 top-1",
+                ("int8 in TFLM", "flash B", "arena B", "smallest arena B", "LiteRT top-1", "ORT int8 (QDQ ref.) top-1",
                  "agreement w/ ORT", "max diff (steps)"),
                 [(n, f"{d['flash_bytes']:,}", f"{d['arena_bytes']:,}", f"{d['smallest_arena_bytes']:,}",
                   f"{d['litert_top1']:.2%}", f"{d['ort_int8_top1']:.2%}", f"{d['ort_agreement']:.2%}",

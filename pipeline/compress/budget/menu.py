@@ -74,6 +74,13 @@ class Pricing:
         cin, cout = layer.full
         return self.variants[(name, self._kept(selection, layer.in_group, cin), self._kept(selection, layer.out_group, cout))]
 
+    def variant(self, selection, name: str) -> dict[str, float]:
+        """Layer `name` kept dense at the shape the selection's cuts give it: its MACs, parameters and cycles."""
+        layer = self.layers[name]
+        cin, cout = layer.full
+        return self.variants[(name, self._kept(selection, layer.in_group, cin),
+                              self._kept(selection, layer.out_group, cout))]
+
     def _sum(self, selection, names) -> dict[str, float]:
         found = {r: 0.0 for r in self.totals if r != "arena"}
         for name in names:
