@@ -9,8 +9,9 @@ upgrades spend whatever is left. Where units are independent (factorisation alon
 on the others) one pass per lambda is the exact relaxation, optimal on the convex hull. A channel cut changes
 the shapes, and so the costs, of every layer it touches: the relaxation is then minimised by coordinate descent
 (each unit in turn, given the others, until none changes), and a layer whose channels are cut is not also
-factored. The arena is a peak, not a sum: it is met afterwards by repair, each step taking the cut that lowers
-the planned arena at the least KL per byte and fixing it, then spending the additive constraints again.
+factored. The arena is a peak, not a sum: it is a feasibility rule of every move instead (a move is taken only
+when the planned arena of the selection it makes still fits), starting from the dense model, or from the smallest
+arena there is when the limit lies below the dense model's.
 
 Summing per-unit KLs assumes their errors add, which holds well for small errors, the regime a budget is chosen in.
 With `latency_weight` w > 0 each option's loss becomes KL + w * latency / (the dense layers' summed latency). With
@@ -96,9 +97,11 @@ def _limits(budget: Budget, totals: dict[str, float]) -> dict[str, float]:
     return {c.resource: c.limit(totals[c.resource]) for c in budget.constraints}
 
 
-def _descend(units, start, score: Callable[[float, dict], tuple], price, loss=lambda c: 0.0) -> dict[str, Candidate]:
+def _descend(units, start, score: Callable[[float, dict], tuple], price, loss=lambda c: 0.0,
+             feasible: Callable[[dict], bool] = lambda s: True) -> dict[str, Candidate]:
     """Coordinate descent: each unit in turn takes the option minimising `score(summed loss, whole-model costs)`,
-    given the others, until no unit changes (one pass when the units are independent)."""
+    given the others and among the moves that keep the selection `feasible`, until no unit changes (one pass when
+    the units are independent)."""
     selection = dict(start)
     costs = price(selection)
     total_loss = sum(loss(c) for c in selection.values())
@@ -115,7 +118,7 @@ def _descend(units, start, score: Callable[[float, dict], tuple], price, loss=la
                 trial = {r: v + delta.get(r, 0.0) for r, v in costs.items()}
                 gain = sum(loss(o) - loss(selection[u]) for u, o in moves.items())
                 k = score(total_loss + gain, trial)
-                if best_key is None or k < best_key:
+                if (best_key is None or k < best_key) and (not moves or feasible({**selection, **moves})):
                     best, best_key, best_delta, best_moves, best_gain = option, k, delta, moves, gain
             if best is not current:
                 selection.update(best_moves)
@@ -236,92 +239,69 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
     def normalised(costs: dict[str, float]) -> float:
         return sum(costs[r] / limits[r] for r in additive)
 
-    frozen: dict[str, Candidate] = {}
+    bounded = arena is not None and "arena" in budget.resources
+    planned: dict[tuple, float] = {}
 
-    def fits_arena(selection) -> bool:
-        """An upgrade may not take the arena over its limit (nor further over, before the repair)."""
-        if arena is None or "arena" not in budget.resources:
+    def within_arena(selection) -> bool:
+        """The arena is a peak, not a sum: a move is taken only when the selection it makes still fits (plans are
+        cached, many selections recur between lambda steps)."""
+        if not bounded:
             return True
-        return arena(selection) <= max(limits["arena"], arena(current[0]))
+        key = tuple(sorted((u, o.method, o.ranks) for u, o in selection.items() if o.method is not None))
+        if key not in planned:
+            planned[key] = arena(selection)
+        return planned[key] <= limits["arena"] * (1 + EPSILON)
+
+    start = {n: o[0] for n, o in units.items()}
+    if not within_arena(start):  # a limit below the dense arena: start from the smallest arena there is
+        start = _arena_descent(units, start, arena, price)
 
     def solve() -> dict[str, Candidate]:
-        free = {n: ([frozen[n]] if n in frozen else o) for n, o in units.items()}
-        start = {n: o[0] for n, o in free.items()}
         if not additive:
-            return start
+            return dict(start)
 
         def pick(lam):
-            return _descend(free, start, lambda kl, costs: (kl + lam * normalised(costs), normalised(costs)), price,
-                            loss)
+            return _descend(units, start, lambda kl, costs: (kl + lam * normalised(costs), normalised(costs)), price,
+                            loss, feasible=within_arena)
 
         low, high = 0.0, 1.0
         while not fits(price(pick(high)), additive):
             high *= 4
             if high > 1e12:
-                raise ConfigError(f"Budget {budget}: no selection meets {', '.join(additive)} together (each alone "
-                                  "is reachable); raise one of them")
+                raise ConfigError(f"Budget {budget}: no selection meets {', '.join(budget.resources)} together (each "
+                                  "alone is reachable); raise one of them")
         for _ in range(50):
             mid = (low + high) / 2
             low, high = (mid, high) if not fits(price(pick(mid)), additive) else (low, mid)
-        selection = pick(high)
-        return _upgrade(selection)
+        return _upgrade(pick(high))
 
     def _upgrade(selection) -> dict[str, Candidate]:
         """Spend what the relaxation left on the upgrades that buy the most KL per unit of price."""
         nonlocal upgrades
         while True:
-            current[0] = selection
             now_costs = price(selection)
             now_price = normalised(now_costs)
             best = None
             for name, options in units.items():
-                if name in frozen:
-                    continue
                 for c in options:
                     moves = _move(units, price, selection, name, c)
                     gain = sum(loss(selection[u]) - loss(o) for u, o in moves.items())
-                    if not moves or gain <= 0 or any(u in frozen for u in moves):
+                    if not moves or gain <= 0:
                         continue
                     delta = price.change(selection, moves)
                     trial = {r: v + delta.get(r, 0.0) for r, v in now_costs.items()}
-                    if not fits(trial, additive) or not fits_arena({**selection, **moves}):
+                    if not fits(trial, additive):
                         continue
-                    extra = normalised(trial) - now_price
-                    rate = gain / max(extra, EPSILON)
-                    if best is None or rate > best[0]:
+                    rate = gain / max(normalised(trial) - now_price, EPSILON)
+                    if (best is None or rate > best[0]) and within_arena({**selection, **moves}):
                         best = (rate, moves)
             if best is None:
                 return selection
             selection.update(best[1])
             upgrades += 1
 
-    upgrades, repairs, current = 0, [], [None]
+    upgrades = 0
     selection = solve()
-    if "arena" in budget.resources:
-        for _ in range(4 * len(units)):
-            now = spent(selection)
-            if now["arena"] <= limits["arena"]:
-                break
-            best = None
-            for name, options in units.items():
-                if name in frozen:
-                    continue
-                for c in options:
-                    if c is selection[name]:
-                        continue
-                    moves = _move(units, price, selection, name, c)
-                    if not moves or any(u in frozen for u in moves):
-                        continue
-                    saved = now["arena"] - arena({**selection, **moves})
-                    if saved > 0:
-                        rate = sum(loss(o) - loss(selection[u]) for u, o in moves.items()) / saved
-                        if best is None or rate < best[0]:
-                            best = (rate, moves)
-            if best is None:
-                break
-            frozen.update(best[1])
-            repairs += [f"{u}: {o.method or 'keep'} {'x'.join(map(str, o.ranks))}".strip() for u, o in best[1].items()]
-            selection = solve()
     costs = spent(selection)
     if not fits(costs, budget.resources):
         over = [f"{r} {costs[r]:,.0f} > {limits[r]:,.0f}" for r in budget.resources if costs[r] > limits[r] * (1 + EPSILON)]
@@ -337,7 +317,7 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
                "kept_by_resource": {r: round(costs[r] / totals[r], 6) for r in budget.resources},
                "estimated": {r: round(costs[r], 2) for r in budget.resources},
                "predicted_kl": round(sum(c.kl for c in selection.values()), 6), "latency_weight": latency_weight,
-               "never_slower": never_slower, "slower_than_dense": len(slower), "arena_repairs": repairs}
+               "never_slower": never_slower, "slower_than_dense": len(slower), "arena_plans": len(planned)}
     if dense_latency:
         summary["layer_latency"] = {"dense": round(dense_latency, 4), "chosen": round(
             sum(c.latency if c.latency is not None else dense[c.layer].latency or 0.0 for c in selection.values()), 4)}
