@@ -142,14 +142,22 @@ def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings:
     parameters are the whole model's with that cut alone. Returns them and the groups."""
     if PRUNE not in settings.candidates:
         return [], []
-    groups, _ = channel_groups(module, input_shape, layers=settings.layers, exclude=settings.exclude,
-                               last_layer=last_layer)
-    found = []
+    try:
+        groups, _ = channel_groups(module, input_shape, layers=settings.layers, exclude=settings.exclude,
+                                   last_layer=last_layer)
+    except StageError:  # a graph the pruner cannot trace offers no cuts; the factorisations remain
+        return [], []
+    found, usable = [], []
     for group in groups:
-        for kept in kept_counts(group, fractions=settings.channel_fractions, round_to=settings.round_to):
-            macs, params = _cut_totals(module, input_shape, group.name, kept)
-            found.append(Candidate(unit_name(group.name), PRUNE, (kept,), macs, params, float("nan"), float("nan")))
-    return found, groups
+        try:
+            cuts = [(kept, *_cut_totals(module, input_shape, group.name, kept))
+                    for kept in kept_counts(group, fractions=settings.channel_fractions, round_to=settings.round_to)]
+        except StageError:  # the cut model does not run (an operator the pruner maps wrongly): not offered
+            continue
+        usable.append(group)
+        found += [Candidate(unit_name(group.name), PRUNE, (kept,), macs, params, float("nan"), float("nan"))
+                  for kept, macs, params in cuts]
+    return found, usable
 
 
 def _cut_totals(module, input_shape, group: str, kept: int) -> tuple[int, int]:
