@@ -31,13 +31,14 @@ def test_the_budget_is_met_and_every_choice_explained(budgeted):
     assert plan["requested_method"] == "budget" and plan["allocation"]["budget"] == "macs:0.95"
     layers = {layer["name"]: layer for layer in plan["layers"]}
     assert layers["conv1"]["note"] == "the model's first compute layer (its stem): kept dense"
-    chosen = [layer for layer in plan["layers"] if layer["method"]]
-    assert chosen, "a budget of 0.95 must factor something"
+    chosen = [layer for layer in plan["layers"] if layer["method"] or layer["channels"] != layer["channels_before"]]
+    assert chosen, "a budget of 0.95 must factor or cut something"
     for layer in plan["layers"]:
-        if layer["name"] not in ("conv1", "fc3"):
-            assert layer["note"].startswith("budget macs:0.95: "), layer
+        if layer["name"] not in ("conv1", "fc3") or layer["channels"] != layer["channels_before"]:
+            # a factored or kept layer says why; a cut one names its group and why that was cut
+            assert layer["note"].startswith(("budget macs:0.95: ", "group ")) and "budget macs:0.95: " in layer["note"], layer
     net = load_model("seednet").module
-    for layer in chosen:
+    for layer in (layer for layer in chosen if layer["method"]):
         assert layer["output_error"] is not None  # fitted to data, not weights
         caps = METHODS[layer["method"]].max_ranks(net.get_submodule(layer["name"]))
         assert all(r % 8 == 0 or r == cap for r, cap in zip(layer["ranks"], caps, strict=True)), layer
