@@ -137,13 +137,16 @@ def test_bad_combined_budgets_are_refused(text, error):
         parse_budget(text)
 
 
-def test_the_profile_refuses_a_bad_budget_and_microcontrollers_bound_the_arena_by_default():
+def test_the_profile_refuses_a_bad_budget_and_arena_never_grows_adds_arena_1():
+    from pipeline.compress.stage import effective_budget
     from targets import load_target
 
     with pytest.raises(ConfigError, match="bare number"):
         load_target("rpi4").override(decomposition={"budget": "cycles:0.5,arena:4096"})
-    assert load_target("nucleo-l4r5zi").decomposition.arena_never_grows
-    assert not load_target("rpi4").decomposition.arena_never_grows
+    settings = load_target("nucleo-l4r5zi").override(decomposition={"budget": "0.7", "arena_never_grows": True})
+    assert str(effective_budget(settings.decomposition)) == "macs:0.7,arena:1"
+    kept = load_target("nucleo-l4r5zi").override(decomposition={"budget": "0.7,arena:40KiB", "arena_never_grows": True})
+    assert str(effective_budget(kept.decomposition)) == "macs:0.7,arena:40KiB"  # the budget's own arena stands
 
 
 def test_greedy_plan_places_largest_first_at_the_lowest_free_offset():

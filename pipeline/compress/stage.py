@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from calib import Dataset, preprocess, split_training
-from pipeline.compress.budget.allocate import allocate, check_reachable
+from pipeline.compress.budget.allocate import allocate, check_reachable, jointly_reachable
 from pipeline.compress.budget.arena import timeline
 from pipeline.compress.budget.macs import count, totals
 from pipeline.compress.budget.menu import pricing_for
@@ -266,11 +266,24 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
     teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
     check_gradual(settings, tuning)
+    if settings.budget and parse_budget(settings.budget).get("arena") and PRUNE not in settings.candidates:
+        # factorisations only add tensors: an arena the budget names can only be lowered by cutting channels
+        settings = dataclasses.replace(settings, candidates=(*settings.candidates, PRUNE))
+        log(f"budget {settings.budget} bounds the arena: channel cuts join the candidates")
     if settings.gradual and tuning.epochs and PRUNE in settings.candidates:
         # gradual steps collapse the factored chains back to dense layers between steps; a cut cannot be collapsed
         settings = dataclasses.replace(settings, candidates=tuple(c for c in settings.candidates if c != PRUNE))
         log("gradual steps: channel cuts are not candidates (a cut cannot be collapsed back between steps)")
     menu = check_budget(spec, settings, layer_cost) if settings.budget else None
+    if menu and "arena" in menu.budget.resources and PRUNE not in settings.candidates and not jointly_reachable(
+            menu.skeleton, budget=menu.budget, totals=menu.totals, pricing=menu.pricing, arena=menu.pricing.arena,
+            never_slower=bool(layer_cost and layer_cost.board)):
+        # the arena kept at the dense model's (the microcontrollers' default) and the budget cannot both hold with
+        # factorisations alone, which only add tensors: channel cuts join the candidates
+        settings = dataclasses.replace(settings, candidates=(*settings.candidates, PRUNE))
+        log(f"budget {menu.budget}: factorisations alone cannot meet it without growing the arena; channel cuts "
+            "join the candidates")
+        menu = check_budget(spec, settings, layer_cost)
     budget = menu.budget if menu else None
     samples = samples_for(spec, train_set, settings=settings, tuning=tuning, seed=seed)
     splits = samples.splits

@@ -172,6 +172,26 @@ def floors(candidates: list[Candidate], *, budget: Budget, totals: dict[str, flo
     return found
 
 
+def jointly_reachable(candidates: list[Candidate], *, budget: Budget, totals: dict[str, float], pricing=None,
+                      arena: Callable | None = None, never_slower: bool = False) -> bool:
+    """Whether one selection meets the additive constraints while the arena stays within its limit: the cheapest
+    selection the descent finds under the arena rule (each constraint alone may be reachable, and not together)."""
+    units = units_of(candidates, budget, never_slower)
+    price = pricing or Separable(units, totals)
+    limits = _limits(budget, totals)
+    additive = [r for r in budget.resources if r in ADDITIVE]
+    start = {n: o[0] for n, o in units.items()}
+    feasible = (lambda s: arena(s) <= limits["arena"] * (1 + EPSILON)) if arena and "arena" in limits else (lambda s: True)
+    if not feasible(start):
+        start = _arena_descent(units, start, arena, price)
+        if not feasible(start):
+            return False
+    low = _descend(units, start, lambda _loss, costs: (sum(costs[r] / limits[r] for r in additive),), price,
+                   feasible=feasible)
+    costs = price(low)
+    return all(costs[r] <= limits[r] * (1 + EPSILON) for r in additive)
+
+
 def check_reachable(candidates: list[Candidate], *, budget: Budget, totals: dict[str, float], pricing=None,
                     arena: Callable | None = None, never_slower: bool = False) -> dict[str, float]:
     """Each constraint's floor (see `floors`); a budget any of whose constraints lies below its floor is an error
