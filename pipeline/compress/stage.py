@@ -278,7 +278,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     if menu and "arena" in menu.budget.resources and PRUNE not in settings.candidates and not jointly_reachable(
             menu.skeleton, budget=menu.budget, totals=menu.totals, pricing=menu.pricing, arena=menu.pricing.arena,
             never_slower=bool(layer_cost and layer_cost.board)):
-        # the arena kept at the dense model's (the microcontrollers' default) and the budget cannot both hold with
+        # the arena kept at the dense model's (arena_never_grows) and the budget cannot both hold with
         # factorisations alone, which only add tensors: channel cuts join the candidates
         settings = dataclasses.replace(settings, candidates=(*settings.candidates, PRUNE))
         log(f"budget {menu.budget}: factorisations alone cannot meet it without growing the arena; channel cuts "
