@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.cluster import Job, Local, connect
 from pipeline.compress import datafit
-from pipeline.compress.budget.macs import count
+from pipeline.compress.budget.macs import count, totals
 from pipeline.compress.decompose import fit_chain, layer_selection, set_submodule
 from pipeline.compress.methods import PRUNE, Method, methods_for
 from pipeline.compress.prune import PREFIX as CUT_PREFIX
@@ -161,8 +161,6 @@ def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings:
 
 
 def _cut_totals(module, input_shape, group: str, kept: int) -> tuple[int, int]:
-    from pipeline.compress.budget.macs import totals
-
     return totals(prune(module, input_shape, {group: kept})[0], input_shape)
 
 
