@@ -111,8 +111,9 @@ def _constraint(text: str, part: str) -> Constraint:
     except ValueError:
         fraction = float("nan")
     if not 0 < fraction <= 1:
-        raise ConfigError(f"Budget {text!r}: {resource} {value!r}; expected the fraction of the dense model's "
-                          f"{resource} to keep, in (0, 1] ({EXAMPLES})")
+        which = f"Budget {text!r}" if part.strip() == text.strip() else f"Budget {text!r}: {resource} {value!r}"
+        raise ConfigError(f"{which}; expected the fraction of the dense model's {resource} to keep, in (0, 1] "
+                          f"({EXAMPLES})")
     return Constraint(resource, fraction=fraction)
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,16 +23,29 @@ from pipeline.errors import PipelineError
 pytestmark = [pytest.mark.slow, pytest.mark.device]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, cifar_dir):
+def profile(tmp_path_factory):
+    """rpi4 with 7-bit weights: the SSH 'board' of these tests is this x86 host, whose fused int8 kernels saturate
+    full-range weights without VNNI (FINDINGS); 7-bit weights compute the same there, on ARM and unfused."""
+    path = tmp_path_factory.mktemp("profile") / "rpi4-x86.toml"
+    path.write_text((ROOT / "targets/rpi4.toml").read_text() + "\n[quantization]\nreduce_range = true\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, cifar_dir, profile):
     out = tmp_path_factory.mktemp("device") / "rpi4"
-    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "rpi4", "--data", str(cifar_dir), "--eval-samples", "200", "--out", str(out),
-                 "--quiet"]) in (0, 1)
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", profile, "--data", str(cifar_dir), "--eval-samples", "200",
+                 "--out", str(out), "--quiet"]) in (0, 1)
     return out
 
 
-def regress(build, *extra):
-    return main(["regress", "--target", "rpi4", "--out", str(build), "--eval-samples", "120", *extra])
+@pytest.fixture(scope="module")
+def regress(profile):
+    return lambda build, *extra: main(["regress", "--target", profile, "--out", str(build), "--eval-samples", "120", *extra])
 
 
 def test_unknown_device_lists_the_known_ones():
@@ -39,7 +53,7 @@ def test_unknown_device_lists_the_known_ones():
         parse_device("board")
 
 
-def test_emulated_pi_runs_the_artefact_and_repeats_bit_for_bit(build, capsys):
+def test_emulated_pi_runs_the_artefact_and_repeats_bit_for_bit(build, capsys, regress):
     if shutil.which("qemu-aarch64-static") is None or shutil.which("mmdebstrap") is None:
         pytest.skip("needs apt packages qemu-user-static and mmdebstrap (.ci/run installs them)")
     assert regress(build, "--device", "qemu") == 0
@@ -52,7 +66,7 @@ def test_emulated_pi_runs_the_artefact_and_repeats_bit_for_bit(build, capsys):
     assert "PASSED" in capsys.readouterr().out
 
 
-def test_a_broken_artefact_fails_the_regression(build, tmp_path, capsys):
+def test_a_broken_artefact_fails_the_regression(build, tmp_path, capsys, regress):
     if shutil.which("qemu-aarch64-static") is None:
         pytest.skip("needs qemu-user-static")
     broken = tmp_path / "rpi4"
@@ -70,7 +84,7 @@ def test_a_broken_artefact_fails_the_regression(build, tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_estimated_cycles_gate_the_regression_on_the_emulated_pi(build, tmp_path, capsys):
+def test_estimated_cycles_gate_the_regression_on_the_emulated_pi(build, tmp_path, capsys, regress):
     from pipeline.cycles.tools import missing
 
     if shutil.which("qemu-aarch64-static") is None or missing("qemu-aarch64", "llvm-mca", "gcc"):
@@ -129,16 +143,17 @@ def sshd(tmp_path):
         os.kill(pid, 15)
 
 
-def test_board_over_ssh_runs_the_artefact_and_cleans_up(build, sshd, capsys):
+def test_board_over_ssh_runs_the_artefact_and_cleans_up(build, sshd, capsys, regress):
     before = {p for p in os.listdir("/tmp") if p.startswith("cnn-deploy.")}
     assert regress(build, "--device", f"{sshd}?python={sys.executable}") == 0
     report = json.loads((build / "regress.json").read_text())
-    assert report["device"].startswith("ssh://") and report["host_max_diff"] == 0.0  # the 'board' is this host
+    # the 'board' is this host: ORT's fused int8 kernels against the file's own arithmetic, unfused
+    assert report["device"].startswith("ssh://") and report["host_agreement"] >= 0.99 and report["host_max_diff_steps"] <= 1
     assert report["baseline"]["status"].startswith("recorded")
     assert {p for p in os.listdir("/tmp") if p.startswith("cnn-deploy.")} == before
 
 
-def test_board_without_onnxruntime_is_said_in_a_sentence(build, sshd, tmp_path, capsys):
+def test_board_without_onnxruntime_is_said_in_a_sentence(build, sshd, tmp_path, capsys, regress):
     bare = tmp_path / "bare-python"
     bare.write_text("#!/bin/sh\nexec /usr/bin/env -i /usr/bin/python3 -S \"$@\"\n")
     bare.chmod(0o755)
@@ -147,7 +162,7 @@ def test_board_without_onnxruntime_is_said_in_a_sentence(build, sshd, tmp_path, 
     assert "lacks a package the runner needs (MISSING numpy)" in err and "Traceback" not in err
 
 
-def test_unreachable_board_is_said_in_a_sentence(build, capsys):
+def test_unreachable_board_is_said_in_a_sentence(build, capsys, regress):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes

@@ -14,7 +14,7 @@ from pipeline.compress.decompose import decompose
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.export import export_onnx
 from pipeline.onnx.quantize import quantize_onnx
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run
 from pipeline.tflm import interpreter as tflm
 from pipeline.tflm.convert import convert_to_tflite
 from targets import Quantization
@@ -63,6 +63,6 @@ def test_tflite_writer_matches_onnxruntime_within_one_step(case, tmp_path):
     io = tflm.io_quant(model)
     x_int8 = tflm.quantize_input(x[32:], io)
     seen = ((x_int8.astype(np.float32) - io.input_zero_point) * io.input_scale).transpose(0, 3, 1, 2)
-    ort = run(session(q, optimize=False), np.ascontiguousarray(seen)).transpose(0, 2, 3, 1)  # the QDQ file's arithmetic
+    ort = run(reference_session(q), np.ascontiguousarray(seen)).transpose(0, 2, 3, 1)  # the QDQ file's arithmetic
     micro = tflm.dequantize_output(tflm.run_tflm(model, x_int8), io).reshape(ort.shape)
     assert np.abs(micro - ort).max() / io.output_scale <= 1.0 + 1e-4

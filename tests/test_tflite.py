@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.errors import StageError
 from pipeline.onnx.export import export_onnx
 from pipeline.onnx.quantize import quantize_onnx
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run
 from pipeline.onnx.simplify import simplify_onnx
 from pipeline.tflm import interpreter as tflm
 from pipeline.tflm.convert import convert_to_tflite
@@ -198,7 +198,7 @@ def test_tflm_matches_onnxruntime_qdq_within_one_step_per_requantizing_op(case, 
     io = tflm.io_quant(model)
     x_int8 = tflm.quantize_input(x, io)
     x_seen = (x_int8.astype(np.float32) - io.input_zero_point) * io.input_scale  # both runtimes see the same input
-    ort = run(session(q_onnx, optimize=False), x_seen.transpose(0, 3, 1, 2) if x_seen.ndim == 4 else x_seen)
+    ort = run(reference_session(q_onnx), x_seen.transpose(0, 3, 1, 2) if x_seen.ndim == 4 else x_seen)
     micro = tflm.dequantize_output(tflm.run_tflm(model, x_int8), io)
     if ort.ndim == 4:
         ort = ort.transpose(0, 2, 3, 1)

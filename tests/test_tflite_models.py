@@ -8,7 +8,7 @@ from calib import balanced_subset, load_dataset, preprocess
 from pipeline.compress.decompose import decompose
 from pipeline.onnx.export import export_onnx
 from pipeline.onnx.quantize import quantize_onnx
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run
 from pipeline.onnx.simplify import simplify_onnx
 from pipeline.tflm import interpreter as tflm
 from pipeline.tflm.convert import convert_to_tflite
@@ -39,7 +39,7 @@ def test_model_converts_and_tflm_follows_onnxruntime(model, method, cifar_dir, r
         assert "DEPTHWISE_CONV_2D" in model_ops(model_bytes)
     io = tflm.io_quant(model_bytes)
     micro = tflm.dequantize_output(tflm.run_tflm(model_bytes, tflm.quantize_input(x, io)), io)
-    ort = run(session(q, optimize=False), x)  # the QDQ file's own arithmetic, not x86 fused kernels
+    ort = run(reference_session(q), x)  # the QDQ file's own arithmetic, not x86 fused kernels
     agreement, steps = (micro.argmax(1) == ort.argmax(1)).mean(), np.abs(micro - ort).max() / io.output_scale
     if method == "cp":
         # a CP chain's coarse intermediate scales amplify each one-step rounding difference between the

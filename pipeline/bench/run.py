@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError, DeviceError
 from pipeline.metrics import top1
 from pipeline.onnx.chain import to_onnx
 from pipeline.onnx.cost import onnx_cost
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run, session
 from pipeline.output import check_output, mark, writing
 from pipeline.tflm.board_cycles import CYCLE_TOOLS
 from pipeline.tflm.build import sources_root
@@ -235,7 +235,7 @@ def measure_cell(cell: Cell, budgets, *, eval_samples: int, work: Path, latency_
         dense_cost = onnx_cost(paths["dense"])
         for name, v in variants.items():
             cost = onnx_cost(paths[name])
-            logits = run(session(paths[name]), eval_x)
+            logits = run(reference_session(paths[name]), eval_x)
             spent = v["seconds"]
             rows.append({
                 "model": model, "variant": f"{name}_{precision}" if name != "dense" else f"dense_{precision}",

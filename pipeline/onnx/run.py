@@ -24,6 +24,14 @@ def session(path: str | os.PathLike | bytes, *, threads: int = 0, optimize: bool
                          f"{str(exc).strip().splitlines()[0][:300]}); expected a complete .onnx or .ort file") from exc
 
 
+def reference_session(path: str | os.PathLike | bytes) -> ort.InferenceSession:
+    """ONNX Runtime on the file's own arithmetic, operator by operator: a QDQ model dequantizes, runs the float
+    operator and quantizes again. Accuracy and reference outputs use this, not ORT's fused x86 int8 kernels, which
+    saturate u8 x s8 pairs on CPUs without VNNI (FINDINGS: this AVX2 EPYC; a small CNN's int8 top-1 fell from 69%
+    to 44%): ARM's NEON and CMSIS-NN kernels do not, and agree with this graph to within rounding on every host."""
+    return session(path, optimize=False)
+
+
 def run(sess: ort.InferenceSession, x: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
     name = sess.get_inputs()[0].name
     fixed = sess.get_inputs()[0].shape[0]

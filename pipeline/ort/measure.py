@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from pipeline.metrics import VariantReport, agreement, on_this_host, per_class, top1
 from pipeline.onnx.cost import onnx_cost
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run, session
 from pipeline.util import host_machine, median_ms
 
 
@@ -20,9 +20,10 @@ def latency_ms(path, *, sample: np.ndarray, runs: int, warmup: int) -> float:
 def measure_onnx(path, *, eval_x: np.ndarray, eval_y: np.ndarray, class_names, reference: np.ndarray | None,
                  latency_runs: int, latency_warmup: int, label: str = "",
                  progress: bool = True) -> tuple[VariantReport, np.ndarray]:
-    """Cost from the graph, accuracy and latency from ONNX Runtime; `reference` logits give the agreement."""
+    """Cost from the graph, accuracy from the file's own arithmetic (what ARM's int8 kernels compute, on any host)
+    and latency from ONNX Runtime's optimized session on this host; `reference` logits give the agreement."""
     cost = onnx_cost(path)
-    sess = session(path)
+    sess = reference_session(path)
     logits = np.concatenate([run(sess, eval_x[i:i + 500]) for i in
                              tqdm(range(0, len(eval_x), 500), desc=f"measure {label}", unit="batch", leave=False,
                                   disable=not progress)])

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pipeline.metrics import VariantReport, agreement, on_this_host, per_class, top1
 from pipeline.onnx.cost import onnx_cost
-from pipeline.onnx.run import run, session
+from pipeline.onnx.run import reference_session, run
 from pipeline.tflm import interpreter
 from pipeline.tflm.convert import before_final_softmax, tflite_bytes
 from pipeline.util import host_machine, median_ms
@@ -73,7 +73,7 @@ def output_difference_steps(model_bytes: bytes, quantized_onnx: Path, eval_x: np
     cut_bytes = tflite_bytes(cut)
     cut_io = interpreter.io_quant(cut_bytes)
     micro = interpreter.dequantize_output(interpreter.run_tflm(cut_bytes, interpreter.quantize_input(eval_x, cut_io)), cut_io)
-    ort = run(session(cut.SerializeToString(), optimize=False), eval_x)
+    ort = run(reference_session(cut.SerializeToString()), eval_x)
     return round(float(np.max(np.abs(micro.reshape(ort.shape) - ort)) / cut_io.output_scale), 3), \
         "logits (the input of the final Softmax)"
 
@@ -89,11 +89,9 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
                             for i in tqdm(chunks, desc=f"TFLM {label}", unit="x100", leave=False, disable=not progress)])
     logits = interpreter.dequantize_output(micro, io)
     lite = interpreter.dequantize_output(interpreter.run_litert(model_bytes, x_int8), io)
-    # the QDQ graph's own arithmetic (ORT unfused: dequantize, float op, quantize), not ORT's fused x86 int8 kernels,
-    # which saturate u8 x s8 pairs on CPUs without VNNI (FINDINGS: AVX2 EPYC): the converter is judged on the file's
-    # meaning, the same on every host. Unfused, every per-operator test holds to its step bound here; fused, 13 of 20
-    # missed it on such a CPU, and a ResNet-8 with 8-channel layers agreed on 51% of images (79 steps).
-    ort_int8 = run(session(quantized_onnx, optimize=False), eval_x)
+    # the converter is judged on the QDQ file's meaning, the same on every host: fused, 13 of 20 per-operator tests
+    # missed their step bound on a CPU without VNNI, and a ResNet-8 with 8-channel layers agreed on 51% of images
+    ort_int8 = run(reference_session(quantized_onnx), eval_x)
     recorded = interpreter.arena_bytes(model_bytes)
     cost = onnx_cost(quantized_onnx)
     steps, compared_on = output_difference_steps(model_bytes, quantized_onnx, eval_x, logits=logits, ort_int8=ort_int8)
