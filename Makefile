@@ -91,8 +91,10 @@ decompose: setup
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 		$(if $(DATA),--data $(DATA)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE))
 
+# One worker per core, each taking whole files (a file's module fixtures are built once; the SSH board test's /tmp
+# check and the Ray head stay in one process).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
