@@ -29,3 +29,18 @@ def busy_host(processes: int = 2, seconds: int = 300):
 # seconds; a test that exercises a budget gives one.
 SEEDNET = ("--model", "seednet")
 NO_BUDGET = ("--budget", "none")
+
+
+def firmware_missing() -> str | None:
+    """Why a microcontroller deploy cannot build and time its firmware here (the apt toolchain, the cycle tools or
+    the TFLM sources), or None: such tests skip with it, as the firmware tests do."""
+    from pipeline.cycles.tools import missing
+    from pipeline.errors import DeviceError
+    from pipeline.tflm.build import check_toolchain, sources_root
+
+    try:
+        check_toolchain()
+        sources_root()
+    except DeviceError as exc:
+        return str(exc)
+    return missing("llvm-mca", "gcc", "qemu-system-arm")

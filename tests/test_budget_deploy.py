@@ -105,7 +105,7 @@ def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
     assert (tmp_path / "bench" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("argv,words", [(["--budgets", "0.5", "1.5"], "Budget '1.5': macs '1.5'; expected the fraction"),
+@pytest.mark.parametrize("argv,words", [(["--budgets", "0.5", "1.5"], "Budget '1.5'; expected the fraction"),
                                         (["--epochs", "3", "1", "1"], "--epochs got 3 counts for 2 models"),
                                         (["--epochs", "-1"], "FINETUNE_EPOCHS=-1; expected 0 or positive counts"),
                                         (["--threads", "-1"], "TASK_THREADS=-1; expected a positive thread count"),

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import firmware_missing
 from onnx_nets import NETS, keras_onnx, make_onnx
 from test_tflite import CASES
 from torch import nn
@@ -154,6 +155,8 @@ OPS = {"mobilenetv3": {"HARD_SWISH", "LOGISTIC", "MUL", "SUB"}, "squeezenet": {"
 @pytest.mark.parametrize("target", ["rpi4", "cortex-m7"])
 @pytest.mark.parametrize("name", [*sorted(NETS), "keras"])
 def test_a_user_onnx_file_deploys_with_a_budget_and_its_own_file_is_the_baseline(user_files, name, target, tmp_path):
+    if target != "rpi4" and firmware_missing():
+        pytest.skip(firmware_missing())
     path, data = user_files[name]
     before = path.read_bytes()
     out = tmp_path / "build"

@@ -148,6 +148,26 @@ class SqueezeUnsqueeze(nn.Module):  # a Keras-style head: squeeze after the mean
         return self.out(self.fc(y).unsqueeze(-1).unsqueeze(-1))
 
 
+class ConvHead(nn.Module):
+    """SqueezeNet's own ending: a 1x1 conv classifier, global average pooling, then a shape op as the graph's last
+    node, which ORT's quantizer leaves without a QuantizeLinear of its own (its scale is its input's)."""
+
+    def __init__(self, ending: str):
+        super().__init__()
+        self.conv, self.classifier, self.ending = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 5, 1), ending
+
+    def forward(self, x):
+        y = self.classifier(F.relu(self.conv(x)))
+        if self.ending == "mean":  # ReduceMean with keepdims=0: no shape op at all
+            return y.mean((2, 3))
+        y = F.adaptive_avg_pool2d(y, 1)
+        if self.ending == "flatten":
+            return torch.flatten(y, 1)
+        if self.ending == "reshape":
+            return y.reshape(y.shape[0], -1)
+        return y.squeeze(3).squeeze(2)
+
+
 # name: (module, TFLite ops it must become, tolerance in output steps). Each op that requantizes (conv,
 # linear, add, mean, average pool) may round one step differently from ORT; max pool, pad, slice and
 # reshape move values unchanged. So a chain of n requantizing ops is held to n steps.
@@ -176,6 +196,9 @@ CASES = {
     "resize_nearest": (Upsample(), {"CONV_2D", "RESIZE_NEAREST_NEIGHBOR"}, 1),
     "softmax": (SoftmaxHead(), {"RESHAPE", "FULLY_CONNECTED", "SOFTMAX"}, 2),
     "squeeze_unsqueeze": (SqueezeUnsqueeze(), {"CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"}, 4),
+    # the graph endings real classifiers have: the last node moves values unchanged, except a keepdims-free mean
+    **{f"conv_head_{ending}": (ConvHead(ending), {"CONV_2D", "MEAN", "RESHAPE"} if ending != "mean" else
+                               {"CONV_2D", "MEAN"}, 3) for ending in ("flatten", "reshape", "squeeze", "mean")},
 }
 
 

@@ -26,8 +26,9 @@ _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 
 
 # ONNX Runtime quantizes the ops of its registries; these it leaves in float unless asked, while TFLite Micro runs
-# them in int8 (a normalising Sub/Div at the input, a hard-swish ORT's pre-processing splits into HardSigmoid * x)
-ALSO_QUANTIZED = ("Sub", "Div", "HardSwish", "HardSigmoid")
+# them in int8 (a normalising Sub/Div at the input, a hard-swish ORT's pre-processing splits into HardSigmoid * x,
+# a mean over H and W: as a classifier's last node, with a reshape or squeeze after it, nothing else quantized it)
+ALSO_QUANTIZED = ("Sub", "Div", "HardSwish", "HardSigmoid", "ReduceMean")
 OP_TYPES = tuple(sorted({*QLinearOpsRegistry, *QDQRegistry, *ALSO_QUANTIZED}))
 # TFLite's int8 LOGISTIC and SOFTMAX write [0, 1) as 256 steps from -128; calibrating them otherwise would need a
 # requantize after each, and ORT and TFLite Micro would then round differently
