@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 from helpers import firmware_missing
-from onnx_nets import NETS, keras_onnx, make_onnx
+from onnx_nets import KERAS, NETS, keras_onnx, make_onnx
 from test_tflite import CASES
 from torch import nn
 
@@ -181,3 +181,26 @@ def test_a_user_onnx_file_deploys_with_a_budget_and_its_own_file_is_the_baseline
 
         assert OPS[name] <= set(model_ops((out / "model.tflite").read_bytes()))
         assert report["device"]["passed"] and variants["factored_int8"]["board"]["cycles"] > 0
+
+
+def test_converted_keras_layers_keep_their_keras_names_short_and_unique(tmp_path):
+    def layers(module):
+        return [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    # tf2onnx on a Keras model: the layer's scope, also for the depthwise conv tf2onnx named 'Conv__37' itself
+    keras = import_onnx(KERAS)
+    assert layers(keras.module) == ["conv2d_1", "depthwise_conv2d_1", "conv2d_1_2", "conv2d_2_1", "scores_1"]
+    # tf2onnx on a .tflite: every op the converter fused into the conv, ';'-joined (183 characters on MLPerf
+    # Tiny's ResNet-8); two convs of one scope and one of none
+    model = onnx.load(str(export(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)),
+                                 tmp_path / "m.onnx")))
+    model.producer_name = "tf2onnx"
+    fused = ("model/activation_{i}/Relu;model/batch_normalization_{i}/FusedBatchNormV3;model/conv2d_{i}/BiasAdd;"
+             "model/conv2d_{i}/Conv2D;model/batch_normalization_{i}/FusedBatchNormV3/ReadVariableOp")
+    names = [fused.format(i=1), fused.format(i=1) + "1", "StatefulPartitionedCall_" * 4]  # node names are unique
+    for node, name in zip([n for n in model.graph.node if n.op_type == "Conv"], names, strict=True):
+        node.name = name
+    onnx.save(model, str(tmp_path / "tflite.onnx"))
+    got = layers(import_onnx(tmp_path / "tflite.onnx").module)
+    assert got == ["conv2d_1", "conv2d_1_1", "StatefulPartitionedCall_StatefulPartitionedCall_"[:44]]
+    assert all(len(n) <= 48 for n in got)

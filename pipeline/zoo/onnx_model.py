@@ -25,6 +25,7 @@ from torch import fx
 
 from pipeline.errors import InputError
 from pipeline.util import onnx_data_inputs
+from pipeline.zoo.onnx_names import keras_names
 from pipeline.zoo.onnx_ops import IMPORTERS, SUPPORTED, Builder, attrs, label
 
 # The opsets this importer reads: torch exports 17-20, tf2onnx 13-18; before 11 Pad/Clip/Resize took attributes
@@ -126,9 +127,10 @@ def _normalised_inside(graph: onnx.GraphProto) -> bool:
         any(i in consts for i in readers[0].input)
 
 
-def _build(model: onnx.ModelProto, path) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The module, and which fx node computes each ONNX tensor (for naming the node where they part)."""
-    b = Builder(model.graph)
+def _build(model: onnx.ModelProto, path, keras: dict[str, str] | None) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The module (layers named after their Keras layers where `keras` knows them), and which fx node computes each
+    ONNX tensor (for naming the node where they part)."""
+    b = Builder(model.graph, keras=keras)
     for node in model.graph.node:
         if node.op_type == "Constant":
             b.consts[node.output[0]] = numpy_helper.to_array(attrs(node)["value"])
@@ -214,7 +216,7 @@ def import_onnx(path: str | os.PathLike, *, input_shape=None) -> OnnxImport:
     opset = _opset(original, path)
     shape = _input_shape(original, path, input_shape)
     fixed = _fixed(original, shape)
-    module, fx_names = _build(fixed, path)
+    module, fx_names = _build(fixed, path, keras_names(original))
     x = _check_inputs(shape)
     sess = _session(Path(path).read_bytes())
     expected = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])

@@ -20,12 +20,14 @@ from torch import fx, nn
 from pipeline.errors import InputError
 from pipeline.util import NEAREST_FLOOR, onnx_resize_rule
 from pipeline.util import onnx_attributes as attrs
+from pipeline.zoo.onnx_names import MAX_CHARS, layer_name
 
 
 class Builder:
     """Walks the ONNX graph in order, adding one fx node (or module call) per ONNX node."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, *, keras: dict[str, str] | None = None):
+        self.keras = keras  # node -> Keras layer for tf2onnx's files (`onnx_names.keras_names`), else None
         self.root = nn.Module()
         self.fx = fx.Graph()
         self.consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -50,7 +52,7 @@ class Builder:
     def attach(self, onnx_name: str, thing, *, buffer: bool = False) -> str:
         """Register a layer or buffer under a Python name derived from the ONNX name (unique, readable)."""
         base = re.sub(r"\W+", "_", onnx_name).strip("_") or "node"
-        base = f"n_{base}" if base[0].isdigit() else base
+        base = (f"n_{base}" if base[0].isdigit() else base)[:MAX_CHARS - 4]  # room for a '_k' that makes it unique
         name, k = base, 1
         while name in self.names:
             name, k = f"{base}_{k}", k + 1
@@ -62,24 +64,10 @@ class Builder:
         return name
 
     def call(self, node, layer: nn.Module, x: fx.Node) -> fx.Node:
-        return self.fx.call_module(self.attach(layer_name(node), layer), (x,))
+        return self.fx.call_module(self.attach(layer_name(node, self.keras), layer), (x,))
 
     def fn(self, function: Callable, *args, **kwargs) -> fx.Node:
         return self.fx.call_function(function, tuple(args), kwargs)
-
-
-def layer_name(node) -> str:
-    """A readable layer name from an exporter's node name: torch's '/blocks/blocks.0/se/up/Conv' -> 'blocks.0/se/up'
-    (the op type and the scope a child repeats dropped), which `attach` makes 'blocks_0_se_up'."""
-    parts = [p for p in (node.name or node.output[0]).split("/") if p]
-    if len(parts) > 1 and parts[-1].split("_")[0] == node.op_type:
-        parts.pop()
-    kept = []
-    for part in parts:
-        if kept and part.startswith(kept[-1] + "."):
-            kept.pop()
-        kept.append(part)
-    return "/".join(kept) or node.op_type
 
 
 def label(node) -> str:
