@@ -216,8 +216,8 @@ def write_reports(out_dir: Path, report: DeployReport, plan_table: str) -> list[
         f"samples, none shared: calibration, fitting, rank choice and fine-tuning use only the training ones).{split} "
         f"Accuracy and agreement were computed on the {machine} ({runtimes}; latency at batch 1 on one thread). "
         f"{_latency_source(report)} "
-        "Int8 results on an x86 host can differ from an ARM board's: ORT's u8s8 kernels saturate on x86 CPUs "
-        "without VNNI and not on ARM.",
+        "ONNX Runtime's int8 accuracy is the file's own arithmetic (unfused), which ARM's kernels compute; its "
+        "fused x86 kernels saturate on CPUs without VNNI.",
         "",
         report.summary_table(),
         "",
