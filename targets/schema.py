@@ -90,6 +90,7 @@ class Decomposition:
     latency_weight: float  # 0: MACs (or parameters) are the only cost
     gradual: tuple[float, ...]  # intermediate budgets when fine-tuning, in the budget's resource
     arena_never_grows: bool  # a budget without an arena constraint gets arena:1 (the dense model's arena at most)
+    arena_records: bool  # the arena also holds the runtime's per-operator and per-channel records (TFLM)
 
     def __post_init__(self):
         # imported here: the method registry needs torch, and reading a profile should not

@@ -189,7 +189,7 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
             raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
                               "arena, or set decomposition.arena_never_grows = false") from exc
     return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
-                       latency=cost, timeline=line, microcontroller=settings.arena_never_grows)
+                       latency=cost, timeline=line, microcontroller=settings.arena_records)
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
