@@ -92,9 +92,9 @@ decompose: setup
 		$(if $(DATA),--data $(DATA)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE))
 
 # One worker per core, each taking whole files (a file's module fixtures are built once; the SSH board test's /tmp
-# check and the Ray head stay in one process).
+# check and the Ray head stay in one process); at most 4, each holding torch and a model or two in memory.
 test: setup
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
