@@ -149,8 +149,8 @@ class SqueezeUnsqueeze(nn.Module):  # a Keras-style head: squeeze after the mean
 
 
 class ConvHead(nn.Module):
-    """SqueezeNet's own ending: a 1x1 conv classifier, global average pooling, then a shape op as the graph's last
-    node, which ORT's quantizer leaves without a QuantizeLinear of its own (its scale is its input's)."""
+    """SqueezeNet's own ending: a 1x1 conv classifier, global average pooling, then a shape op (or nothing) as the
+    graph's last node. ORT's quantizer left the mean in float there, so the output had no scale for TFLite."""
 
     def __init__(self, ending: str):
         super().__init__()

@@ -128,8 +128,8 @@ class Menu:
 
 
 def effective_budget(settings: Decomposition) -> Budget:
-    """The budget as given, with `arena:1` added where the profile says RAM must not grow (`arena_never_grows`,
-    every microcontroller) and the budget does not bound the arena itself."""
+    """The budget as given, with `arena:1` added where the profile says RAM must not grow (`arena_never_grows`;
+    not yet any profile's default) and the budget does not bound the arena itself."""
     budget = parse_budget(settings.budget)
     if settings.arena_never_grows:
         budget = budget.adding(Constraint("arena", fraction=1.0))
@@ -189,7 +189,7 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
             raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
                               "arena, or set decomposition.arena_never_grows = false") from exc
     return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
-                       latency=cost, timeline=line, microcontroller=settings.arena_records)
+                       latency=cost, timeline=line, arena_records=settings.arena_records)
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,

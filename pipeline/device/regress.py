@@ -2,7 +2,8 @@
 
 Runs the deployed int8 artefact on the device and compares it with the dense fp32 reference (top-1 drop and
 agreement against the profile's thresholds), with the same int8 file's own arithmetic on the host (the
-host-vs-device int8 gap; ORT unfused, since its fused x86 kernels saturate where ARM's do not), and with the outputs of the last accepted run on that device, which must match exactly.
+host-vs-device int8 gap; ORT unfused, since its fused x86 kernels saturate where ARM's do not), and with the
+outputs of the last accepted run on that device, which must match exactly.
 """
 
 import io

@@ -54,8 +54,8 @@ def keras_names(model) -> dict[str, str] | None:
 
 
 def layer_name(node, keras: dict[str, str] | None) -> str:
-    """The readable name of the layer `node` computes, at most `MAX_CHARS` characters (the builder makes it unique).
+    """The readable name of the layer `node` computes (the builder shortens it to `MAX_CHARS` and makes it unique).
     `keras`: the file's `keras_names`; a node simplification made (a MatMul and Add fused into 'Gemm_0') is named
     from its own weights' scopes."""
     name = (keras.get(node.name) or keras_name(node)) if keras is not None else None
-    return (name or torch_name(node))[:MAX_CHARS]
+    return name or torch_name(node)

@@ -144,9 +144,10 @@ class Pricing:
 
 def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list[ChannelGroup],
                 candidates: list[Candidate], totals: dict[str, float], latency: LayerCost | None = None, timeline: Timeline | None = None,
-                microcontroller: bool = False) -> Pricing:
+                arena_records: bool = False) -> Pricing:
     """The pricing of `candidates` (factorisations and cuts) on `module`: every layer a group touches measured at
-    every shape the cuts among the candidates can give it."""
+    every shape the cuts among the candidates can give it. `arena_records`: the arena also holds TFLM's per-operator
+    and per-channel records (`persistent_bytes`), as on microcontrollers."""
     costs = count(module, input_shape)
     keeps: dict[str, list[int]] = {}
     for c in candidates:
@@ -184,7 +185,7 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
                 chain = METHODS[c.method].skeleton(layers[c.layer].module, c.ranks)
                 chains[(c.layer, c.method, c.ranks)] = chain_intermediates(chain, layers[c.layer].input_shape)
     persistent = None
-    if microcontroller and timeline is not None:
+    if arena_records and timeline is not None:
         persistent = {"operators": len(timeline.steps) + sum(1 for s in timeline.steps if s.pad),
                       "conv_channels": sum(c.output_shape[0] for c in costs.values() if c.kind == "Conv2d")}
     return Pricing(totals=totals, groups=groups, layers=layers, variants=dict(shapes), timeline=timeline, chains=chains,
