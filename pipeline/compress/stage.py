@@ -13,14 +13,14 @@ from calib import Dataset, preprocess, split_training
 from pipeline.compress.budget.allocate import allocate, check_reachable, jointly_reachable
 from pipeline.compress.budget.arena import timeline
 from pipeline.compress.budget.macs import count, totals
-from pipeline.compress.budget.menu import pricing_for
+from pipeline.compress.budget.menu import fit_between_rate, middle_cuts, pricing_for
 from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skeleton_candidates
 from pipeline.compress.cuts import apply_cuts, split_choices, uniform_cuts, with_cuts
 from pipeline.compress.decompose import collapse, decompose
 from pipeline.compress.finetune import finetune
 from pipeline.compress.methods import PRUNE
 from pipeline.compress.plan import Choice, DecompositionPlan
-from pipeline.compress.prune import channel_groups
+from pipeline.compress.prune import channel_groups, prune, unit_name
 from pipeline.compute import CPU, TorchDevice, torch_device
 from pipeline.errors import ConfigError, StageError
 from pipeline.zoo import ModelSpec
@@ -188,8 +188,22 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
         if arena:
             raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
                               "arena, or set decomposition.arena_never_grows = false") from exc
-    return pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
-                       latency=cost, timeline=line, arena_records=settings.arena_records)
+    pricing = pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
+                          latency=cost, timeline=line, arena_records=settings.arena_records)
+    if "cycles" in found and cost is not None and cost.board and line is not None:
+        _fit_between(spec, pricing, skeleton, cost)
+    return pricing
+
+
+def _fit_between(spec: ModelSpec, pricing, skeleton: list, cost: LayerCost) -> None:
+    """The pricing's rate for the operators between the layers, from the model with every group at its middle cut
+    measured whole on the board's estimate (one more count, cached like the dense model's)."""
+    middle = middle_cuts(skeleton)
+    if not middle:
+        return
+    keep = {unit.removeprefix(unit_name("")): c.ranks[0] for unit, c in middle.items()}
+    measured = cost.model(prune(spec.module, spec.input_shape, keep)[0], spec.input_shape)
+    fit_between_rate(pricing, middle, measured=measured)
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
@@ -214,7 +228,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
                                        pricing=pricing, arena=pricing.arena if pricing and pricing.timeline else None)
         allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
                           latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
-                          totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()})
+                          totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()},
+                          between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")

@@ -77,15 +77,22 @@ class Timeline:
         return {layer: max(sum(_aligned(s) for s, a, b in buffers if a <= t <= b) for t in range(first, last + 1))
                 for layer, (first, last) in spans.items()}
 
+    def moved(self, keep: dict[str, int] | None = None) -> int:
+        """Elements the operators between the layers read and write (adds, pools, means, reshapes and the explicit
+        pads before convs) with groups cut to `keep`: what their cost scales with, since no layer table prices them."""
+        keep = keep or {}
+        total = 0
+        for step in self.steps:
+            if step.layer is None:
+                total += sum(_cut(self.tensors[i], keep) for i in step.inputs) + _cut(self.tensors[step.output], keep)
+            elif step.pad:
+                source = self.tensors[step.inputs[0]]
+                total += _cut(source, keep) + _cut(Tensor(step.pad, source.group, source.channels), keep)
+        return total
+
     def _buffers(self, keep: dict[str, int], chains: dict[str, list[int]]):
         """(size, first use, last use) of every buffer, and each layer's span of operator steps."""
-
-        def size(t: Tensor) -> int:
-            if t.group in keep:
-                return -(-t.size * keep[t.group] // t.channels)
-            return t.size
-
-        sizes = [size(t) for t in self.tensors]
+        sizes = [_cut(t, keep) for t in self.tensors]
         buffers: dict[int, list[int]] = {}  # tensor -> [size, first step, last step]
         spans: dict[str, tuple[int, int]] = {}
         clock = 0
@@ -99,8 +106,7 @@ class Timeline:
             reads = step.inputs
             if step.pad:
                 source = self.tensors[step.inputs[0]]
-                pad = -(-step.pad * keep[source.group] // source.channels) if source.group in keep else step.pad
-                buffers[extra] = [pad, clock, clock + 1]
+                buffers[extra] = [_cut(Tensor(step.pad, source.group, source.channels), keep), clock, clock + 1]
                 for i in reads:
                     buffers[i][2] = max(buffers[i][2], clock)
                 reads, clock, extra = (extra,), clock + 1, extra + 1
@@ -118,6 +124,11 @@ class Timeline:
         for i in self.outputs:
             buffers[i][2] = clock
         return list(buffers.values()), spans
+
+
+def _cut(t: Tensor, keep: dict[str, int]) -> int:
+    """Bytes of `t` once its group keeps `keep[group]` channels."""
+    return -(-t.size * keep[t.group] // t.channels) if t.group in keep else t.size
 
 
 def _numel(node: torch.fx.Node) -> int:
