@@ -92,7 +92,7 @@ def library_sources(root: Path) -> list[Path]:
 
 def _command(source: Path, obj: Path, cpu: Cpu, root: Path, *extra: str) -> list[str]:
     fast = "kernels" in source.parts or "cmsis-nn" in source.parts
-    tool = CXX if source.suffix == ".cc" else CC
+    tool = CXX if source.suffix in (".cc", ".cpp") else CC
     return [*tool, *cpu.flags, *COMMON, KERNEL_OPT if fast else CORE_OPT, *_includes(root), *extra,
             "-c", str(source), "-o", str(obj)]
 

@@ -9,9 +9,12 @@ These are instructions, not cycles: qemu models no pipeline, caches or flash wai
 `cycle_mark()` calls split into inferences and operators, for cycles estimated on the core's model.
 """
 
+import contextlib
 import re
+import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +94,33 @@ def run_firmware(elf: Path, x_int8: np.ndarray, *, cpu: str, timeout: float = 36
         stack_used_bytes=int(re.search(r"^stack_used (\d+)$", text, re.M)[1]),
         profile=profile,
     )
+
+
+def emulated_board_argv(elf: Path, *, cpu: str, port: int) -> list[str]:
+    """qemu's command line for `elf` on `cpu`'s emulated board with UART0 on TCP 127.0.0.1:`port`: qemu waits for
+    the host's connection before it starts the core (wait=on), so no output is lost (a pty drops what it writes
+    before a reader opens it). Semihosting stays on: the harness leaves through it."""
+    return ["qemu-system-arm", "-M", CPUS[cpu].machine, "-cpu", cpu, "-display", "none", "-monitor", "none",
+            "-serial", f"tcp:127.0.0.1:{port},server=on,wait=on,nodelay=on", "-semihosting-config", "enable=on,target=native",
+            "-kernel", str(Path(elf).resolve())]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def emulated_board(elf: Path, *, cpu: str) -> Iterator[str]:
+    """The benchmark firmware `elf` running on `cpu`'s emulated board until the block ends: yields the URL of its
+    UART (socket://127.0.0.1:PORT) for the protocol client. The emulator is stopped on the way out."""
+    check_toolchain()
+    port = free_port()
+    process = subprocess.Popen(emulated_board_argv(elf, cpu=cpu, port=port), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        yield f"socket://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        _, err = process.communicate()

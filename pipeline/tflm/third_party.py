@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import DeviceError
@@ -32,6 +32,7 @@ class Pin:
     sha256: str
     drop: tuple[str, ...] = ()
     patch: str = ""  # a patch file, relative to the sources root (i.e. inside another pinned tree)
+    moves: dict = field(default_factory=dict)  # a repository folder -> where its files go in the kept tree
 
 
 def load_pins(path: Path = PINS_FILE) -> tuple[Pin, ...]:
@@ -95,6 +96,11 @@ def _fetch_one(pin: Pin, staging: Path, work: Path, *, log) -> None:
         raise DeviceError(f"{pin.name}: {pin.repository} gave commit {head}, pinned {pin.commit}")
     if pin.patch:  # the patch lives in an earlier tree (TFLM's); applied in the clone before trimming
         _git("apply", str(staging / pin.patch), cwd=clone)
+    for source, target in pin.moves.items():  # `keep` names the kept tree's paths, after these moves
+        for path in sorted(p for p in (clone / source).rglob("*") if p.is_file()):
+            moved = clone / target / path.relative_to(clone / source)
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, moved)
     tree = staging / pin.name
     for path in _kept_files(clone, pin):
         target = tree / path.relative_to(clone)

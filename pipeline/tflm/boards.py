@@ -1,0 +1,121 @@
+"""The benchmark firmware: the model in TFLite Micro behind MLPerf Tiny's serial protocol, built for a board.
+
+`benchmark/submitter.cc` implements the protocol's th_* functions; MLPerf Tiny's own `internally_implemented.cpp`
+(pinned in third_party.toml, compiled unchanged) parses the host's commands; a board layer (`boards/*.c`, named in
+`boards/boards.toml`) gives the UART, the clock and the DWT cycle counter. The same sources build the emulated MPS2
+board's image (qemu, its UART on a TCP port) and each real board's, so what the host checks on the emulator is
+what a board runs.
+"""
+
+import subprocess
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError, DeviceError
+from pipeline.tflm.build import CPUS, LINK, _command, _compile_all
+from pipeline.util import atomic_path
+
+HERE = Path(__file__).parent
+BOARDS_FILE = HERE / "boards" / "boards.toml"
+BENCHMARK = HERE / "benchmark" / "submitter.cc"
+EMULATED = "mps2"
+DEFAULT_BAUD = 115200
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    description: str
+    sources: tuple[str, ...]  # board layer, startup and runtime support: in pipeline/tflm, or in a pinned tree
+    linker: str
+    cpu: str = ""  # the board's core ("" = the profile's: the emulated board has both)
+    includes: tuple[str, ...] = ()  # in the pinned trees
+    defines: tuple[str, ...] = ()
+    flash: tuple[int, int] | None = None  # origin, bytes: where the image is flashed
+    ram: tuple[int, int] | None = None
+    pyocd_target: str = ""
+
+    def path(self, entry: str, root: Path) -> Path:
+        """A source or header path of the table: in pipeline/tflm, or in the firmware sources' pinned trees."""
+        local = HERE / entry
+        return local if local.exists() else root / entry
+
+
+def load_boards() -> dict[str, Board]:
+    with open(BOARDS_FILE, "rb") as f:
+        table = tomllib.load(f)
+    return {name: Board(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+            for name, entry in table.items()}
+
+
+def board_named(name: str) -> Board:
+    boards = load_boards()
+    if name not in boards:
+        raise ConfigError(f"Board '{name}' has no board layer; known: {', '.join(boards)} (pipeline/tflm/boards)")
+    return boards[name]
+
+
+def _linked(argv: list[str], board: Board) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode:
+        overflow = [line.split("ld: ")[-1] for line in done.stderr.splitlines() if "overflowed by" in line]
+        if overflow:
+            raise DeviceError(f"The firmware does not fit {board.description}: {'; '.join(overflow)} (the model, its "
+                              "arena and the stack together; give a smaller arena budget or a larger part)")
+        raise DeviceError(f"Linking the firmware for {board.name} failed: {done.stderr.strip()[-600:]}")
+
+
+def link_benchmark(model_dir: Path, elf: Path, *, board: Board, cpu: str, root: Path, library: list[Path],
+                   baud: int = DEFAULT_BAUD, flash_bytes: int = 0, ram_bytes: int = 0) -> Path:
+    """Compile the benchmark with `model_dir`'s model_data.cc, model_data.h and model_settings.h and the board's
+    layer, link them with the TFLM library into `elf`, and write `.bin` and `.hex` beside a real board's. The
+    protocol's `profile` reply names the model by its SHA-256 (m-model-[...]), so a host can tell which model a
+    board runs. `flash_bytes` and `ram_bytes` (the profile's; 0: the board's) bound the link."""
+    if board.cpu and board.cpu != cpu:
+        raise ConfigError(f"Board '{board.name}' has a {board.cpu}; the profile builds for {cpu}")
+    flags = [f"-I{HERE / 'boards'}", f"-I{model_dir}", *(f"-I{root / i}" for i in board.includes),
+             *(f"-D{d}" for d in board.defines), f'-DTH_MODEL_VERSION="{model_sha256(model_dir)}"',
+             f"-DBENCHMARK_BAUD={baud}"]
+    with tempfile.TemporaryDirectory(prefix="cnn-deploy-benchmark-") as tmp:
+        api = Path(tmp) / "include" / "api"  # the API's sources include each other as "api/..."
+        api.parent.mkdir()
+        api.symlink_to(root / "mlperf-tiny-api")
+        flags.append(f"-I{api.parent}")
+        if board.flash is not None and board.ram is not None:  # the regions the board's script includes
+            (Path(tmp) / "memory.ld").write_text(
+                f"MEMORY\n{{\n  FLASH (rx) : ORIGIN = {board.flash[0]:#x}, LENGTH = {flash_bytes or board.flash[1]}\n"
+                f"  RAM (rwx) : ORIGIN = {board.ram[0]:#x}, LENGTH = {ram_bytes or board.ram[1]}\n}}\n")
+        sources = [BENCHMARK, root / "mlperf-tiny-api" / "internally_implemented.cpp", model_dir / "model_data.cc",
+                   *(board.path(s, root) for s in board.sources)]
+        objects = [Path(tmp) / f"{i}-{s.name}.o" for i, s in enumerate(sources)]
+        _compile_all([(s, _command(s, o, CPUS[cpu], root, *flags)) for s, o in zip(sources, objects, strict=True)])
+        with atomic_path(elf) as tmp_elf:
+            _linked(["arm-none-eabi-g++", *CPUS[cpu].flags, "-mfloat-abi=hard", "-mthumb", *LINK,
+                     "-T", str(board.path(board.linker, root)), f"-L{HERE / 'boards'}", f"-L{tmp}", "-o", str(tmp_elf),
+                     *map(str, objects), *map(str, library), "-lm"], board)
+    if board.flash is not None:
+        for suffix, kind in ((".bin", "binary"), (".hex", "ihex")):
+            with atomic_path(elf.with_suffix(suffix)) as out:
+                subprocess.run(["arm-none-eabi-objcopy", "-O", kind, str(elf), str(out)], check=True)
+    return elf
+
+
+def model_sha256(model_dir: Path) -> str:
+    """The SHA-256 of the .tflite the C array in `model_dir` holds (model_sources writes it in its banner)."""
+    banner = (model_dir / "model_data.h").read_text().splitlines()[0]
+    if "sha256 " not in banner:
+        raise DeviceError(f"{model_dir / 'model_data.h'} does not name its model's SHA-256: regenerate it")
+    return banner.split("sha256 ")[1].split(")")[0]
+
+
+def vector_table(elf: Path) -> int:
+    """Where the image's vector table lies (its first loaded section's address)."""
+    done = subprocess.run(["arm-none-eabi-objdump", "-h", str(elf)], capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[1] in (".isr_vector", ".text"):
+            return int(parts[3], 16)
+    raise DeviceError(f"{elf} has no .isr_vector or .text section")
+
