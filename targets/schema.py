@@ -219,11 +219,16 @@ class Firmware:
     samples: int
     max_instruction_rise: float  # a fraction of the baseline's instructions per inference
     sources: str  # "" = `make third-party`'s cached copy, else ../shared/third_party
+    board: str  # the real board's layer (pipeline/tflm/boards); "" = the emulated board only
+    baud: int  # the benchmark firmware's UART rate (8N1)
 
     def __post_init__(self):
+        from pipeline.tflm.boards import EMULATED, load_boards  # the board layers the firmware build knows
         from pipeline.tflm.build import CPUS  # the cores the firmware build knows
 
         _choice("cpu", self.cpu, ("", *CPUS))
+        _choice("board", self.board, ("", *(b for b in load_boards() if b != EMULATED)))
+        _at_least("baud", self.baud, 1200, "a UART rate such as 115200")
         _at_least("samples", self.samples, 1, "at least one image")
         _at_least("max_instruction_rise", self.max_instruction_rise, 0, "a fraction >= 0")
 

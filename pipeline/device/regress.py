@@ -26,7 +26,8 @@ from targets import Thresholds
 
 BASELINE_DIR = "device_baseline"
 ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
-FIRMWARE_ELF = "firmware/firmware.elf"
+FIRMWARE_ELF = "firmware/firmware.elf"  # the measuring harness: instructions and the cycle engine's estimate
+BENCHMARK_ELF = "firmware/benchmark.elf"  # MLPerf Tiny's serial protocol on the emulated board
 HOST_INT8 = {"onnxruntime": "model.int8.onnx", "tflite-micro": "baseline/factored.int8.onnx"}
 
 
@@ -64,6 +65,8 @@ class RegressReport:
                   f"device baseline: {self.baseline['status']}",
                   *([f"instructions per inference: {self.instructions:,}"] if self.instructions else []),
                   *([_board_line(self.board)] if self.board else []),
+                  *([f"bit for bit with the host TFLM interpreter: {self.eval_samples - self.board['host_tflm_outputs_differing']}"
+                     f" of {self.eval_samples} outputs"] if self.board and "host_tflm_outputs_differing" in self.board else []),
                   f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
                   f"\n{'PASSED' if self.passed else 'FAILED'}: top-1 drop {self.top1_drop * 100:+.2f} points "
                   f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}), agreement {self.agreement:.2%} "
@@ -78,6 +81,11 @@ class RegressReport:
 
 
 def _board_line(board: dict) -> str:
+    if board.get("source") == "measured":
+        ms = f" = {board['ms']:.3f} ms" if board.get("ms") is not None else ""
+        estimated = (f"; the cycle engine estimated {board['estimated_cycles']:,} ({board['estimate_ratio']:.3f} of the "
+                     "board's)") if board.get("estimated_cycles") else f"; no estimate ({board.get('estimate_missing')})"
+        return f"measured on the board (DWT): {board['cycles']:,} cycles per inference{ms}{estimated}"
     if "missing" in board:
         return f"estimated cycles: not here ({board['missing']})"
     ms = f" = {board['ms']:.3f} ms at {board['clock_mhz']:g} MHz" if board["ms"] is not None else ""
@@ -156,14 +164,15 @@ def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str
 
 
 def _artefact(runtime: str, device: Device) -> tuple[str, bool]:
-    on_board = runtime == "tflite-micro" and device.kind == "qemu"
-    return (FIRMWARE_ELF if on_board else ARTEFACT[runtime]), on_board
+    on_board = runtime == "tflite-micro" and device.kind in ("qemu", "serial")
+    return (BENCHMARK_ELF if on_board and device.kind == "qemu" else ARTEFACT[runtime]), on_board
 
 
 def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) -> list[str]:
     """The build's files a device check reads (relative paths), or an error naming the first one missing."""
     artefact, on_board = _artefact(runtime, device)
-    needed = [artefact, HOST_INT8[runtime], "baseline/dense.fp32.onnx"]
+    needed = [artefact, HOST_INT8[runtime], "baseline/dense.fp32.onnx",
+              *([FIRMWARE_ELF, ARTEFACT[runtime]] if on_board else [])]
     for name in needed:
         if not (folder / name).is_file():
             hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if name == artefact and on_board else ""
@@ -185,9 +194,10 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
     log(f"[device] running {artefact.name} on {device.spec} ({len(eval_x)} images)")
     instructions, key, board = None, device.key, board or {}
     if on_board:
-        outputs, seconds, about, instructions, estimate = run_firmware_on_device(
-            artefact, folder / ARTEFACT[runtime], eval_x, cpu=firmware["cpu"], clock_mhz=board.get("clock_mhz", 0.0))
-        key = f"qemu-{firmware['cpu']}"
+        outputs, seconds, about, instructions, estimate = _on_microcontroller(
+            folder, device, eval_x, firmware=firmware, board=board,
+            cycle_sample=eval_x[0] if cycle_sample is None else cycle_sample)
+        key = f"qemu-{firmware['cpu']}" if device.kind == "qemu" else key
     else:
         outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
         estimate = board_estimate(runtime, device, artefact, sample=eval_x[0] if cycle_sample is None else cycle_sample,
@@ -204,6 +214,9 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
     failures = thresholds.failures(top1_drop=drop, agreement=agree)
     if not baseline["ok"]:
         failures.append(f"device outputs: {baseline['status']}")
+    if (estimate or {}).get("host_tflm_outputs_differing"):
+        failures.append(f"device outputs differ from the host TFLM interpreter's on "
+                        f"{estimate['host_tflm_outputs_differing']} of {len(eval_x)} images")
     return RegressReport(
         target=target, device=device.spec, device_about=about, artefact=artefact.name, eval_samples=len(eval_x),
         reference_top1=top1(reference, eval_y), device_top1=top1(outputs, eval_y), top1_drop=round(float(drop), 6),
@@ -212,6 +225,33 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         host_max_diff_steps=_in_steps(float(np.max(np.abs(outputs - host))), folder / ARTEFACT[runtime]), thresholds=asdict(thresholds),
         passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions,
         board=estimate)
+
+
+def _on_microcontroller(folder: Path, device: Device, eval_x: np.ndarray, *, firmware: dict, board: dict,
+                        cycle_sample: np.ndarray) -> tuple:
+    """A microcontroller build through the benchmark firmware's serial protocol, on the emulated board (qemu) or a
+    real one: (dequantized outputs, seconds, what ran, instructions per inference, board figures). The figures are
+    the cycle engine's estimate (the measuring harness on the emulated board, one image); a real board adds its own
+    DWT cycles and milliseconds, which become the figures, with the estimate and their ratio beside them."""
+    from pipeline.device.benchmark_board import on_board
+    from pipeline.tflm import interpreter
+
+    tflite, cpu = folder / ARTEFACT["tflite-micro"], firmware["cpu"]
+    url = None if device.kind == "qemu" else device.url
+    run, host = on_board(url, tflite, eval_x, cpu=cpu, elf=folder / BENCHMARK_ELF, baud=firmware.get("baud", 115200))
+    io_q = interpreter.io_quant(tflite.read_bytes())
+    outputs = interpreter.dequantize_output(run.outputs, io_q)
+    _, _, _, instructions, estimate = run_firmware_on_device(folder / FIRMWARE_ELF, tflite, cycle_sample[None],
+                                                             cpu=cpu, clock_mhz=board.get("clock_mhz", 0.0))
+    where = f"the emulated {cpu}" if url is None else url
+    about = f"benchmark firmware (MLPerf Tiny serial protocol) on {where}, {len(eval_x) / run.seconds:.1f} images/s"
+    if run.cycles is not None:
+        estimated = estimate.get("cycles")
+        estimate = {"source": "measured", "cycles": run.cycles, "ms": run.milliseconds, "estimated_cycles": estimated,
+                    "estimated_ms": estimate.get("ms"), "estimate_missing": estimate.get("missing"),
+                    "estimate_ratio": round(estimated / run.cycles, 4) if estimated else None}
+    differing = int(np.any(run.outputs != host, axis=1).sum())  # the firmware against the host TFLM, bit for bit
+    return outputs, run.seconds, about, instructions, {**estimate, "host_tflm_outputs_differing": differing}
 
 
 def check_packed(files: dict[str, bytes], **settings) -> tuple[RegressReport, dict[str, bytes]]:
@@ -257,6 +297,10 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{folder} holds no complete build ({exc}); run `make deploy` first") from exc
     dev = parse_device(device or profile["device"]["default"])
+    if profile["runtime"] == "onnxruntime" and dev.kind == "serial":
+        raise InputError(f"Target {profile['name']!r} runs ONNX Runtime on a board with an OS; {dev.spec!r} is a "
+                         "serial port, which microcontroller builds' benchmark firmware answers on. Use DEVICE=qemu or "
+                         "DEVICE=ssh://user@host")
     if profile["runtime"] == "tflite-micro" and dev.kind == "ssh":
         raise InputError(f"Target {profile['name']!r} runs TFLite Micro; device {dev.spec!r} runs ONNX Runtime. "
                          "Use DEVICE=tflm (the host interpreter) or DEVICE=qemu (the firmware on the emulated board)")

@@ -72,6 +72,17 @@ class BenchmarkClient:
             lines.append(line)
         return lines
 
+    def sync(self) -> None:
+        """Skip whatever replies are still on their way (a command sent while the board restarted may or may not
+        have been answered): `name` is sent, and everything up to its own answer is dropped."""
+        self.port.write(b"name%")
+        self.port.flush()
+        deadline = time.monotonic() + self.timeout
+        while not self._line(deadline, "name").startswith("m-name-"):
+            pass
+        while self._line(deadline, "name") != "m-ready":
+            pass
+
     def command(self, text: str) -> list[str]:
         """Send one command; its reply lines up to m-ready. An `e-[...]` line is an error naming the command."""
         self.port.write(text.encode("ascii") + b"%")
@@ -133,3 +144,51 @@ def _open(url: str, *, baud: int, within: float):
                 busy = " (busy: another program holds it)" if "busy" in str(exc).lower() else ""
                 raise DeviceError(f"Cannot open {url}{busy}: {exc}") from exc
             time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class BoardRun:
+    outputs: np.ndarray  # int8, one row per input
+    seconds: float  # wall time through the serial path
+    milliseconds: float | None  # per inference by the board's DWT clock; None where the board has none
+    cycles: int | None  # DWT cycles per inference (median); None where the board has none
+    model_sha256: str  # what the firmware's `profile` reply names
+
+
+def run_benchmark(url: str, x_int8: np.ndarray, *, model_sha256: str, baud: int = 115200, fresh: bool = False,
+                  connect_within: float = 0.0, timeout: float = DEFAULT_TIMEOUT) -> BoardRun:
+    """Every input (int8, one per row, as the model's input tensor takes it) through the board's firmware: loaded,
+    inferred once, its int8 output read back. A board running another model (the `profile` reply names its .tflite's
+    SHA-256) is refused, naming both; a board that resets mid-image gets that image once more, then an error.
+    `fresh`: the board starts as the connection opens (the emulated one), so its start-up lines come first."""
+    started = time.perf_counter()
+    with BenchmarkClient(url, baud=baud, timeout=timeout, connect_within=connect_within) as client:
+        if fresh:
+            client.wait_ready(what="start-up")
+        try:
+            running = client.profile()["model"]
+        except BoardReset:  # it was starting as we connected (an emulated board waits for its first connection)
+            client.sync()
+            running = client.profile()["model"]
+        if running != model_sha256:
+            raise DeviceError(f"{url} runs another model: its firmware names {running}, this build's model.tflite is "
+                              f"{model_sha256}; flash this build's firmware (`make flash`) first")
+        outputs, cycles, microseconds = [], [], []
+        for i, x in enumerate(np.ascontiguousarray(x_int8, dtype=np.int8)):
+            for attempt in (1, 2):
+                try:
+                    client.load(x.tobytes())
+                    result = client.infer(1, 0)
+                    break
+                except BoardReset as exc:
+                    if attempt == 2:
+                        raise DeviceError(f"{url} reset twice on image {i}: {exc}") from exc
+                    client.wait_ready(what="the board's restart")
+            outputs.append(result.int8)
+            if result.cycles is not None:
+                cycles.append(result.cycles)
+            if result.microseconds is not None:
+                microseconds.append(result.microseconds)
+    return BoardRun(np.stack(outputs), time.perf_counter() - started,
+                    float(np.median(microseconds)) / 1000 if microseconds else None,
+                    int(np.median(cycles)) if cycles else None, running)

@@ -26,17 +26,19 @@ from pipeline.tflm.board_cycles import CYCLE_TOOLS, firmware_cycles
 from pipeline.tflm.emulator import run_firmware
 
 RUNNER = Path(__file__).with_name("runner.py")  # copied to the device and run there
-KNOWN = ("qemu", "ssh://user@host[:port]", "tflm")
+KNOWN = ("qemu", "ssh://user@host[:port]", "tflm", "serial:///dev/ttyACM0 (a board running the benchmark firmware)",
+         "socket://host:port (the same over TCP)")
 
 
 @dataclass(frozen=True)
 class Device:
-    kind: str  # qemu, ssh, tflm
+    kind: str  # qemu, ssh, tflm, serial
     spec: str
     user: str = ""
     host: str = ""
     port: int = 22
     python: str = "python3"
+    url: str = ""  # serial: the port as pyserial's serial_for_url takes it (/dev/ttyACM0, socket://host:port)
 
     @property
     def where(self) -> str:
@@ -45,12 +47,18 @@ class Device:
     @property
     def key(self) -> str:
         """Names the device's baseline file: outputs are compared only with the same device's."""
+        if self.kind == "serial":
+            return "serial-" + re.sub(r"[^A-Za-z0-9]+", "-", self.url).strip("-")
         return {"qemu": "qemu-cortex-a72", "tflm": "tflm"}.get(self.kind) or f"ssh-{self.user}@{self.host}-{self.port}"
 
 
 def parse_device(text: str) -> Device:
     if text in ("qemu", "tflm"):
         return Device(text, text)
+    if text.startswith("serial://") and len(text) > len("serial://"):
+        return Device("serial", text, url=text[len("serial://"):])
+    if text.startswith("socket://") and len(text) > len("socket://"):
+        return Device("serial", text, url=text)
     if text.startswith("ssh://"):
         url = urlparse(text)
         if not url.hostname or not url.username:
