@@ -26,7 +26,7 @@ from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
 from pipeline.compute import torch_device as resolve_torch_device
 from pipeline.cycles.tools import require
-from pipeline.device.benchmark_board import protocol_check
+from pipeline.device.benchmark_board import benchmark_for_build
 from pipeline.device.board_cycles import TOOLS as ONNX_CYCLE_TOOLS
 from pipeline.device.board_cycles import onnx_cycles
 from pipeline.device.layer_cycles import OnnxLayerCycles
@@ -44,7 +44,6 @@ from pipeline.report.compare import worse_than_dense
 from pipeline.report.deploy_report import DeployReport, write_reports
 from pipeline.report.manifest import write_manifest
 from pipeline.tflm.board_cycles import CYCLE_TOOLS
-from pipeline.tflm.boards import benchmark_images
 from pipeline.tflm.build import check_toolchain, sources_root
 from pipeline.tflm.convert import convert_to_tflite
 from pipeline.tflm.firmware import arena_with_margin, emit_mcu, io_of
@@ -261,9 +260,8 @@ def build_firmware(build: Build) -> None:
                      largest=details["factored_int8"]["largest_tensors"], target=build.profile.name)
     folder = build.staging / "firmware"
     _stage(f"benchmark firmware (MLPerf Tiny's serial protocol) for the emulated board{' and ' + firmware.board if firmware.board else ''}")
-    images = benchmark_images(folder, cpu=firmware.cpu, root=root, board=firmware.board, baud=firmware.baud,
-                              flash_bytes=build.profile.memory.flash_bytes, ram_bytes=build.profile.memory.ram_bytes, log=_stage)
-    images["protocol"] = protocol_check(folder / "benchmark.elf", build.staging / "model.tflite", x, cpu=firmware.cpu)
+    images = benchmark_for_build(build.staging, x, cpu=firmware.cpu, root=root, firmware=dataclasses.asdict(firmware),
+                                 memory=dataclasses.asdict(build.profile.memory), log=_stage)
     build.variants["factored_int8"].details["firmware"]["benchmark"] = images
     if not images["protocol"]["bit_exact"]:
         build.failures.append(f"benchmark firmware on the emulated {firmware.cpu}: outputs differ from the host TFLM "

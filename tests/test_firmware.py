@@ -2,6 +2,8 @@
 what the host TFLM interpreter computes, and report deterministic instruction counts."""
 
 import json
+import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from pipeline.errors import DeviceError
 from pipeline.tflm import interpreter as tflm
 from pipeline.tflm.build import check_toolchain, sources_root
 from pipeline.tflm.convert import convert_to_tflite
-from pipeline.tflm.emulator import run_firmware
+from pipeline.tflm.emulator import free_port, run_firmware
 from pipeline.tflm.firmware import arena_with_margin, model_sources
 from pipeline.tflm.on_board import measure_on_board
 from pipeline.util import sha256_file
@@ -99,14 +101,30 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
         assert figures["bit_exact"] and figures["cpu"] == "cortex-m4" and figures["instructions"] > 100_000
     manifest = json.loads((out / "manifest.json").read_text())
     for name in ("firmware/firmware.elf", "firmware/firmware.map", "firmware/build.sh", "firmware/main.cc",
-                 "firmware/model_data.cc", "baseline/dense.firmware.elf"):
+                 "firmware/model_data.cc", "baseline/dense.firmware.elf", "firmware/benchmark.elf",
+                 "firmware/run-emulated.sh", "firmware/board.elf", "firmware/board.bin", "firmware/board.hex"):
         assert name in manifest["artefacts"], name
+    benchmark = report["variants"]["factored_int8"]["details"]["firmware"]["benchmark"]
+    assert benchmark["protocol"]["bit_exact"] and benchmark["protocol"]["samples"] == 20
+    assert benchmark["board"]["name"] == "nucleo-l4r5zi" and benchmark["board"]["vector_table"] == "0x8000000"
+    assert benchmark["board"]["ram_bytes"] <= benchmark["board"]["ram_capacity_bytes"] == 655360
     text = (out / "report.md").read_text()
     assert "on the board: cortex-m4 at 120 MHz" in text and "Cycles are estimated" in text
     capsys.readouterr()
     assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 0
-    assert "instructions per inference" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "instructions per inference" in printed and "bit for bit with the host TFLM interpreter: 30 of 30" in printed
+    assert "MLPerf Tiny serial protocol" in printed
     assert (out / "device_baseline" / "qemu-cortex-m4.npz").is_file()
+    # the emulated board as a user starts it by hand, killed mid-run: a clear error, and no baseline is written
+    port = free_port()
+    emulator = subprocess.Popen([str(out / "firmware" / "run-emulated.sh"), str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    threading.Timer(3.0, emulator.kill).start()
+    assert main(["regress", "--target", "cortex-m4", "--device", f"socket://127.0.0.1:{port}", "--eval-samples", "30",
+                 "--out", str(out)]) != 0
+    assert "socket://127.0.0.1" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "device_baseline").iterdir()) == ["qemu-cortex-m4.npz", "tflm.npz"]
     assert main(["regress", "--target", "cortex-m4", "--device", "qemu", "--eval-samples", "30", "--out", str(out)]) == 0
     # a perturbed weight, relinked: the board's outputs no longer match the accepted baseline
     model = bytearray((out / "model.tflite").read_bytes())

@@ -20,8 +20,8 @@ def on_board(url: str | None, tflite: Path, x_nchw: np.ndarray, *, cpu: str, elf
     x = interpreter.quantize_input(x_nchw, interpreter.io_quant(model))
     sha = sha256_bytes(model)
     if url is None:
-        with emulated_board(elf, cpu=cpu) as socket_url:
-            run = run_benchmark(socket_url, x, model_sha256=sha, fresh=True, connect_within=20)
+        with emulated_board(elf, cpu=cpu) as board:
+            run = run_benchmark(board.url, x, model_sha256=sha, fresh=True, connect_within=20)
     else:
         run = run_benchmark(url, x, model_sha256=sha, baud=baud)
     return run, interpreter.run_tflm(model, x).reshape(len(x), -1)
@@ -34,3 +34,17 @@ def protocol_check(elf: Path, tflite: Path, x_nchw: np.ndarray, *, cpu: str) -> 
     differing = int(np.any(run.outputs != host, axis=1).sum())
     return {"elf": elf.name, "samples": len(host), "bit_exact": differing == 0, "outputs_differing": differing,
             "seconds": round(run.seconds, 2), "images_per_second": round(len(host) / run.seconds, 2)}
+
+
+def benchmark_for_build(folder: Path, x_nchw: np.ndarray, *, cpu: str, root: Path, firmware: dict, memory: dict,
+                        log=print) -> dict:
+    """A microcontroller build's benchmark firmware (`folder`/firmware: the emulated board's and the profile's real
+    board's images, see `benchmark_images`), checked over the serial protocol on the emulated board against the host
+    TFLM on `x_nchw`. `firmware` and `memory` are the profile's sections. Returns report.json's record."""
+    from pipeline.tflm.boards import benchmark_images
+
+    images = benchmark_images(folder / "firmware", cpu=cpu, root=root, board=firmware.get("board", ""),
+                              baud=firmware.get("baud", 115200), flash_bytes=memory.get("flash_bytes", 0),
+                              ram_bytes=memory.get("ram_bytes", 0), log=log)
+    images["protocol"] = protocol_check(folder / "firmware" / "benchmark.elf", folder / "model.tflite", x_nchw, cpu=cpu)
+    return images

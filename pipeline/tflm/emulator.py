@@ -51,13 +51,14 @@ def symbol_address(elf: Path, name: str) -> int:
 
 
 def size(elf: Path) -> dict[str, int]:
-    """Section sizes: flash = code, constants and the model (.text) + unwind index + .data's initial values;
+    """Section sizes: flash = vector table (a separate section on STM32 images), code, constants and the model
+    (.text) + unwind index + .data's initial values;
     RAM = .data + .bss (the tensor arena included)."""
     done = subprocess.run(["arm-none-eabi-size", "-A", str(elf)], capture_output=True, text=True, check=False)
     if done.returncode:
         raise DeviceError(f"arm-none-eabi-size failed on {elf}: {done.stderr.strip()}")
     sections = {m[1]: int(m[2]) for m in re.finditer(r"^(\.\S+)\s+(\d+)\s+\d+", done.stdout, re.M)}
-    flash = sections.get(".text", 0) + sections.get(".ARM.exidx", 0) + sections.get(".data", 0)
+    flash = sum(sections.get(name, 0) for name in (".isr_vector", ".text", ".ARM.exidx", ".data"))
     return {"flash_bytes": flash, "ram_bytes": sections.get(".data", 0) + sections.get(".bss", 0),
             "data_bytes": sections.get(".data", 0), "bss_bytes": sections.get(".bss", 0)}
 
@@ -111,16 +112,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class EmulatedBoard:
+    url: str  # its UART, socket://127.0.0.1:PORT, for the protocol client
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def emulated_board(elf: Path, *, cpu: str) -> Iterator[str]:
-    """The benchmark firmware `elf` running on `cpu`'s emulated board until the block ends: yields the URL of its
-    UART (socket://127.0.0.1:PORT) for the protocol client. The emulator is stopped on the way out."""
+def emulated_board(elf: Path, *, cpu: str) -> Iterator[EmulatedBoard]:
+    """The benchmark firmware `elf` running on `cpu`'s emulated board until the block ends. The emulator is stopped
+    on the way out."""
     check_toolchain()
     port = free_port()
     process = subprocess.Popen(emulated_board_argv(elf, cpu=cpu, port=port), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.DEVNULL)
     try:
-        yield f"socket://127.0.0.1:{port}"
+        yield EmulatedBoard(f"socket://127.0.0.1:{port}", process)
     finally:
         process.kill()
-        _, err = process.communicate()
+        process.wait()
