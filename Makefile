@@ -23,7 +23,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
 	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup setup-cluster deploy bench mlperf-tiny regress firmware train setup-device third-party decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster setup-board deploy bench mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -54,11 +54,17 @@ mlperf-tiny: setup
 		$(if $(filter command line,$(origin BUDGET)),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
 		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
 
-# TARGET may name several builds (TARGET="rpi4 cortex-m4"): on a Ray board farm they run at once.
+# TARGET may name several builds (TARGET="rpi4 cortex-m4"): on a Ray board farm they run at once. A microcontroller
+# build on its board: DEVICE=serial:///dev/ttyACM0 (after `make flash`), SAMPLES=N images.
 regress: setup
 	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \
-		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) \
-		$(if $(filter 1 yes true,$(ACCEPT)),--accept)
+		$(if $(or $(SAMPLES),$(EVAL_SAMPLES)),--eval-samples $(or $(SAMPLES),$(EVAL_SAMPLES))) $(if $(DATA),--data $(DATA)) \
+		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(ACCEPT)),--accept)
+
+# A microcontroller build's firmware/board.hex into its board through the on-board ST-LINK (pyOCD; PROBE=ID picks
+# one of several).
+flash: setup-board
+	$(BIN)/cnn-deploy flash --target $(TARGET) $(if $(OUT),--out $(OUT)) $(if $(PROBE),--probe $(PROBE))
 
 # Firmware for a microcontroller build (build/<TARGET>): TFLM + CMSIS-NN linked and run on the emulated board.
 firmware: setup
@@ -75,6 +81,10 @@ train: setup
 # The optional Ray extra: RAY_ADDRESS=auto (or a head's host:port) then spreads sweeps, grids and device checks.
 setup-cluster: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
+
+# pyOCD, which `make flash` programs boards with (the optional `board` extra).
+setup-board: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,board]'
 
 setup-device: setup
 	$(BIN)/cnn-deploy setup-device

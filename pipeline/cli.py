@@ -296,6 +296,20 @@ def _firmware(args, out: Path) -> int:
     return 0 if all(f["bit_exact"] for f in figures.values()) and protocol["bit_exact"] else 1
 
 
+def cmd_flash(args) -> int:
+    """A microcontroller build's board image into its board, through the board's debug probe (pyOCD)."""
+    from pipeline.device.flash import flash
+    from pipeline.output import build_folder, check_build
+    from targets import load_target
+
+    out = check_build(build_folder(load_target(args.target).name, args.out),
+                      hint=f"; run `make deploy TARGET={args.target}` first")
+    flash(out, probe=args.probe or "")
+    print(f"flashed {out / 'firmware' / 'board.hex'}; check it with `make regress TARGET={args.target} "
+          "DEVICE=serial:///dev/ttyACM0` (the board's virtual COM port)")
+    return 0
+
+
 def cmd_third_party(args) -> int:
     from pipeline.tflm.third_party import check, fetch, load_pins
     from pipeline.util import markdown_table
@@ -323,7 +337,8 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--target", nargs="+", default=["rpi4"],
                    help=target_help("rpi4", "one or more profiles, each regressing build/<profile name>") +
                    "; on a Ray board farm they run at once")
-    p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH] or tflm (default: the profile's)")
+    p.add_argument("--device", help="qemu, ssh://user@host[:port][?python=PATH], tflm, or a board running the benchmark "
+                                    "firmware: serial:///dev/ttyACM0 or socket://HOST:PORT (default: the profile's)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (default: the profile's)")
     p.add_argument("--data", help="the data's path (default: what the deploy used)")
     p.add_argument("--out", help="the build folder (default: build/<profile name>)")
@@ -334,6 +349,11 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--out", help="the build folder (default: build/<profile name>)")
     p.add_argument("--samples", type=int, help="test images to run (default: the profile's [firmware] samples)")
     p.set_defaults(run=cmd_firmware)
+    p = sub.add_parser("flash", help="program a microcontroller build's firmware/board.hex into its board (pyOCD)")
+    p.add_argument("--target", default="nucleo-l4r5zi", help=target_help("nucleo-l4r5zi", "the build's profile"))
+    p.add_argument("--out", help="the build folder (default: build/<profile name>)")
+    p.add_argument("--probe", help="the debug probe's unique ID, where several are plugged in (`pyocd list`)")
+    p.set_defaults(run=cmd_flash)
     p = sub.add_parser("third-party", help="fetch the firmware's pinned sources (TFLM, CMSIS-NN, CMSIS, flatbuffers, "
                                            "gemmlowp) with git into the cache and verify them, or --check a copy")
     p.add_argument("--check", metavar="DIR", help="verify the trees in DIR (e.g. $TFLM_SOURCES) against the pins; "
