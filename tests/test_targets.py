@@ -167,4 +167,4 @@ def test_the_readmes_own_board_example_loads(tmp_path):
     profile = load_target(str(path))
     assert profile.name == "my-m4" and profile.runtime == "tflite-micro" and profile.core == "cortex-m4"
     assert profile.memory.ram_bytes == 131072 and profile.board.clock_mhz == 180.0
-    assert profile.decomposition.budget == "cycles:0.7"
+    assert profile.firmware.board == ""  # a core without a board layer: the emulated board only

@@ -37,7 +37,8 @@ def repository(folder: Path, files: Path, *, tag: str | None = None) -> str:
 
 
 def test_the_pins_name_every_tree_the_firmware_build_reads():
-    assert set(TREES) == set(PINS) == {"tflite-micro", "cmsis-nn", "cmsis", "flatbuffers", "gemmlowp"}
+    assert set(TREES) == set(PINS) == {"tflite-micro", "cmsis-nn", "cmsis", "flatbuffers", "gemmlowp", "mlperf-tiny-api",
+                                       "cmsis-device-l4", "cmsis-device-h7"}
     for pin in PINS.values():
         assert pin.repository.startswith("https://github.com/") and pin.licence == "Apache-2.0"
         assert len(pin.sha256) == 64 and (len(pin.commit) == 40 or pin.commit.startswith("v"))
