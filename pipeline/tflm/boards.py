@@ -7,6 +7,8 @@ board's image (qemu, its UART on a TCP port) and each real board's, so what the 
 what a board runs.
 """
 
+import shlex
+import shutil
 import subprocess
 import tempfile
 import tomllib
@@ -67,6 +69,29 @@ def _linked(argv: list[str], board: Board) -> None:
         raise DeviceError(f"Linking the firmware for {board.name} failed: {done.stderr.strip()[-600:]}")
 
 
+def _benchmark_argv(model_dir: Path, elf: Path, *, board: Board, cpu: str, root: Path, library: list[Path], baud: int,
+                    work: Path) -> tuple[list[tuple[Path, list[str]]], list[str]]:
+    """The compile commands (source, argv) and the link command of the benchmark for `board`; `work` holds the
+    API's include folder, memory.ld and the objects."""
+    flags = [f"-I{HERE / 'boards'}", f"-I{model_dir}", *(f"-I{root / i}" for i in board.includes),
+             *(f"-D{d}" for d in board.defines), f'-DTH_MODEL_VERSION="{model_sha256(model_dir)}"',
+             f"-DBENCHMARK_BAUD={baud}", f"-I{work / 'include'}"]
+    sources = [BENCHMARK, root / "mlperf-tiny-api" / "internally_implemented.cpp", model_dir / "model_data.cc",
+               *(board.path(s, root) for s in board.sources)]
+    objects = [work / f"obj-{board.name}" / f"{i}-{s.name}.o" for i, s in enumerate(sources)]
+    compiles = [(s, _command(s, o, CPUS[cpu], root, *flags)) for s, o in zip(sources, objects, strict=True)]
+    link = ["arm-none-eabi-g++", *CPUS[cpu].flags, "-mfloat-abi=hard", "-mthumb", *LINK, "-T",
+            str(board.path(board.linker, root)), f"-L{HERE / 'boards'}", f"-L{work}", "-o", str(elf),
+            *map(str, objects), *map(str, library), "-lm"]
+    return compiles, link
+
+
+def _memory_ld(board: Board, flash_bytes: int, ram_bytes: int) -> str:
+    """The FLASH and RAM regions a real board's linker script includes: the board's origins, the profile's sizes."""
+    return (f"MEMORY\n{{\n  FLASH (rx) : ORIGIN = {board.flash[0]:#x}, LENGTH = {flash_bytes or board.flash[1]}\n"
+            f"  RAM (rwx) : ORIGIN = {board.ram[0]:#x}, LENGTH = {ram_bytes or board.ram[1]}\n}}\n")
+
+
 def link_benchmark(model_dir: Path, elf: Path, *, board: Board, cpu: str, root: Path, library: list[Path],
                    baud: int = DEFAULT_BAUD, flash_bytes: int = 0, ram_bytes: int = 0) -> Path:
     """Compile the benchmark with `model_dir`'s model_data.cc, model_data.h and model_settings.h and the board's
@@ -75,31 +100,53 @@ def link_benchmark(model_dir: Path, elf: Path, *, board: Board, cpu: str, root: 
     board runs. `flash_bytes` and `ram_bytes` (the profile's; 0: the board's) bound the link."""
     if board.cpu and board.cpu != cpu:
         raise ConfigError(f"Board '{board.name}' has a {board.cpu}; the profile builds for {cpu}")
-    flags = [f"-I{HERE / 'boards'}", f"-I{model_dir}", *(f"-I{root / i}" for i in board.includes),
-             *(f"-D{d}" for d in board.defines), f'-DTH_MODEL_VERSION="{model_sha256(model_dir)}"',
-             f"-DBENCHMARK_BAUD={baud}"]
     with tempfile.TemporaryDirectory(prefix="cnn-deploy-benchmark-") as tmp:
-        api = Path(tmp) / "include" / "api"  # the API's sources include each other as "api/..."
-        api.parent.mkdir()
-        api.symlink_to(root / "mlperf-tiny-api")
-        flags.append(f"-I{api.parent}")
-        if board.flash is not None and board.ram is not None:  # the regions the board's script includes
-            (Path(tmp) / "memory.ld").write_text(
-                f"MEMORY\n{{\n  FLASH (rx) : ORIGIN = {board.flash[0]:#x}, LENGTH = {flash_bytes or board.flash[1]}\n"
-                f"  RAM (rwx) : ORIGIN = {board.ram[0]:#x}, LENGTH = {ram_bytes or board.ram[1]}\n}}\n")
-        sources = [BENCHMARK, root / "mlperf-tiny-api" / "internally_implemented.cpp", model_dir / "model_data.cc",
-                   *(board.path(s, root) for s in board.sources)]
-        objects = [Path(tmp) / f"{i}-{s.name}.o" for i, s in enumerate(sources)]
-        _compile_all([(s, _command(s, o, CPUS[cpu], root, *flags)) for s, o in zip(sources, objects, strict=True)])
+        work = Path(tmp)
+        (work / "include").mkdir()
+        (work / "include" / "api").symlink_to(root / "mlperf-tiny-api")  # the API includes itself as "api/..."
+        (work / f"obj-{board.name}").mkdir()
+        if board.flash is not None and board.ram is not None:
+            (work / "memory.ld").write_text(_memory_ld(board, flash_bytes, ram_bytes))
         with atomic_path(elf) as tmp_elf:
-            _linked(["arm-none-eabi-g++", *CPUS[cpu].flags, "-mfloat-abi=hard", "-mthumb", *LINK,
-                     "-T", str(board.path(board.linker, root)), f"-L{HERE / 'boards'}", f"-L{tmp}", "-o", str(tmp_elf),
-                     *map(str, objects), *map(str, library), "-lm"], board)
+            compiles, link = _benchmark_argv(model_dir, tmp_elf, board=board, cpu=cpu, root=root, library=library,
+                                             baud=baud, work=work)
+            _compile_all(compiles)
+            _linked(link, board)
     if board.flash is not None:
         for suffix, kind in ((".bin", "binary"), (".hex", "ihex")):
             with atomic_path(elf.with_suffix(suffix)) as out:
                 subprocess.run(["arm-none-eabi-objcopy", "-O", kind, str(elf), str(out)], check=True)
     return elf
+
+
+def rebuild_lines(folder: Path, *, board: Board, cpu: str, root: Path, library: list[Path], baud: int,
+                  elf: str) -> list[str]:
+    """build.sh's lines for one benchmark image, with the board layer's files copied into `folder` (a build's
+    firmware/, beside the harness): the same commands `link_benchmark` ran, in the script's own paths."""
+    for source in (BENCHMARK, *(board.path(s, root) for s in (*board.sources, board.linker) if (HERE / s).exists()),
+                   HERE / "boards" / "board.h", HERE / "boards" / "dwt.h",
+                   *([HERE / "boards" / "stm32.ld"] if board.flash else [])):
+        if not (folder / source.name).exists():
+            shutil.copyfile(source, folder / source.name)
+    placeholder = Path("/WORK")
+    compiles, link = _benchmark_argv(folder, Path(elf), board=board, cpu=cpu, root=root, baud=baud, work=placeholder,
+                                     library=[Path("obj") / p.name for p in library])
+
+    def portable(argv: list[str]) -> str:
+        text = " ".join(shlex.quote(a) for a in argv)
+        for path, variable in ((placeholder / "include", "include"), (placeholder / "obj-", "obj-"),
+                               (placeholder, "$HERE"), (HERE / "benchmark", "$HERE"), (HERE / "boards", "$HERE"),
+                               (HERE / "harness", "$HERE"), (folder, "$HERE"), (root, "$TFLM_SOURCES")):
+            text = text.replace(str(path), variable)
+        return text
+
+    lines = [f"# {elf}: the benchmark firmware (MLPerf Tiny's serial protocol) for {board.description}",
+             f'mkdir -p include obj-{board.name} && ln -sfn "$TFLM_SOURCES/mlperf-tiny-api" include/api']
+    lines += [portable(argv) for _, argv in compiles] + [portable(link)]
+    if board.flash is not None:
+        lines += [f"arm-none-eabi-objcopy -O binary {elf} {elf[:-4]}.bin",
+                  f"arm-none-eabi-objcopy -O ihex {elf} {elf[:-4]}.hex"]
+    return lines
 
 
 def model_sha256(model_dir: Path) -> str:
@@ -142,10 +189,17 @@ def benchmark_images(folder: Path, *, cpu: str, root: Path, board: str = "", bau
                       + " ".join(a.replace("127.0.0.1:0,", "127.0.0.1:$PORT,") for a in argv) + "\n")
     script.chmod(0o755)
     found = {"emulated": {"elf": emulated.name, **size(emulated)}}
+    lines = rebuild_lines(folder, board=board_named(EMULATED), cpu=cpu, root=root, library=library, baud=baud,
+                          elf="benchmark.elf")
     if board:
         chosen = board_named(board)
         elf = link_benchmark(folder, folder / "board.elf", board=chosen, cpu=cpu, root=root, library=library,
                              baud=baud, flash_bytes=flash_bytes, ram_bytes=ram_bytes)
+        (folder / "memory.ld").write_text(_memory_ld(chosen, flash_bytes, ram_bytes))
+        lines += rebuild_lines(folder, board=chosen, cpu=cpu, root=root, library=library, baud=baud, elf="board.elf")
+    script = folder / "build.sh"
+    if script.is_file():  # the measuring harness's script: the benchmark images are rebuilt after it
+        script.write_text(script.read_text() + "\n".join(lines) + "\n")
         found["board"] = {"name": board, "elf": elf.name, "vector_table": hex(vector_table(elf)), "baud": baud,
                           "flash_capacity_bytes": flash_bytes or chosen.flash[1],
                           "ram_capacity_bytes": ram_bytes or chosen.ram[1], **size(elf)}
