@@ -59,7 +59,7 @@ mlperf-tiny: setup
 regress: setup
 	$(BIN)/cnn-deploy regress --target $(TARGET) $(if $(DEVICE),--device $(DEVICE)) \
 		$(if $(or $(SAMPLES),$(EVAL_SAMPLES)),--eval-samples $(or $(SAMPLES),$(EVAL_SAMPLES))) $(if $(DATA),--data $(DATA)) \
-		$(if $(OUT),--out $(OUT)) $(if $(filter 1 yes true,$(ACCEPT)),--accept)
+		$(if $(OUT),--out $(OUT)) $(if $(IMAGES),--images $(IMAGES)) $(if $(filter 1 yes true,$(ACCEPT)),--accept)
 
 # A microcontroller build's firmware/board.hex into its board through the on-board ST-LINK (pyOCD; PROBE=ID picks
 # one of several).

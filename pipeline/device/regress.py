@@ -8,13 +8,14 @@ outputs of the last accepted run on that device, which must match exactly.
 
 import io
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from calib import Hint, balanced_subset, load_dataset, preprocess
+from calib import Hint, balanced_subset, load_data, preprocess
 from pipeline.cluster import Job, board_resource, connect
 from pipeline.device.transports import Device, parse_device, run_firmware_on_device, run_on_device
 from pipeline.errors import DeviceError, InputError
@@ -25,6 +26,10 @@ from pipeline.util import markdown_table, sha256_bytes, sha256_file, write_bytes
 from targets import Thresholds
 
 BASELINE_DIR = "device_baseline"
+# MLPerf Tiny's 200 CIFAR-10 test images for image classification's performance runs (indices into the test split):
+# what a board regression streams by default for a CIFAR-10 build. MLPERF_TINY_DIR= points at another copy.
+PERF_IMAGES = "ic_perf_samples_idxs.npy"
+DEFAULT_MLPERF_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "mlperf-tiny"
 ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
 FIRMWARE_ELF = "firmware/firmware.elf"  # the measuring harness: instructions and the cycle engine's estimate
 BENCHMARK_ELF = "firmware/benchmark.elf"  # MLPerf Tiny's serial protocol on the emulated board
@@ -53,6 +58,7 @@ class RegressReport:
     passed: bool
     failures: tuple[str, ...]
     device_seconds: float
+    images: str = ""  # which test images: a class-balanced subset, or the indices of a file
 
     def table(self) -> str:
         lines = [markdown_table(("", "top-1", "agreement w/ dense_fp32"),
@@ -67,7 +73,8 @@ class RegressReport:
                   *([_board_line(self.board)] if self.board else []),
                   *([f"bit for bit with the host TFLM interpreter: {self.eval_samples - self.board['host_tflm_outputs_differing']}"
                      f" of {self.eval_samples} outputs"] if self.board and "host_tflm_outputs_differing" in self.board else []),
-                  f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about})",
+                  f"device run: {self.device_seconds:.1f} s on {self.eval_samples} images ({self.device_about}); "
+                  f"images: {self.images or 'a class-balanced test subset'}",
                   f"\n{'PASSED' if self.passed else 'FAILED'}: top-1 drop {self.top1_drop * 100:+.2f} points "
                   f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}), agreement {self.agreement:.2%} "
                   f"(at least {self.thresholds['min_agreement']:.2%})"]
@@ -183,7 +190,8 @@ def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) 
 
 def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thresholds, eval_x: np.ndarray,
                     eval_y: np.ndarray, device: Device, accept: bool, firmware: dict | None = None,
-                    board: dict | None = None, cycle_sample: np.ndarray | None = None, log=print) -> RegressReport:
+                    board: dict | None = None, cycle_sample: np.ndarray | None = None, images: str = "",
+                    log=print) -> RegressReport:
     """`firmware` (the profile's [firmware] section) runs a microcontroller build's ELF on its emulated board
     when the device is `qemu`; `board` (its [board] section) gives the core and clock its cycles are estimated
     for, and how much they may rise over the accepted baseline; an ONNX model's cycles are estimated on
@@ -224,7 +232,7 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline,
         host_max_diff_steps=_in_steps(float(np.max(np.abs(outputs - host))), folder / ARTEFACT[runtime]), thresholds=asdict(thresholds),
         passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions,
-        board=estimate)
+        board=estimate, images=images)
 
 
 def _on_microcontroller(folder: Path, device: Device, eval_x: np.ndarray, *, firmware: dict, board: dict,
@@ -247,7 +255,8 @@ def _on_microcontroller(folder: Path, device: Device, eval_x: np.ndarray, *, fir
     about = f"benchmark firmware (MLPerf Tiny serial protocol) on {where}, {len(eval_x) / run.seconds:.1f} images/s"
     if run.cycles is not None:
         estimated = estimate.get("cycles")
-        estimate = {"source": "measured", "cycles": run.cycles, "ms": run.milliseconds, "estimated_cycles": estimated,
+        estimate = {"source": "measured", "latency_source": "measured", "cycles": run.cycles, "ms": run.milliseconds,
+                    "estimated_cycles": estimated,
                     "estimated_ms": estimate.get("ms"), "estimate_missing": estimate.get("missing"),
                     "estimate_ratio": round(estimated / run.cycles, 4) if estimated else None}
     differing = int(np.any(run.outputs != host, axis=1).sum())  # the firmware against the host TFLM, bit for bit
@@ -283,13 +292,32 @@ def keep_written(folder: Path, written: dict[str, bytes]) -> None:
 
 
 def regress(build_dir: str | Path, *, device: str | None = None, eval_samples: int | None = None,
-            data: str | None = None, accept: bool = False) -> RegressReport:
+            data: str | None = None, accept: bool = False, images: str | None = None) -> RegressReport:
     """Regression-test a deployed build (`build/<target>/`) on its device; writes `regress.json` beside it."""
-    return regress_all([build_dir], device=device, eval_samples=eval_samples, data=data, accept=accept)[0]
+    return regress_all([build_dir], device=device, eval_samples=eval_samples, data=data, accept=accept,
+                       images=images)[0]
+
+
+def perf_images(data_name: str, input_shape) -> Path | None:
+    """MLPerf Tiny's performance images for a CIFAR-10 build of 32x32 RGB input, where the file is here."""
+    cifar = data_name == "CIFAR-10" and list(input_shape) == [3, 32, 32]
+    path = Path(os.environ.get("MLPERF_TINY_DIR") or DEFAULT_MLPERF_DIR) / PERF_IMAGES
+    return path if cifar and path.is_file() else None
+
+
+def _indices(path: Path, count: int) -> np.ndarray:
+    try:
+        idx = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Cannot read test-image indices from {path}: {exc}") from exc
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or len(idx) == 0 or idx.min() < 0 or idx.max() >= count:
+        raise InputError(f"{path} holds {idx.dtype} of shape {idx.shape}; expected indices into the {count:,} test "
+                         "images (a 1-D integer array)")
+    return idx
 
 
 def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int | None, data: str | None,
-                 accept: bool) -> Job:
+                 accept: bool, images: str | None = None) -> Job:
     folder = Path(build_dir)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -308,13 +336,19 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
         raise InputError(f"Target {profile['name']!r} runs ONNX Runtime; use DEVICE=qemu or DEVICE=ssh://user@host")
     # by default the images the deploy's device check ran, so the baseline it recorded applies
     samples = settings.get("device_samples", profile["device"]["samples"]) if eval_samples is None else eval_samples
-    test = load_dataset("test", data if data is not None else settings.get("data"), hint=Hint(*settings["input_shape"]))
+    splits = load_data(data if data is not None else settings.get("data"), hint=Hint(*settings["input_shape"]))
+    test = splits.test
     idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
+    chosen = Path(images) if images else perf_images(splits.name, settings["input_shape"]) \
+        if dev.kind == "serial" and eval_samples is None else None
+    if chosen is not None:
+        idx = _indices(chosen, len(test.y))
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
     return device_check_job(folder, runtime=profile["runtime"], target=profile["name"], device=dev,
                             thresholds=Thresholds(**profile["thresholds"]), eval_x=x, eval_y=test.y[idx], accept=accept,
                             firmware=profile.get("firmware"), board=board_settings(profile),
-                            cycle_sample=preprocess(test.x[:1], mean=settings["mean"], std=settings["std"])[0])
+                            cycle_sample=preprocess(test.x[:1], mean=settings["mean"], std=settings["std"])[0],
+                            images=f"the test images indexed by {chosen}" if chosen else "")
 
 
 def board_settings(profile: dict) -> dict | None:
@@ -327,12 +361,14 @@ def board_settings(profile: dict) -> dict | None:
 
 
 def regress_all(build_dirs: list[str | Path], *, device: str | None = None, eval_samples: int | None = None,
-                data: str | None = None, accept: bool = False, log=print) -> list[RegressReport]:
+                data: str | None = None, accept: bool = False, images: str | None = None,
+                log=print) -> list[RegressReport]:
     """Regression-test several builds, each on its own board: one after another here, at once on a Ray cluster's
     board farm (RAY_ADDRESS). Each build's `regress.json` and device baselines are written beside it."""
     build_dirs = [check_build(d) for d in build_dirs]
     with writing(*build_dirs):
-        jobs = [_regress_job(d, device=device, eval_samples=eval_samples, data=data, accept=accept) for d in build_dirs]
+        jobs = [_regress_job(d, device=device, eval_samples=eval_samples, data=data, accept=accept, images=images)
+                for d in build_dirs]
         reports = []
         for build_dir, (report, written) in zip(build_dirs, connect().run(jobs, desc="regress", progress=False, log=log),
                                                 strict=True):
