@@ -343,8 +343,9 @@ def add_regress_parsers(sub) -> None:
     p.add_argument("--data", help="the data's path (default: what the deploy used)")
     p.add_argument("--out", help="the build folder (default: build/<profile name>)")
     p.add_argument("--accept", action="store_true", help="record these device outputs as the new baseline")
-    p.add_argument("--images", help="a .npy of test-image indices to run (default on a serial board with a CIFAR-10 "
-                                    "build: MLPerf Tiny's 200 performance images, $MLPERF_TINY_DIR/ic_perf_samples_idxs.npy)")
+    p.add_argument("--images", help="a .npy of test-image indices to run (default on a microcontroller's board, real "
+                                    "or emulated, for a CIFAR-10 build: MLPerf Tiny's 200 performance images, "
+                                    "$MLPERF_TINY_DIR/ic_perf_samples_idxs.npy)")
     p.set_defaults(run=cmd_regress)
     p = sub.add_parser("firmware", help="build a microcontroller build's firmware and run it on the emulated board")
     p.add_argument("--target", default="cortex-m4", help=target_help("cortex-m4", "the build's profile"))

@@ -27,7 +27,8 @@ from targets import Thresholds
 
 BASELINE_DIR = "device_baseline"
 # MLPerf Tiny's 200 CIFAR-10 test images for image classification's performance runs (indices into the test split):
-# what a board regression streams by default for a CIFAR-10 build. MLPERF_TINY_DIR= points at another copy.
+# what a microcontroller's board (real or emulated) streams by default for a CIFAR-10 build. MLPERF_TINY_DIR= points
+# at another copy.
 PERF_IMAGES = "ic_perf_samples_idxs.npy"
 DEFAULT_MLPERF_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "mlperf-tiny"
 ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
@@ -339,8 +340,9 @@ def _regress_job(build_dir: str | Path, *, device: str | None, eval_samples: int
     splits = load_data(data if data is not None else settings.get("data"), hint=Hint(*settings["input_shape"]))
     test = splits.test
     idx = balanced_subset(test.y, samples or None, seed=settings.get("seed", 0))
+    board_run = dev.kind == "serial" or (dev.kind == "qemu" and profile["runtime"] == "tflite-micro")
     chosen = Path(images) if images else perf_images(splits.name, settings["input_shape"]) \
-        if dev.kind == "serial" and eval_samples is None else None
+        if board_run and eval_samples is None else None
     if chosen is not None:
         idx = _indices(chosen, len(test.y))
     x = preprocess(test.x[idx], mean=settings["mean"], std=settings["std"])
