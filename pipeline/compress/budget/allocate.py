@@ -353,7 +353,7 @@ def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budge
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
     then = (f"; the best cheaper option ({nxt.method} {'x'.join(map(str, nxt.ranks))}) costs KL {nxt.kl:.4f}"
             if nxt else "; no cheaper option")
-    timing = (f"; cost {chosen.latency:,.4g} vs {dense.latency:,.4g} dense"
+    timing = (f"; cost {_amount(chosen.latency)} vs {_amount(dense.latency)} dense"
               if chosen.method not in (None, "prune") and chosen.latency is not None and dense.latency else "")
     if chosen.method is None:
         return f"budget {budget}: kept dense{then}"
@@ -362,3 +362,8 @@ def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budge
     what = f"keeps {chosen.ranks[0]} channels, " if chosen.method == "prune" else ""
     return (f"budget {budget}: {what}KL {chosen.kl:.4f}, agreement {chosen.agreement:.1%} on held-out images"
             f"{saved}{timing}{then}")
+
+
+def _amount(value: float) -> str:
+    """A cost as a reader takes it: cycles as whole numbers with separators, milliseconds to four figures."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
