@@ -31,3 +31,51 @@ def test_serial_devices_parse_to_their_port():
     board = parse_device("serial:///dev/ttyACM0")
     assert (board.kind, board.url, board.key) == ("serial", "/dev/ttyACM0", "serial-dev-ttyACM0")
     assert parse_device("socket://127.0.0.1:4444").url == "socket://127.0.0.1:4444"
+
+
+class ScriptedBoard:
+    """A local socket that answers the protocol as a board whose firmware restarts during chosen `infer`
+    commands: what the client does on a real board that resets (the issue's "host client on a local socket")."""
+
+    def __init__(self, model: str, resets: int):
+        import socket
+        import threading
+
+        self.model, self.resets, self.server = model, resets, socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.url = f"socket://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        connection, _ = self.server.accept()
+        pending = b""
+        while True:
+            data = connection.recv(4096)
+            if not data:
+                return
+            pending += data
+            while b"%" in pending:
+                command, pending = pending.split(b"%", 1)
+                connection.sendall(self._answer(command.decode()).encode())
+
+    def _answer(self, command: str) -> str:
+        if command == "profile":
+            return f"m-profile-[x]\r\nm-model-[{self.model}]\r\nm-ready\r\n"
+        if command.startswith("infer"):
+            if self.resets:
+                self.resets -= 1
+                return "m-init-done\r\nm-ready\r\n"
+            return "m-lap-us-0\r\nm-lap-us-0\r\nm-results-[0.5,0.25]\r\nm-results-int8-[3,-4]\r\nm-ready\r\n"
+        return "m-ready\r\n"
+
+
+def test_a_board_that_restarts_gets_the_image_again_once_then_a_clear_error():
+    from pipeline.device.serial_protocol import run_benchmark
+    from pipeline.errors import DeviceError
+
+    x = np.zeros((2, 4, 4, 3), np.int8)
+    run = run_benchmark(ScriptedBoard("a" * 64, resets=1).url, x, model_sha256="a" * 64)
+    assert run.outputs.tolist() == [[3, -4], [3, -4]]
+    with pytest.raises(DeviceError, match=r"reset twice on image 0: .*reset during 'infer 1 0'"):
+        run_benchmark(ScriptedBoard("a" * 64, resets=2).url, x, model_sha256="a" * 64)
