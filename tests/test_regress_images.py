@@ -1,5 +1,6 @@
-"""Which test images a board regression streams: MLPerf Tiny's performance images for a CIFAR-10 build, or the
-indices a user gives, checked."""
+"""A board regression's host side without a board: which test images it streams (MLPerf Tiny's performance images
+for a CIFAR-10 build, or the indices a user gives, checked), the serial devices it parses, and what the client does
+when a board restarts."""
 
 import numpy as np
 import pytest
