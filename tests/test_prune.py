@@ -350,7 +350,7 @@ def test_an_arena_budget_counts_tflite_micros_records_on_microcontrollers_only()
 
 def test_the_operators_between_the_layers_move_what_the_cuts_leave_them():
     """The add reads two 16x8x8 tensors and writes one; the pool reads 24x8x8 and writes 24; the flatten 24 and 24:
-    what the pricing's cycles for them scale with."""
+    what the pricing's cycles for them scale with. The layers' own edges scale with every group."""
     net = tiny()
     groups, _ = channel_groups(net, SHAPE, last_layer="fc")
     line = timeline(net, SHAPE, out_group={n: g.name for g in groups for n in g.producers + g.depthwise},
@@ -359,6 +359,10 @@ def test_the_operators_between_the_layers_move_what_the_cuts_leave_them():
     assert line.moved({"stem": 8}) == line.moved() - 3 * 512  # only the add carries the stem's channels
     assert line.moved({"conv1": 4, "expand": 8}) == line.moved()  # a block's inner channels reach no such operator
     assert line.moved({"project": 8}) == 3 * 1024 + (512 + 8) + 2 * 8
+    # stem 192 in, 1024 out; conv1 and conv2 1024 each way; expand 1024 in, 2048 out; dw 2048 each way;
+    # project 2048 in, 1536 out; fc 24 in, 5 out
+    assert line.layer_io() == 192 + 1024 + 4 * 1024 + 1024 + 2048 + 2 * 2048 + 2048 + 1536 + 24 + 5
+    assert line.layer_io({"conv1": 8}) == line.layer_io() - 2 * 512  # conv1's output, conv2's input
 
 
 @pytest.mark.firmware
@@ -385,6 +389,7 @@ def test_a_cut_models_cycles_on_the_board_include_the_operators_between_the_laye
     menu = check_budget(spec, profile.decomposition, cost)
     pricing = menu.pricing
     assert pricing.between_rate > 0  # the M4 spends cycles per element an add or a mean moves
+    assert abs(pricing.io_rate) < 0.05 * pricing.between_rate  # its layers' tables are int8 in and out, as in the model
     smallest = {}
     for c in menu.skeleton:
         if c.method == "prune" and (c.layer not in smallest or c.ranks[0] < smallest[c.layer].ranks[0]):
@@ -392,9 +397,10 @@ def test_a_cut_models_cycles_on_the_board_include_the_operators_between_the_laye
     keep = {u.removeprefix(unit_name("")): c.ranks[0] for u, c in smallest.items()}
     measured = cost.model(prune(spec.module, shape, keep)[0], shape)
     predicted = pricing(smallest)["cycles"]
-    rate, pricing.between_rate = pricing.between_rate, 0.0
+    rates = pricing.between_rate, pricing.io_rate
+    pricing.between_rate = pricing.io_rate = 0.0
     layers_alone = pricing(smallest)["cycles"]
-    pricing.between_rate = rate
+    pricing.between_rate, pricing.io_rate = rates
     dense = menu.totals["cycles"]  # budgets are fractions of it: measured 0.246, predicted 0.240, tables alone 0.375
     assert abs(predicted - measured) <= 0.01 * dense, (predicted, measured, layers_alone, dense)
     assert abs(layers_alone - measured) > 0.1 * dense

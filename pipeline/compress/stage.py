@@ -13,7 +13,7 @@ from calib import Dataset, preprocess, split_training
 from pipeline.compress.budget.allocate import allocate, check_reachable, jointly_reachable
 from pipeline.compress.budget.arena import timeline
 from pipeline.compress.budget.macs import count, totals
-from pipeline.compress.budget.menu import fit_between_rate, middle_cuts, pricing_for
+from pipeline.compress.budget.menu import fit_rates, middle_cuts, pricing_for
 from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skeleton_candidates
 from pipeline.compress.cuts import apply_cuts, split_choices, uniform_cuts, with_cuts
 from pipeline.compress.decompose import collapse, decompose
@@ -196,14 +196,19 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
 
 
 def _fit_between(spec: ModelSpec, pricing, skeleton: list, cost: LayerCost) -> None:
-    """The pricing's rate for the operators between the layers, from the model with every group at its middle cut
-    measured whole on the board's estimate (one more count, cached like the dense model's)."""
+    """The pricing's rates for what the layers' tables miss (see `fit_rates`), from the model with every group at its
+    middle cut and, where some groups reach no operator between the layers, with only those cut: one or two more
+    whole-model counts on the board's estimate, cached like the dense model's."""
     middle = middle_cuts(skeleton)
     if not middle:
         return
-    keep = {unit.removeprefix(unit_name("")): c.ranks[0] for unit, c in middle.items()}
-    measured = cost.model(prune(spec.module, spec.input_shape, keep)[0], spec.input_shape)
-    fit_between_rate(pricing, middle, measured=measured)
+    line = pricing.timeline
+    inner = {u: c for u, c in middle.items() if line.moved({u.removeprefix(unit_name("")): c.ranks[0]}) == line.moved()}
+    measured = []
+    for selection in [middle] + ([inner] if inner and len(inner) < len(middle) else []):
+        keep = {unit.removeprefix(unit_name("")): c.ranks[0] for unit, c in selection.items()}
+        measured.append((selection, cost.model(prune(spec.module, spec.input_shape, keep)[0], spec.input_shape)))
+    fit_rates(pricing, measured)
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
@@ -229,7 +234,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
                           latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
                           totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()},
-                          between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0)
+                          between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0,
+                          layer_edge_cycles_per_element=round(pricing.io_rate, 3) if pricing is not None else 0.0)
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")

@@ -90,6 +90,13 @@ class Timeline:
                 total += _cut(source, keep) + _cut(Tensor(step.pad, source.group, source.channels), keep)
         return total
 
+    def layer_io(self, keep: dict[str, int] | None = None) -> int:
+        """Elements the conv and linear layers read and write with groups cut to `keep`: what a layer timed alone
+        also pays for at its edges (on ONNX Runtime, quantizing its float input and dequantizing its output)."""
+        keep = keep or {}
+        return sum(_cut(self.tensors[s.inputs[0]], keep) + _cut(self.tensors[s.output], keep) for s in self.steps
+                   if s.layer is not None)
+
     def _buffers(self, keep: dict[str, int], chains: dict[str, list[int]]):
         """(size, first use, last use) of every buffer, and each layer's span of operator steps."""
         sizes = [_cut(t, keep) for t in self.tensors]

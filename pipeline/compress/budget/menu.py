@@ -3,17 +3,19 @@ channel groups change the shapes of the layers they touch.
 
 Every layer a group touches is priced at each shape the groups can give it (input and output channels kept): MACs
 and parameters counted on the shape, cycles measured on it by the target's layer cost (the same emulated-board
-tables as the factorisations'). The operators between the layers (adds, pools, means, pads) shrink with the cuts
-too, and no layer table prices them: `between_rate` does, in cycles per element they move, fitted once per model
-on one cut model measured whole (`fit_between_rate`). Measured on ResNet-8 at its smallest and largest cuts, the
-prediction is within 0.0002 of the dense cycles on the M4 (the tables alone: 0.071 high) and 0.013 on the A72 (the
-tables alone: 0.19 low, since each layer timed alone also quantizes its float input and dequantizes its output, which
-the whole int8 graph does not, so the rate comes out negative there: a fitted correction, not a kernel's cost).
+tables as the factorisations'). Two things the tables miss are fitted once per model on cut models measured whole
+(`fit_rates`): the operators between the layers (adds, pools, means, pads), which shrink with the cuts and which no
+table prices (`between_rate`, cycles per element they move), and what a layer timed alone pays at its edges and the
+whole model does not (`io_rate`, per element a layer reads or writes: on ONNX Runtime each layer alone quantizes its
+float input and dequantizes its output, so the tables promise a cut more than it saves and the rate is negative).
+Measured on ResNet-8 at its smallest and largest cuts, the prediction is within 0.0002 of the dense cycles on the M4
+(the tables alone: 0.071 high) and 0.013 on the A72 (the tables alone: 0.19 low).
 """
 
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from pipeline.compress.budget.arena import Timeline, chain_intermediates, persistent_bytes
@@ -62,7 +64,8 @@ class Pricing:
         self.touching = {unit_name(g.name): tuple(n for n, s in layers.items() if g.name in (s.in_group, s.out_group))
                          for g in groups}
         self.timeline, self.chains, self.persistent = timeline, chains or {}, persistent or {}
-        self.between_rate = 0.0  # cycles per element the operators between the layers move (see fit_between_rate)
+        self.between_rate = 0.0  # cycles per element the operators between the layers move (see fit_rates)
+        self.io_rate = 0.0  # cycles per element a layer reads or writes that its table alone gets wrong (see fit_rates)
 
     def _kept(self, selection, group: str | None, full: int) -> int:
         if group is None:
@@ -114,10 +117,12 @@ class Pricing:
         return found
 
     def _between(self, selection) -> float:
-        """Cycles of the operators between the layers under the selection's cuts (0 where no rate was fitted)."""
-        if not self.between_rate or self.timeline is None:
+        """Cycles the layers' tables miss under the selection's cuts (0 where no rate was fitted): the operators
+        between the layers, and the layers' edges."""
+        if not (self.between_rate or self.io_rate) or self.timeline is None:
             return 0.0
-        return self.between_rate * self.timeline.moved(self._shapes(selection)[0])
+        keep = self._shapes(selection)[0]
+        return self.between_rate * self.timeline.moved(keep) + self.io_rate * self.timeline.layer_io(keep)
 
     def conflicts(self, selection, name: str, option) -> list[str]:
         """The units that cannot keep their option when `name` takes `option`: a layer is not both cut and factored
@@ -218,14 +223,25 @@ def middle_cuts(candidates: list[Candidate]) -> dict[str, Candidate]:
     return {unit: sorted(cuts, key=lambda c: c.ranks[0])[len(cuts) // 2] for unit, cuts in offered.items()}
 
 
-def fit_between_rate(pricing: Pricing, selection: dict[str, Candidate], *, measured: float) -> float:
-    """Cycles per element moved by the operators between the layers, from one cut model (`selection`, cuts only)
-    whose whole int8 model the board's estimate `measured`: what that figure shows beyond the layers' own tables,
-    spread over the elements the cuts took from the adds, pools and pads (negative where the layers' tables
-    over-count what a cut saves). Sets it on `pricing` and returns it (0 where the cuts move no such element)."""
-    pricing.between_rate = 0.0
-    moved = pricing.timeline.moved(pricing._shapes(selection)[0]) - pricing.timeline.moved({}) \
-        if pricing.timeline is not None else 0
-    if moved:
-        pricing.between_rate = (measured - pricing(selection)["cycles"]) / moved
-    return pricing.between_rate
+def fit_rates(pricing: Pricing, measured: list[tuple[dict[str, Candidate], float]]) -> tuple[float, float]:
+    """The pricing's `between_rate` and `io_rate` from cut models measured whole (`selection` of cuts, the board's
+    estimate of the whole int8 model): least squares of what each measurement shows beyond the layers' tables on the
+    elements the cuts took from the operators between the layers and from the layers' edges. A rate no measurement
+    can tell apart stays 0 (a model whose cuts reach no add has no between rate). Sets both and returns them."""
+    pricing.between_rate = pricing.io_rate = 0.0
+    if pricing.timeline is None or not measured:
+        return 0.0, 0.0
+    line, rows, residuals = pricing.timeline, [], []
+    for selection, cycles in measured:
+        keep = pricing._shapes(selection)[0]
+        rows.append([line.moved(keep) - line.moved({}), line.layer_io(keep) - line.layer_io({})])
+        residuals.append(cycles - pricing(selection)["cycles"])
+    a = np.array(rows, dtype=float)
+    used = [j for j in range(2) if a[:, j].any()]
+    if len(used) == 2 and np.linalg.matrix_rank(a) < 2:
+        used = [0]  # one mix of both: the operators between the layers take it, as the larger effect on every core
+    if used:
+        rates = np.linalg.lstsq(a[:, used], np.array(residuals), rcond=None)[0]
+        for j, rate in zip(used, rates, strict=True):
+            setattr(pricing, ("between_rate", "io_rate")[j], float(rate))
+    return pricing.between_rate, pricing.io_rate
