@@ -197,10 +197,10 @@ def benchmark_images(folder: Path, *, cpu: str, root: Path, board: str = "", bau
                              baud=baud, flash_bytes=flash_bytes, ram_bytes=ram_bytes)
         (folder / "memory.ld").write_text(_memory_ld(chosen, flash_bytes, ram_bytes))
         lines += rebuild_lines(folder, board=chosen, cpu=cpu, root=root, library=library, baud=baud, elf="board.elf")
-    script = folder / "build.sh"
-    if script.is_file():  # the measuring harness's script: the benchmark images are rebuilt after it
-        script.write_text(script.read_text() + "\n".join(lines) + "\n")
         found["board"] = {"name": board, "elf": elf.name, "vector_table": hex(vector_table(elf)), "baud": baud,
                           "flash_capacity_bytes": flash_bytes or chosen.flash[1],
                           "ram_capacity_bytes": ram_bytes or chosen.ram[1], **size(elf)}
+    script = folder / "build.sh"
+    if script.is_file():  # the measuring harness's script: the benchmark images are rebuilt after it
+        script.write_text(script.read_text() + "\n".join(lines) + "\n")
     return found
