@@ -12,7 +12,8 @@ comma := ,
 # The model's input when it does not say: INPUT_SHAPE=1x49x10 MEAN=0.5 STD=0.25 (or one value per channel,
 # MEAN=0.49,0.48,0.45). EXCLUDE= (even empty) replaces the rule that keeps the stem and classifier dense.
 MODEL_ARGS = $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(INPUT_SHAPE),--input-shape $(INPUT_SHAPE)) \
-	$(if $(MEAN),--mean $(subst $(comma), ,$(MEAN))) $(if $(STD),--std $(subst $(comma), ,$(STD)))
+	$(if $(MEAN),--mean $(subst $(comma), ,$(MEAN))) $(if $(STD),--std $(subst $(comma), ,$(STD))) \
+	$(if $(SIGNATURE),--signature $(SIGNATURE))
 
 # Overrides passed to the CLI only when set, so the target profile's values stand otherwise.
 DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
@@ -23,7 +24,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
 	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup setup-cluster setup-board deploy bench mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster setup-board setup-tf deploy bench mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -81,6 +82,16 @@ train: setup
 # The optional Ray extra: RAY_ADDRESS=auto (or a head's host:port) then spreads sweeps, grids and device checks.
 setup-cluster: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,cluster]'
+
+# TensorFlow and tf2onnx in their own environment (.venv-tf), never the main install: MODEL=model.keras, model.h5,
+# saved_model_dir/ or model.tflite are converted there (pipeline/zoo/tf_convert.py). About 1.6 GB.
+TF_VENV := .venv-tf
+setup-tf: $(TF_VENV)/.installed-stamp
+
+$(TF_VENV)/.installed-stamp: pipeline/zoo/tf-requirements.txt
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r pipeline/zoo/tf-requirements.txt
+	touch $@
 
 # pyOCD, which `make flash` programs boards with (the optional `board` extra).
 setup-board: setup

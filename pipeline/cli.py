@@ -56,11 +56,13 @@ def _add_model_flags(p) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a zoo model ({known_models()}), package.module:callable, path/to/file.py:callable "
-                        f"or path/to/model.onnx (default: {DEFAULT_MODEL})")
+                        f"path/to/model.onnx, model.keras, model.h5, saved_model_dir/ or a float model.tflite (default: "
+                        f"{DEFAULT_MODEL})")
     p.add_argument("--weights", help="state-dict checkpoint (default: the zoo's; an ONNX file holds its own)")
     p.add_argument("--input-shape", help="C x H x W of one sample, e.g. 1x49x10 (default: the model's input_shape)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean, or one for all (default: the model's)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std, or one for all (default: the model's)")
+    p.add_argument("--signature", help="a SavedModel's serving function, where it has several")
 
 
 def _model(args, *, pretrained: bool = True):
@@ -68,7 +70,7 @@ def _model(args, *, pretrained: bool = True):
 
     return load_model(args.model, getattr(args, "weights", None), pretrained=pretrained,
                       input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                      mean=args.mean, std=args.std)
+                      mean=args.mean, std=args.std, signature=args.signature)
 
 
 def _hint(spec):
@@ -175,8 +177,8 @@ def cmd_deploy(args) -> int:
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
                     budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                    mean=args.mean, std=args.std, device=args.device, out=args.out, torch_device=args.torch_device,
-                    progress=not args.quiet)
+                    mean=args.mean, std=args.std, signature=args.signature, device=args.device, out=args.out,
+                    torch_device=args.torch_device, progress=not args.quiet)
     out = build_folder(load_target(args.target).name, args.out)
     print()
     print(report.summary_table())

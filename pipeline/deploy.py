@@ -1,6 +1,7 @@
 """Deploy orchestration: the only place that knows the order of the stages (`STAGES`).
 
-compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> board cycles
+compress -> export (export, simplify, quantize) -> convert (the runtime's format) -> measure -> a TensorFlow file's
+own top-1 on the same images -> board cycles
 (ARM Linux boards: the ONNX variants in the emulated Pi) -> time on a board (DEVICE=ssh://...) -> emit -> firmware
 (microcontrollers, with their board cycles) -> device check -> report -> manifest. Each stage is a function of the `Build` it fills in. The build is
 assembled in a staging folder beside the output and swapped in only when complete, so a failure or Ctrl-C
@@ -52,6 +53,7 @@ from pipeline.tflm.measure import measure_tflite
 from pipeline.tflm.on_board import firmware_for_build
 from pipeline.util import staging_beside, swap_in
 from pipeline.zoo import ModelSpec, load_model
+from pipeline.zoo.tensorflow_model import check_original, is_tensorflow_model
 from targets import Memory, TargetProfile, load_target
 from targets.budget import parse_budget
 
@@ -87,6 +89,7 @@ class Build:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # where factoring made a cost worse: reported, not failed
     device: dict | None = None
+    dense_logits: np.ndarray | None = None  # dense fp32 on the evaluation images
     report: DeployReport | None = None
     reports: list[Path] = field(default_factory=list)
 
@@ -153,6 +156,8 @@ def export_models(build: Build) -> None:
                      quantization=build.profile.quantization)
         build.onnx.update({f"{name}_fp32": pair.fp32, f"{name}_int8": pair.int8})
         build.notes += [f"{name}: {note}" for note in pair.notes]
+        if source and "tensorflow" in source:  # the build keeps what the original file was converted to
+            shutil.copyfile(source["onnx"], build.baseline / "converted.onnx")
         if source:
             build.notes.append(f"dense: the torch module read from it (factored and fine-tuned from there) matches "
                                f"ONNX Runtime on the file to {source['max_abs_diff']:.2g} (max abs, opset "
@@ -171,6 +176,7 @@ def measure_variants(build: Build) -> None:
         measure = runtime.measure_int8 if name.endswith("int8") else _measure_ort
         build.variants[name], logits = measure(build, name, reference)
         reference = logits if reference is None else reference
+    build.dense_logits = reference
     details = build.variants["factored_int8"].details
     drop = build.variants["dense_fp32"].top1 - build.variants["factored_int8"].top1
     build.failures += [f"threshold missed: {f}" for f in build.profile.thresholds.failures(
@@ -179,6 +185,19 @@ def measure_variants(build: Build) -> None:
     if "arena_bytes" in details:
         check_memory(build.profile.memory, arena=arena_with_margin(details["arena_bytes"], build.profile.memory.arena_margin),
                      flash=details["flash_bytes"], largest=details["largest_tensors"], target=build.profile.name)
+
+
+def check_original_file(build: Build) -> None:
+    """A Keras, SavedModel or TFLite file: its own top-1 in TensorFlow on the same images equals the baseline's."""
+    source = build.spec.source or {}
+    if "tensorflow" not in source:
+        return
+    _stage(f"run the original {source['format']} file on the {len(build.eval_y)} test images")
+    note, failure = check_original(source, build.eval_x, build.eval_y, dense_logits=build.dense_logits,
+                                   mean=build.spec.mean, std=build.spec.std,
+                                   normalised_inside=source["normalised_inside"])
+    build.notes.append(note)
+    build.failures += [failure] if failure else []
 
 
 def set_board_estimate(build: Build, name: str, figures: dict) -> None:
@@ -329,6 +348,7 @@ def write_build_manifest(build: Build) -> None:
 
 
 STAGES: tuple[Callable[[Build], None], ...] = (compress_model, export_models, convert_models, measure_variants,
+                                               check_original_file,
                                                estimate_board_cycles, time_on_board, emit_artefacts, build_firmware,
                                                check_device, compare_with_dense, write_report, write_build_manifest)
 
@@ -453,7 +473,8 @@ def default_budget(budget: str | None, *, method: str | None, rank: str | None, 
 def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
-           input_shape: tuple[int, int, int] | None = None, mean=None, std=None, device: str | None = None,
+           input_shape: tuple[int, int, int] | None = None, mean=None, std=None, signature: str | None = None,
+           device: str | None = None,
            out: str | os.PathLike | None = None, torch_device: str | None = None,
            progress: bool = True) -> DeployReport:
     """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`),
@@ -485,20 +506,22 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     with writing(out):
         return _deploy(profile, board if device is not None else None, model=model, weights=weights, data=data,
                        samples=samples, device_samples=profile.device.samples if eval_samples is None else samples,
-                       input_shape=input_shape, mean=mean, std=std, out=out, progress=progress, started=started)
+                       input_shape=input_shape, mean=mean, std=std, signature=signature, out=out, progress=progress,
+                       started=started)
 
 
 def run_inputs(target: str, model: str, weights: str | None, data: str | None) -> list[str | None]:
     """The user's files a run reads, which its output folder must not hold."""
-    source = model.rsplit(":", 1)[0]
-    return [target if target.endswith(".toml") else None, source if source.endswith((".py", ".onnx")) else None,
+    source = model if is_tensorflow_model(model) else model.rsplit(":", 1)[0]
+    return [target if target.endswith(".toml") else None,
+            source if source.endswith((".py", ".onnx")) or is_tensorflow_model(source) else None,
             weights, data]
 
 
 def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, data, samples, device_samples,
-            input_shape, mean, std, out: Path, progress: bool, started: float) -> DeployReport:
+            input_shape, mean, std, signature, out: Path, progress: bool, started: float) -> DeployReport:
     torch.manual_seed(SEED)
-    spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std)
+    spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std, signature=signature)
     splits = load_data(data, hint=Hint(*spec.input_shape))
     splits.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=model)
     eval_idx = balanced_subset(splits.test.y, samples or None, seed=SEED)

@@ -18,6 +18,23 @@ def cifar_dir() -> Path:
     return CIFAR10
 
 
+@pytest.fixture(scope="session")
+def cifar_small(cifar_dir, tmp_path_factory) -> Path:
+    """A class-balanced CIFAR-10 subset as one .npz (5,000 training, 1,000 test images): for tests of what a run
+    records, not of how accurate it gets, where fine-tuning on 50,000 images only costs minutes."""
+    import numpy as np
+
+    from calib import balanced_subset, load_data
+
+    splits = load_data(str(cifar_dir))
+    train = balanced_subset(splits.train.y, 5000, seed=0)
+    test = balanced_subset(splits.test.y, 1000, seed=0)
+    path = tmp_path_factory.mktemp("cifar_small") / "cifar_small.npz"
+    np.savez(path, x_train=splits.train.x[train], y_train=splits.train.y[train], x_test=splits.test.x[test],
+             y_test=splits.test.y[test])
+    return path
+
+
 def _checkpoint(name: str) -> Path:
     path = RESNETS / name
     if not path.is_file():

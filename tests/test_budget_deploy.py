@@ -61,11 +61,11 @@ def test_a_second_budget_reuses_the_sensitivities(budgeted, tmp_path, cifar_dir,
     assert report["variants"]["factored_int8"]["macs"] <= 0.97 * report["variants"]["dense_fp32"]["macs"]
 
 
-def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_path, cifar_dir):
+def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_path, cifar_small):
     profile = tmp_path / "steps.toml"
     profile.write_text('name = "steps"\ndescription = "seednet by steps"\nruntime = "onnxruntime"\n'
                        "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\nema_decay = 0.99\n")
-    assert main(["deploy", *SEEDNET, "--target", str(profile), "--data", str(cifar_dir), "--eval-samples", "100", "--budget", "0.8",
+    assert main(["deploy", *SEEDNET, "--target", str(profile), "--data", str(cifar_small), "--eval-samples", "100", "--budget", "0.8",
                  "--finetune-epochs", "2", "--out", str(tmp_path / "d"), "--quiet"]) in (0, 1)
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     tuned, seconds = report["decomposition"]["finetune"], report["decomposition"]["steps_seconds"]
@@ -76,11 +76,11 @@ def test_gradual_compression_through_the_deploy_is_recorded_and_reported(tmp_pat
     assert "BatchNorm reestimate, adamw, weights averaged with decay 0.99) by steps: macs:0.9 for 1 epochs" in text
 
 
-def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains(tmp_path, cifar_dir):
+def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains(tmp_path, cifar_small):
     profile = tmp_path / "steps.toml"
     profile.write_text('name = "steps"\ndescription = "seednet by steps"\nruntime = "onnxruntime"\n'
                        "[decomposition]\ngradual = [0.9]\n[finetune]\nstep_epochs = 1\n")
-    run = dict(models=("seednet",), budgets=(0.8,), epochs=2, targets=(str(profile),), data=str(cifar_dir),
+    run = dict(models=("seednet",), budgets=(0.8,), epochs=2, targets=(str(profile),), data=str(cifar_small),
                eval_samples=200, out=str(tmp_path / "bench"), latency_rounds=1, log=lambda *_: None)
     first = json.loads(bench(**run).read_text())
     again = json.loads(bench(**run).read_text())  # from bench/work: the one-shot and tuned models differ in shape
@@ -89,8 +89,8 @@ def test_a_gradual_bench_point_is_kept_and_read_back_with_each_models_own_chains
     assert top1(again) == top1(first) and set(top1(first)) >= {"b0.8_oneshot_int8", "b0.8_finetuned_int8"}
 
 
-def test_bench_writes_results_report_and_plot(tmp_path, cifar_dir):
-    path = bench(models=("seednet",), budgets=(0.95,), epochs=1, data=str(cifar_dir), eval_samples=300,
+def test_bench_writes_results_report_and_plot(tmp_path, cifar_small):
+    path = bench(models=("seednet",), budgets=(0.95,), epochs=1, data=str(cifar_small), eval_samples=300,
                  out=str(tmp_path / "bench"), latency_rounds=2, log=lambda *_: None)
     results = json.loads(path.read_text())
     rows = {r["variant"]: r for r in results["models"][0]["rows"]}

@@ -3,6 +3,7 @@ build; two deploys with the same inputs give byte-identical artefacts."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,24 +111,35 @@ def builds(tmp_path_factory, cifar_dir):
     return root
 
 
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("target", ["rpi4", "cortex-m4"])
-@pytest.mark.parametrize("stage", [stage.__name__ for stage in deploy_module.STAGES])
-def test_ctrl_c_after_any_stage_keeps_the_previous_build(builds, target, stage, monkeypatch, cifar_dir):
+@pytest.mark.parametrize("last", ["compress_model", "write_build_manifest"])
+def test_ctrl_c_after_any_stage_keeps_the_previous_build(builds, target, last, monkeypatch, cifar_dir):
+    """Every stage runs, the earlier build untouched after each (they write only into the staging folder); Ctrl-C
+    after `last` (the first or the last stage: the cleanup is one `finally` for all) leaves it as it was, and no
+    staging folder or temporary file behind."""
     out = builds / target
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = _files(out)
+    ran = []
 
-    def interrupted(real):
-        def then_interrupt(build):
-            real(build)  # the stage runs and writes its files, then the user presses Ctrl-C
-            raise KeyboardInterrupt
-        return then_interrupt
+    def checked(real):
+        def stage_then_check(build):
+            real(build)
+            ran.append(real.__name__)
+            assert _files(out) == before, f"{real.__name__} wrote into the previous build"
+            if real.__name__ == last:
+                raise KeyboardInterrupt  # the user presses Ctrl-C
+        return stage_then_check
 
-    monkeypatch.setattr(deploy_module, "STAGES", tuple(interrupted(s) if s.__name__ == stage else s
-                                                       for s in deploy_module.STAGES))
-    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", target, "--data", str(cifar_dir), "--eval-samples", "50", "--out", str(out),
-                 "--quiet"]) == 130
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert after == before
+    stages = [s.__name__ for s in deploy_module.STAGES]
+    monkeypatch.setattr(deploy_module, "STAGES", tuple(checked(s) for s in deploy_module.STAGES))
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", target, "--data", str(cifar_dir), "--eval-samples", "50",
+                 "--out", str(out), "--quiet"]) == 130
+    assert ran == stages[:stages.index(last) + 1]
+    assert _files(out) == before
     assert sorted(p.name for p in builds.iterdir()) == ["cortex-m4", "rpi4"]  # no staging or old folders
     assert not [p for p in builds.rglob("*") if p.name.endswith(".tmp")]
 

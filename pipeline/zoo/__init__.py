@@ -1,7 +1,9 @@
 """The model zoo: named networks with their input shape, normalisation, class names and reference weights.
 
 A model is also accepted as an ONNX file (`path/to/model.onnx`): it is read into a torch module whose convs are
-`nn.Conv2d` (see `pipeline.zoo.onnx_model`), its input shape from the graph, its weights from the file.
+`nn.Conv2d` (see `pipeline.zoo.onnx_model`), its input shape from the graph, its weights from the file; and as a
+Keras file (.keras, .h5), a SavedModel folder or a float .tflite, converted to ONNX by tf2onnx in the TensorFlow
+environment (`pipeline.zoo.tensorflow_model`).
 
 A model is also accepted as `package.module:callable` or `path/to/file.py:callable` (returning an `nn.Module`)
 plus a state-dict checkpoint; the working directory is importable, as it is for `python -m`. Its input shape,
@@ -10,6 +12,7 @@ from overrides (INPUT_SHAPE=, MEAN=, STD= in make). Checkpoints are untrusted in
 `torch.load(..., weights_only=True)`.
 """
 
+import dataclasses
 import glob
 import importlib
 import importlib.util
@@ -27,6 +30,7 @@ from calib.formats import CIFAR10_CLASSES, FASHION_CLASSES
 from pipeline.errors import InputError, unknown
 from pipeline.util import sha256_file
 from pipeline.zoo.nets import CifarResNet, SeedNet
+from pipeline.zoo.tensorflow_model import is_tensorflow_model
 from pipeline.zoo.tiny import DSCNN, FashionNet, MobileNetV1, ResNet8
 
 # MLPerf Tiny keyword spotting: ten Speech Commands words, then silence and unknown, in the reference's order
@@ -201,14 +205,18 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def load_model(name: str, weights: str | os.PathLike | None = None, *, pretrained: bool = True,
                input_shape: Sequence[int] | None = None, mean: Sequence[float] | float | None = None,
-               std: Sequence[float] | float | None = None, class_names: Sequence[str] | None = None) -> ModelSpec:
+               std: Sequence[float] | float | None = None, class_names: Sequence[str] | None = None,
+               signature: str | None = None) -> ModelSpec:
     """Build a zoo model (or a user's `module:callable`) and load its weights.
 
     Overrides win over the module's attributes and the zoo's values. `pretrained=False` returns freshly
-    initialised weights (for training and tests).
+    initialised weights (for training and tests). `signature` picks a SavedModel's serving function.
     """
     if name.endswith(".onnx"):
         return _load_onnx(name, weights, input_shape=input_shape, mean=mean, std=std, class_names=class_names)
+    if is_tensorflow_model(name):
+        return _load_tensorflow(name, weights, signature=signature, input_shape=input_shape, mean=mean, std=std,
+                                class_names=class_names)
     if ":" in name:
         factory = _import_callable(name)
         try:
@@ -242,7 +250,8 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
                 raise InputError(f"Model {name!r} has no reference weights here: pass WEIGHTS={entry.weights_hint} "
                                  + entry.about)
     else:
-        raise unknown("model", name, [*ZOO, "package.module:callable", "path/to/file.py:callable", "path/to/model.onnx"])
+        raise unknown("model", name, [*ZOO, "package.module:callable", "path/to/file.py:callable", "path/to/model.onnx",
+                                       "model.keras", "model.h5", "saved_model_dir/", "model.tflite (float)"])
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"Model {name!r}: input shape {shape}; expected C x H x W of one sample")
     mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
@@ -253,12 +262,28 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
                     weights_sha256=sha256_file(weights) if pretrained else None)
 
 
-def _load_onnx(name: str, weights, *, input_shape, mean, std, class_names) -> ModelSpec:
+def _load_tensorflow(name: str, weights, *, signature, input_shape, mean, std, class_names) -> ModelSpec:
+    """A Keras, SavedModel or float TFLite file, through its ONNX conversion; `model_source` names the original."""
+    from pipeline.zoo.tensorflow_model import convert
+
+    if weights is not None:
+        raise InputError(f"Model {name!r} holds its own weights; WEIGHTS={weights} is for PyTorch models: leave it out")
+    converted = convert(name, signature=signature)
+    if converted.int8:
+        raise InputError(f"Model {name!r} is a full-int8 TFLite file: it is measured as it is, not compressed; "
+                         f"give its float model (.tflite, .keras, .h5 or SavedModel) to compress")
+    spec = _load_onnx(name, None, input_shape=input_shape, mean=mean, std=std, class_names=class_names,
+                      path=converted.onnx)
+    source = {**spec.source, "onnx_sha256": spec.source["sha256"], **converted.record()}
+    return dataclasses.replace(spec, weights=str(converted.original), weights_sha256=converted.sha256, source=source)
+
+
+def _load_onnx(name: str, weights, *, input_shape, mean, std, class_names, path: Path | None = None) -> ModelSpec:
     """An ONNX classifier: shape from the graph (or INPUT_SHAPE=), weights from the file, normalisation given or
-    inside the graph."""
+    inside the graph. `path`: the file, where `name` is the one it was converted from."""
     from pipeline.zoo.onnx_model import import_onnx  # reads onnx and onnxsim: only when a file is given
 
-    path = Path(name).resolve()
+    path = path or Path(name).resolve()
     if weights is not None and Path(weights).resolve() != path:
         raise InputError(f"Model {name!r} is an ONNX file, which holds its own weights; WEIGHTS={weights} is for "
                          "PyTorch models: leave it out")

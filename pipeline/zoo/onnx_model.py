@@ -120,8 +120,12 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
 
 
 def _normalised_inside(graph: onnx.GraphProto) -> bool:
-    """True when the input's first reader shifts or scales it by constants: the data then arrives unnormalised."""
-    consts = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    """True when the input's first reader shifts or scales it by constants: the data then arrives unnormalised.
+    Read on the file as given: simplification may fold the scale into the first conv."""
+    consts = {i.name for i in graph.initializer}
+    for node in graph.node:  # and what is computed from constants alone (tf2onnx leaves a Keras scale's Cast)
+        if all(i in consts for i in node.input if i):
+            consts.update(node.output)
     readers = [n for n in graph.node if onnx_data_inputs(graph)[0].name in n.input]
     return len(readers) == 1 and readers[0].op_type in ("Sub", "Add", "Mul", "Div") and \
         any(i in consts for i in readers[0].input)
@@ -232,6 +236,6 @@ def import_onnx(path: str | os.PathLike, *, input_shape=None) -> OnnxImport:
         raise InputError(f"Model {str(path)!r}: the converted module differs from ONNX Runtime on the file by "
                          f"{diff:.3g} (expected at most {CHECK_TOLERANCE:g} of the output's scale); first "
                          f"differing node: {_first_difference(fixed, module, fx_names, x)}")
-    return OnnxImport(module=module, input_shape=shape, normalised_inside=_normalised_inside(fixed.graph),
+    return OnnxImport(module=module, input_shape=shape, normalised_inside=_normalised_inside(original.graph),
                       opset=opset, nodes=len(original.graph.node), max_abs_diff=diff)
 
