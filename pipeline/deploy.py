@@ -34,6 +34,7 @@ from pipeline.device.layer_cycles import OnnxLayerCycles
 from pipeline.device.regress import board_settings, device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
 from pipeline.errors import ConfigError, DeviceError, StageError
+from pipeline.measure_int8 import is_int8_tflite, measure_int8_file
 from pipeline.metrics import VariantReport, estimated_on
 from pipeline.onnx.chain import from_onnx_file, to_onnx
 from pipeline.ort.emit import emit_onnxruntime
@@ -477,7 +478,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
            device: str | None = None,
            out: str | os.PathLike | None = None, torch_device: str | None = None,
            progress: bool = True) -> DeployReport:
-    """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`),
+    """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`; an
+    ONNX, Keras, SavedModel or float TFLite file; a full-int8 .tflite is measured as it is: `measure_int8`),
     export, quantize and emit it for `target` (a profile name or a path to a .toml), measure the dense and
     factored variants on `eval_samples` test samples from `data` (any layout of `calib.FORMATS`), and write the
     build to `out` (default `build/<the profile's name>`; refused unless absent, empty or an earlier build).
@@ -503,6 +505,10 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     if samples < 0:
         raise ConfigError(f"EVAL_SAMPLES={samples}; expected 0 (the full test set) or a positive count")
     out = check_output(build_folder(profile.name, out), kind="deploy", inputs=run_inputs(target, model, weights, data))
+    if is_int8_tflite(model):  # nothing to compress: measured as it is
+        with writing(out):
+            return measure_int8_file(profile, model=model, data=data, samples=samples, mean=mean, std=std, out=out,
+                                     progress=progress, started=started)
     with writing(out):
         return _deploy(profile, board if device is not None else None, model=model, weights=weights, data=data,
                        samples=samples, device_samples=profile.device.samples if eval_samples is None else samples,

@@ -10,7 +10,7 @@ PIPELINE = ROOT / "pipeline"
 # the stages in the order deploy runs them: a stage may import an earlier one, never a later one
 STAGES = ("zoo", "compress", "onnx", "ort", "tflm", "device", "report", "bench")
 SHARED = ("errors", "util", "output", "compute", "metrics", "cluster", "cycles", "memory_plan")  # every stage may use these; they import no stage
-ORCHESTRATION = ("deploy", "cli")  # the only modules that know every stage
+ORCHESTRATION = ("deploy", "measure_int8", "cli")  # the only modules that know every stage
 
 
 def imported(path: Path) -> set[str]:

@@ -117,7 +117,7 @@ def test_bad_tensorflow_inputs_are_one_line_each(files, monkeypatch, tmp_path):
     with pytest.raises(InputError, match=r"mixes float operators \(1: FLOOR\) and integer ones \(3: CONV_2D, "
                                          r"FULLY_CONNECTED, MEAN\)"):
         load_model(str(files / "mixed.tflite"), mean=0, std=1)
-    with pytest.raises(InputError, match=r"is a full-int8 TFLite file: it is measured as it is, not compressed"):
+    with pytest.raises(InputError, match=r"is a full-int8 TFLite file: it is measured as it is on a microcontroller target, not compressed"):
         load_model(str(files / "cnn_int8.tflite"), mean=0, std=1)
     with pytest.raises(InputError, match=r"does not exist \(expected .keras, .h5, a SavedModel folder or .tflite\)"):
         load_model(str(files / "absent.h5"), mean=0, std=1)

@@ -60,11 +60,14 @@ class RegressReport:
     failures: tuple[str, ...]
     device_seconds: float
     images: str = ""  # which test images: a class-balanced subset, or the indices of a file
+    reference: str = "dense_fp32"  # what reference_top1 and agreement are taken on: "model.tflite (host TFLM)" for a
+    # .tflite measured as it is, which has no float model
 
     def table(self) -> str:
-        lines = [markdown_table(("", "top-1", "agreement w/ dense_fp32"),
-                                [("dense_fp32 (host)", f"{self.reference_top1:.2%}", "100.00%"),
-                                 ("int8 on host, unfused", f"{self.host_top1:.2%}", "-"),
+        given = self.reference != "dense_fp32"
+        lines = [markdown_table(("", "top-1", f"agreement w/ {self.reference}"),
+                                [(f"{self.reference}{'' if given else ' (host)'}", f"{self.reference_top1:.2%}", "100.00%"),
+                                 *([] if given else [("int8 on host, unfused", f"{self.host_top1:.2%}", "-")]),
                                  (f"int8 on {self.device}", f"{self.device_top1:.2%}", f"{self.agreement:.2%}")])]
         steps = "" if self.host_max_diff_steps is None else f" ({self.host_max_diff_steps:g} quantization steps)"
         lines += [f"\nhost vs device int8: top-1 agreement {self.host_agreement:.2%}, largest output difference "
@@ -176,11 +179,32 @@ def _artefact(runtime: str, device: Device) -> tuple[str, bool]:
     return (BENCHMARK_ELF if on_board and device.kind == "qemu" else ARTEFACT[runtime]), on_board
 
 
+def _references(folder: Path, runtime: str) -> list[str]:
+    """What the device's outputs are held to: the dense fp32 model and the host's int8 model. A .tflite measured as
+    it is (`pipeline.measure_int8`) has neither, and no baseline folder: the host TFLM interpreter on the file
+    itself is then both."""
+    if runtime == "tflite-micro" and not (folder / "baseline").is_dir():
+        return []
+    return [HOST_INT8[runtime], "baseline/dense.fp32.onnx"]
+
+
+def _host_outputs(folder: Path, runtime: str, eval_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the reference's outputs, the host int8 model's) on `eval_x`."""
+    if _references(folder, runtime):
+        return run(session(folder / "baseline/dense.fp32.onnx"), eval_x), \
+            run(reference_session(folder / HOST_INT8[runtime]), eval_x)
+    from pipeline.tflm import interpreter
+
+    model = (folder / ARTEFACT[runtime]).read_bytes()
+    q = interpreter.io_quant(model)
+    host = interpreter.dequantize_output(interpreter.run_tflm(model, interpreter.quantize_input(eval_x, q)), q)
+    return host, host
+
+
 def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) -> list[str]:
     """The build's files a device check reads (relative paths), or an error naming the first one missing."""
     artefact, on_board = _artefact(runtime, device)
-    needed = [artefact, HOST_INT8[runtime], "baseline/dense.fp32.onnx",
-              *([FIRMWARE_ELF, ARTEFACT[runtime]] if on_board else [])]
+    needed = [artefact, *_references(folder, runtime), *([FIRMWARE_ELF, ARTEFACT[runtime]] if on_board else [])]
     for name in needed:
         if not (folder / name).is_file():
             hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if name == artefact and on_board else ""
@@ -211,8 +235,7 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         outputs, seconds, about = run_on_device(device, artefact, eval_x, log=log)
         estimate = board_estimate(runtime, device, artefact, sample=eval_x[0] if cycle_sample is None else cycle_sample,
                                   board=board, log=log)
-    reference = run(session(folder / "baseline/dense.fp32.onnx"), eval_x)
-    host = run(reference_session(folder / HOST_INT8[runtime]), eval_x)
+    reference, host = _host_outputs(folder, runtime, eval_x)
     baseline = _compare_with_baseline(folder / BASELINE_DIR / f"{key}.npz", outputs, artefact_sha=sha256_file(artefact),
                                       inputs_sha=sha256_bytes(np.ascontiguousarray(eval_x).tobytes()), accept=accept,
                                       instructions=instructions,
@@ -233,7 +256,8 @@ def check_on_device(folder: Path, *, runtime: str, target: str, thresholds: Thre
         host_max_diff=float(np.max(np.abs(outputs - host))), baseline=baseline,
         host_max_diff_steps=_in_steps(float(np.max(np.abs(outputs - host))), folder / ARTEFACT[runtime]), thresholds=asdict(thresholds),
         passed=not failures, failures=tuple(failures), device_seconds=round(seconds, 1), instructions=instructions,
-        board=estimate, images=images)
+        board=estimate, images=images,
+        reference="dense_fp32" if _references(folder, runtime) else f"{ARTEFACT[runtime]} (host TFLM)")
 
 
 def _on_microcontroller(folder: Path, device: Device, eval_x: np.ndarray, *, firmware: dict, board: dict,

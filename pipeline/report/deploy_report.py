@@ -52,20 +52,30 @@ class DeployReport:
                 ("int8 in TFLM", "flash B", "arena B", "smallest arena B", "LiteRT top-1", "ORT int8 (QDQ ref.) top-1",
                  "agreement w/ ORT", "max diff (steps)"),
                 [(n, f"{d['flash_bytes']:,}", f"{d['arena_bytes']:,}", f"{d['smallest_arena_bytes']:,}",
-                  f"{d['litert_top1']:.2%}", f"{d['ort_int8_top1']:.2%}", f"{d['ort_agreement']:.2%}",
-                  f"{d['max_output_diff_steps']:g}" + (" (logits)" if d.get("output_diff_on", "output") != "output" else ""))
-                 for n, d in micro.items()])]
+                  f"{d['litert_top1']:.2%}", *_against_onnx(d)) for n, d in micro.items()])]
         board = {n: v.details["firmware"] for n, v in self.variants.items() if "firmware" in v.details}
         if board:
             lines += ["", firmware_table(board)]
         verdict = "PASSED" if self.passed else "FAILED"
-        lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
-                     f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
+        if "factored_int8" in self.variants:
+            lines.append(f"\n{verdict}: factored_int8 top-1 drop vs dense_fp32 {self.top1_drop * 100:+.2f} points "
+                         f"(allowed {self.thresholds['max_top1_drop'] * 100:.2f}) on {self.eval_samples} images")
+        else:  # a file measured as it is: nothing was compressed, so there is no drop to hold it to
+            lines.append(f"\n{verdict}: {', '.join(self.variants)} measured as it is on {self.eval_samples} images")
         lines.extend(f"  - {failure}" for failure in self.failures)
         if self.warnings:
             lines.append(f"WARNING: factoring made {len(self.warnings)} cost(s) worse than dense int8:")
             lines.extend(f"  - {warning}" for warning in self.warnings)
         return "\n".join(lines)
+
+
+def _against_onnx(details: dict) -> tuple[str, str, str]:
+    """The TFLite file against the QDQ ONNX it was converted from; '-' for a file given as it is."""
+    if "ort_int8_top1" not in details:
+        return "-", "-", "-"
+    steps = f"{details['max_output_diff_steps']:g}" + (" (logits)" if details.get("output_diff_on", "output") != "output"
+                                                         else "")
+    return f"{details['ort_int8_top1']:.2%}", f"{details['ort_agreement']:.2%}", steps
 
 
 def _latency_cell(variant: VariantReport) -> str:
@@ -93,7 +103,7 @@ def board_table(variants: dict[str, VariantReport]) -> str:
 
 def _compression_lines(record: dict) -> list[str]:
     """How the plan was reached: the budget allocation and the fine-tuning, when there were any."""
-    lines = []
+    lines = [record["why"]] if record.get("why") else []  # nothing was compressed, and why
     allocation, tuned = record.get("allocation"), record.get("finetune")
     if allocation:
         source = "read from the cache" if allocation["sensitivity"]["cached"] else \
@@ -168,7 +178,9 @@ def firmware_table(board: dict[str, dict]) -> str:
 
 def _firmware_lines(report: DeployReport) -> list[str]:
     """What the firmware figures are, and the most expensive operators of the factored model."""
-    figures = report.variants["factored_int8"].details.get("firmware") if "factored_int8" in report.variants else None
+    shown = next((n for n in ("factored_int8", *report.variants) if n in report.variants
+                  and report.variants[n].details.get("firmware")), None)  # a file measured as it is: its one variant
+    figures = report.variants[shown].details["firmware"] if shown else None
     if not figures:
         return []
     board = figures.get("board")
@@ -188,7 +200,7 @@ def _firmware_lines(report: DeployReport) -> list[str]:
             f"TFLite Micro with CMSIS-NN kernels, built with arm-none-eabi-gcc for {figures['cpu']} and run in "
             "qemu-system-arm with `-icount shift=0`: the instruction counts are the firmware's own, deterministic on any "
             f"host. {what}", "",
-            markdown_table(("operator (factored_int8)", "calls", "MACs", "instructions", *(["est. cycles", "cycles/MAC"]
+            markdown_table((f"operator ({shown})", "calls", "MACs", "instructions", *(["est. cycles", "cycles/MAC"]
                                                                                             if board else []), "share"),
                            [(op, str(s[0]), f"{s[3]:,}" if s[3] else "-", f"{s[1]:,}",
                              *([f"{s[2]:,}", f"{s[2] / s[3]:.2f}" if s[3] else "-"] if board else []),

@@ -6,15 +6,17 @@ from pathlib import Path
 
 from ai_edge_litert import schema_py_generated as tfl
 
-from pipeline.tflm.flatbuffer import builtin_name
+from pipeline.tflm.flatbuffer import opcode_name
 from pipeline.tflm.ops import RESOLVER_CALLS
 from pipeline.util import sha256_bytes, write_bytes, write_text
 
 
 def model_ops(model_bytes: bytes) -> list[str]:
-    """Builtin operator names the model uses, in the order of its opcode table."""
+    """Builtin operator names the model runs, in the order of its opcode table (a converter may list codes no
+    operator uses)."""
     model = tfl.ModelT.InitFromPackedBuf(model_bytes, 0)
-    return [builtin_name(code.builtinCode) for code in model.operatorCodes]
+    used = {op.opcodeIndex for op in model.subgraphs[0].operators}
+    return [opcode_name(code) for index, code in enumerate(model.operatorCodes) if index in used]
 
 
 def operator_shapes(model_bytes: bytes) -> list[dict]:
@@ -24,7 +26,7 @@ def operator_shapes(model_bytes: bytes) -> list[dict]:
     graph = model.subgraphs[0]
     found = []
     for op in graph.operators:
-        name = builtin_name(model.operatorCodes[op.opcodeIndex].builtinCode)
+        name = opcode_name(model.operatorCodes[op.opcodeIndex])
         out = graph.tensors[op.outputs[0]].shape
         weight = graph.tensors[op.inputs[1]].shape if len(op.inputs) > 1 else None
         kernel, macs = "", 0

@@ -161,3 +161,9 @@ def offline_plan(subgraph: tfl.SubGraphT, buffers: list) -> OfflinePlan | None:
 
 def builtin_name(code: int) -> str:
     return next(k for k, v in vars(tfl.BuiltinOperator).items() if v == code and not k.startswith("_"))
+
+
+def opcode_name(code) -> str:
+    """An operator code's builtin name: files written before schema 3a keep codes below 127 only in
+    `deprecated_builtin_code` (MLPerf Tiny's reference models among them)."""
+    return builtin_name(max(code.builtinCode, code.deprecatedBuiltinCode))

@@ -13,6 +13,7 @@ from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.run import reference_session, run
 from pipeline.tflm import interpreter
 from pipeline.tflm.convert import before_final_softmax, tflite_bytes
+from pipeline.tflm.firmware import operator_shapes
 from pipeline.util import host_machine, median_ms
 
 
@@ -78,9 +79,28 @@ def output_difference_steps(model_bytes: bytes, quantized_onnx: Path, eval_x: np
         "logits (the input of the final Softmax)"
 
 
-def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarray, eval_y: np.ndarray, class_names,
-                   reference: np.ndarray, latency_runs: int, latency_warmup: int, label: str = "",
+def tflite_layers(model_bytes: bytes) -> list[dict]:
+    """Each operator's MACs and weights, read from the file (for a .tflite given as it is, with no ONNX beside it)."""
+    model = tfl.ModelT.InitFromPackedBuf(model_bytes, 0)
+    graph = model.subgraphs[0]
+    layers = []
+    for step, shape in enumerate(operator_shapes(model_bytes)):
+        op = graph.operators[step]
+        weights = [graph.tensors[i] for i in op.inputs[1:] if i >= 0]
+        params = sum(int(np.prod(t.shape)) for t in weights if model.buffers[t.buffer].data is not None
+                     and len(model.buffers[t.buffer].data))
+        out = graph.tensors[op.outputs[0]].name
+        layers.append({"name": out.decode() if isinstance(out, bytes) else out, "op": shape["op"],
+                       "macs": shape["macs"], "params": params})
+    return layers
+
+
+def measure_tflite(tflite_path: Path, *, quantized_onnx: Path | None, eval_x: np.ndarray, eval_y: np.ndarray,
+                   class_names, reference: np.ndarray | None, latency_runs: int, latency_warmup: int, label: str = "",
                    progress: bool = True) -> tuple[VariantReport, np.ndarray]:
+    """`quantized_onnx`: the QDQ file it was converted from, compared with it; None for a .tflite given as it is
+    (its MACs and weights then read from the file). `reference`: the logits agreement is taken against (None:
+    itself)."""
     model_bytes = tflite_path.read_bytes()
     io = interpreter.io_quant(model_bytes)
     x_int8 = interpreter.quantize_input(eval_x, io)
@@ -89,30 +109,37 @@ def measure_tflite(tflite_path: Path, *, quantized_onnx: Path, eval_x: np.ndarra
                             for i in tqdm(chunks, desc=f"TFLM {label}", unit="x100", leave=False, disable=not progress)])
     logits = interpreter.dequantize_output(micro, io)
     lite = interpreter.dequantize_output(interpreter.run_litert(model_bytes, x_int8), io)
-    # the converter is judged on the QDQ file's meaning, the same on every host: fused, 13 of 20 per-operator tests
-    # missed their step bound on a CPU without VNNI, and a ResNet-8 with 8-channel layers agreed on 51% of images
-    ort_int8 = run(reference_session(quantized_onnx), eval_x)
     recorded = interpreter.arena_bytes(model_bytes)
-    cost = onnx_cost(quantized_onnx)
-    steps, compared_on = output_difference_steps(model_bytes, quantized_onnx, eval_x, logits=logits, ort_int8=ort_int8)
+    against_onnx = {}
+    if quantized_onnx is not None:
+        # the converter is judged on the QDQ file's meaning, the same on every host: fused, 13 of 20 per-operator
+        # tests missed their step bound on a CPU without VNNI, and a ResNet-8 with 8-channel layers agreed on 51%
+        ort_int8 = run(reference_session(quantized_onnx), eval_x)
+        steps, compared_on = output_difference_steps(model_bytes, quantized_onnx, eval_x, logits=logits,
+                                                     ort_int8=ort_int8)
+        against_onnx = {"ort_int8_top1": top1(ort_int8, eval_y), "ort_agreement": agreement(logits, ort_int8),
+                        "max_output_diff_steps": steps, "output_diff_on": compared_on}
+        cost = onnx_cost(quantized_onnx)
+        layers = [{"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params}
+                  for layer in cost.layers]
+    else:
+        layers = tflite_layers(model_bytes)
     host_ms = round(_tflm_latency_ms(model_bytes, x_int8[0], runs=latency_runs, warmup=latency_warmup), 4)
     report = VariantReport(
-        macs=cost.macs, params=cost.params, bytes=len(model_bytes), peak_activation_bytes=peak_activation_bytes(model_bytes),
-        top1=top1(logits, eval_y), agreement=agreement(logits, reference),
+        macs=sum(layer["macs"] for layer in layers), params=sum(layer["params"] for layer in layers),
+        bytes=len(model_bytes), peak_activation_bytes=peak_activation_bytes(model_bytes),
+        top1=top1(logits, eval_y), agreement=agreement(logits, logits if reference is None else reference),
         latency_ms=host_ms,
         runtime=f"tflite-micro {metadata.version('tflite-micro')} (reference kernels)", machine=host_machine(),
         per_class=per_class(logits, eval_y, class_names),
         host_latency_ms=host_ms, latency_on=on_this_host(),
-        layers=tuple({"name": layer.name, "op": layer.op, "macs": layer.macs, "params": layer.params} for layer in cost.layers),
+        layers=tuple(layers),
         details={
             "flash_bytes": len(model_bytes),
             "arena_bytes": recorded,
             "smallest_arena_bytes": interpreter.smallest_arena(model_bytes, x_int8[0], hint=recorded),
             "litert_top1": top1(lite, eval_y),
-            "ort_int8_top1": top1(ort_int8, eval_y),
-            "ort_agreement": agreement(logits, ort_int8),
-            "max_output_diff_steps": steps,
-            "output_diff_on": compared_on,
+            **against_onnx,
             "input_quantization": {"scale": io.input_scale, "zero_point": io.input_zero_point},
             "output_quantization": {"scale": io.output_scale, "zero_point": io.output_zero_point},
             "largest_tensors": largest_tensors(model_bytes),

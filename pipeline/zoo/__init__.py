@@ -31,6 +31,7 @@ from pipeline.errors import InputError, unknown
 from pipeline.util import sha256_file
 from pipeline.zoo.nets import CifarResNet, SeedNet
 from pipeline.zoo.tensorflow_model import is_tensorflow_model
+from pipeline.zoo.tflite_file import read_tflite
 from pipeline.zoo.tiny import DSCNN, FashionNet, MobileNetV1, ResNet8
 
 # MLPerf Tiny keyword spotting: ten Speech Commands words, then silence and unknown, in the reference's order
@@ -179,7 +180,7 @@ def _import_callable(spec: str) -> Callable[[], nn.Module]:
                          "'path/to/file.py:callable'") from exc
 
 
-def _floats(values, what: str, channels: int, name: str) -> tuple[float, ...]:
+def per_channel(values, what: str, channels: int, name: str) -> tuple[float, ...]:
     values = tuple(float(v) for v in ([values] if isinstance(values, int | float) else values))
     if len(values) == 1:
         values *= channels  # one value serves every channel
@@ -254,7 +255,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *, pretraine
                                        "model.keras", "model.h5", "saved_model_dir/", "model.tflite (float)"])
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"Model {name!r}: input shape {shape}; expected C x H x W of one sample")
-    mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
+    mean, std = per_channel(mean, "mean", shape[0], name), per_channel(std, "std", shape[0], name)
     if pretrained:
         load_weights(module, weights, model_name=name)
     return _checked(name, module, shape=shape, mean=mean, std=std, names=names,
@@ -268,10 +269,10 @@ def _load_tensorflow(name: str, weights, *, signature, input_shape, mean, std, c
 
     if weights is not None:
         raise InputError(f"Model {name!r} holds its own weights; WEIGHTS={weights} is for PyTorch models: leave it out")
+    if name.lower().endswith(".tflite") and read_tflite(name).precision == "int8":
+        raise InputError(f"Model {name!r} is a full-int8 TFLite file: it is measured as it is on a microcontroller "
+                         f"target, not compressed; give its float model (.tflite, .keras, .h5 or SavedModel) to compress")
     converted = convert(name, signature=signature)
-    if converted.int8:
-        raise InputError(f"Model {name!r} is a full-int8 TFLite file: it is measured as it is, not compressed; "
-                         f"give its float model (.tflite, .keras, .h5 or SavedModel) to compress")
     spec = _load_onnx(name, None, input_shape=input_shape, mean=mean, std=std, class_names=class_names,
                       path=converted.onnx)
     source = {**spec.source, "onnx_sha256": spec.source["sha256"], **converted.record()}
@@ -294,7 +295,7 @@ def _load_onnx(name: str, weights, *, input_shape, mean, std, class_names, path:
             raise InputError(f"Model {name!r} does not say how its input is normalised: give MEAN= and STD= (make) "
                              "or --mean/--std, e.g. MEAN=0 STD=1 when the graph takes the data as it is")
         mean, std = (0.0 if mean is None else mean), (1.0 if std is None else std)  # the graph normalises itself
-    mean, std = _floats(mean, "mean", shape[0], name), _floats(std, "std", shape[0], name)
+    mean, std = per_channel(mean, "mean", shape[0], name), per_channel(std, "std", shape[0], name)
     digest = sha256_file(path)
     return _checked(name, imported.module, shape=shape, mean=mean, std=std, names=class_names, weights=str(path),
                     weights_sha256=digest, source={"onnx": str(path), "sha256": digest, **imported.record()})

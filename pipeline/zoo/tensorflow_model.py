@@ -31,13 +31,9 @@ class Converted:
     """A TensorFlow file as ONNX: where the ONNX file is and what the converter found."""
 
     original: Path
-    onnx: Path  # None for an int8 .tflite, which is measured as it is, not converted
-    info: dict  # format, tensorflow and tf2onnx versions, input name and H x W x C, precision of a .tflite
+    onnx: Path | None  # None where only the original is run
+    info: dict  # format, tensorflow and tf2onnx versions, input name and H x W x C
     sha256: str
-
-    @property
-    def int8(self) -> bool:
-        return self.info.get("precision") == "int8"
 
     def record(self) -> dict:
         """What `report.json` `model_source` says of the original file."""
@@ -83,7 +79,7 @@ def _call(*args: str, what: str) -> None:
 
 
 def convert(name: str | os.PathLike, *, signature: str | None = None) -> Converted:
-    """`name` as ONNX with a channels-first input (cached by content); an int8 .tflite is inspected only."""
+    """`name` as ONNX with a channels-first input (cached by content)."""
     path = Path(name).resolve()
     if not path.exists():
         raise InputError(f"Model {str(name)!r} does not exist (expected .keras, .h5, a SavedModel folder or .tflite)")
@@ -96,12 +92,10 @@ def convert(name: str | os.PathLike, *, signature: str | None = None) -> Convert
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 _call("convert", str(path), "--onnx", f"{tmp}/model.onnx", "--info", f"{tmp}/info.json",
                       *(["--signature", signature] if signature else []), what=f"Converting {str(name)!r}")
-                if Path(tmp, "model.onnx").is_file():
-                    shutil.move(f"{tmp}/model.onnx", onnx_path)
+                shutil.move(f"{tmp}/model.onnx", onnx_path)
                 with atomic_path(info_path) as out:  # written last: the entry is complete
                     shutil.copyfile(f"{tmp}/info.json", out)
-    info = json.loads(info_path.read_text())
-    return Converted(path, onnx_path if info.get("precision") != "int8" else None, info, digest)
+    return Converted(path, onnx_path, json.loads(info_path.read_text()), digest)
 
 
 def run_original(converted: Converted, x_nchw: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ stays out of the main install. Two commands, each writing files and printing not
     python tf_convert.py run MODEL --inputs X.npy --outputs Y.npy [--signature NAME]
 
 MODEL is a Keras file (.keras, .h5), a SavedModel folder or a float .tflite. `convert` writes the model as ONNX by
-tf2onnx with its input made channels-first, and what it found (formats, versions, input, int8-ness) as JSON;
+tf2onnx with its input made channels-first, and what it found (format, versions, input) as JSON;
 `run` runs the original model on channels-last float inputs, for the caller to check the conversion and the
 input normalisation against. A bad input exits 2 with one line on stderr that the caller shows as it is.
 """
@@ -167,23 +167,10 @@ def saved_signature(path: Path, signature: str | None):
 
 # ---- TFLite -----------------------------------------------------------------------------------------------
 
-def tflite_kind(path: Path) -> tuple[str, dict]:
-    """'float' or 'int8' by the tensors the operators compute on; a file with both is refused."""
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    float_ops, int_ops = [], []
-    for op in interpreter._get_ops_details():  # noqa: SLF001 (the only listing of a file's operators)
-        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
-            continue
-        data = [tensors[i]["dtype"] for i in op["inputs"] if i >= 0][:1]
-        (float_ops if data and data[0] == np.float32 else int_ops).append(op["op_name"])
-    if float_ops and int_ops:
-        raise BadInput(f"TFLite model {str(path)!r} mixes float operators ({len(float_ops)}: "
-                       f"{', '.join(sorted(set(float_ops))[:4])}) and integer ones ({len(int_ops)}: "
-                       f"{', '.join(sorted(set(int_ops))[:4])}); expected all float (to compress) or full int8 "
-                       f"(to measure as it is)")
-    detail = interpreter.get_input_details()[0]
-    return ("int8" if int_ops else "float"), {"input": detail["name"], "shape": [int(d) for d in detail["shape"][1:]]}
+def tflite_input(path: Path) -> dict:
+    """A float .tflite's input (the caller has checked it is float: `pipeline.zoo.tflite_file`)."""
+    detail = tf.lite.Interpreter(model_path=str(path)).get_input_details()[0]
+    return {"input": detail["name"], "shape": [int(d) for d in detail["shape"][1:]]}
 
 
 def tflite_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -230,11 +217,9 @@ def convert(path: Path, onnx_path: Path, info_path: Path, signature: str | None)
         name, shape = key, [int(d) for d in spec.shape[1:]]
         info["signature"] = chosen
     else:
-        precision, found = tflite_kind(path)
+        found = tflite_input(path)
         name, shape = found["input"], found["shape"]
-        info["precision"] = precision
-        if precision == "float":
-            tf2onnx.convert.from_tflite(str(path), inputs_as_nchw=[name], opset=OPSET, output_path=str(onnx_path))
+        tf2onnx.convert.from_tflite(str(path), inputs_as_nchw=[name], opset=OPSET, output_path=str(onnx_path))
     info.update(input=name, input_shape_hwc=[int(d) for d in shape])
     info_path.write_text(json.dumps(info, indent=1))
 
