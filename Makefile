@@ -48,8 +48,9 @@ bench: setup
 		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 		$(if $(TASK_THREADS),--threads $(TASK_THREADS))
 
-# MLPerf Tiny's ResNet-8, DS-CNN and MobileNetV1 0.25, dense and factored at BUDGET (default 0.7), estimated in ms
-# on TARGET (default the reference board, nucleo-l4r5zi) beside the published board figures: bench/mlperf-tiny/.
+# MLPerf Tiny's own files (MLPERF_TINY_DIR, default ../shared/models/mlperf-tiny): each reference int8 .tflite measured
+# as it is on TARGET (default the reference board, nucleo-l4r5zi), beside ours made from the float file (dense, and
+# factored at BUDGET, default 0.7; needs `make setup-tf`) and the published board figures: bench/mlperf-tiny/.
 mlperf-tiny: setup
 	$(BIN)/cnn-deploy mlperf-tiny --target $(if $(filter command line,$(origin TARGET)),$(TARGET),nucleo-l4r5zi) \
 		$(if $(filter command line,$(origin BUDGET)),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \
