@@ -21,7 +21,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
-	$(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
+	$(if $(BASELINE),--baseline $(BASELINE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
 	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
 .PHONY: setup setup-cluster setup-board setup-tf deploy bench mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean

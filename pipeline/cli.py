@@ -177,7 +177,8 @@ def cmd_deploy(args) -> int:
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
                     budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                    mean=args.mean, std=args.std, signature=args.signature, device=args.device, out=args.out,
+                    mean=args.mean, std=args.std, signature=args.signature, baseline=args.baseline,
+                    device=args.device, out=args.out,
                     torch_device=args.torch_device, progress=not args.quiet)
     out = build_folder(load_target(args.target).name, args.out)
     print()
@@ -194,6 +195,8 @@ def add_deploy_parser(sub) -> None:
     p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layers to keep dense, replacing the rule that "
                                                 "keeps the stem and classifier dense (none given: factor every layer)")
     p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--baseline", help="the model's own full-int8 .tflite, measured as it is as the dense_int8 "
+                                      "variant (microcontroller targets)")
     p.add_argument("--eval-samples", type=int, help="class-balanced test subset size (0: full test set)")
     p.add_argument("--device", help="the profile's device for the on-device check; ssh://user@host also times the "
                                     "layer table and the variants on that board")

@@ -33,8 +33,8 @@ from pipeline.device.board_cycles import onnx_cycles
 from pipeline.device.layer_cycles import OnnxLayerCycles
 from pipeline.device.regress import board_settings, device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
-from pipeline.errors import ConfigError, DeviceError, StageError
-from pipeline.measure_int8 import is_int8_tflite, measure_int8_file
+from pipeline.errors import ConfigError, DeviceError, InputError, StageError
+from pipeline.measure_int8 import check_given_baseline, is_int8_tflite, measure_int8_file
 from pipeline.metrics import VariantReport, estimated_on
 from pipeline.onnx.chain import from_onnx_file, to_onnx
 from pipeline.ort.emit import emit_onnxruntime
@@ -52,9 +52,10 @@ from pipeline.tflm.firmware import arena_with_margin, emit_mcu, io_of
 from pipeline.tflm.layer_cost import FirmwareLayerCycles
 from pipeline.tflm.measure import measure_tflite
 from pipeline.tflm.on_board import firmware_for_build
-from pipeline.util import staging_beside, swap_in
+from pipeline.util import sha256_file, staging_beside, swap_in
 from pipeline.zoo import ModelSpec, load_model
 from pipeline.zoo.tensorflow_model import check_original, is_tensorflow_model
+from pipeline.zoo.tflite_file import read_tflite
 from targets import Memory, TargetProfile, load_target
 from targets.budget import parse_budget
 
@@ -90,6 +91,7 @@ class Build:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # where factoring made a cost worse: reported, not failed
     device: dict | None = None
+    given_baseline: Path | None = None  # BASELINE=: the user's own int8 .tflite, the dense_int8 variant as it is
     dense_logits: np.ndarray | None = None  # dense fp32 on the evaluation images
     report: DeployReport | None = None
     reports: list[Path] = field(default_factory=list)
@@ -375,11 +377,17 @@ def _convert_tflite(build: Build) -> None:
     _stage("convert int8 ONNX to TFLite (dense and factored)")
     build.tflite = {name: convert_to_tflite(build.onnx[f"{name}_int8"], build.baseline / f"{name}.int8.tflite")
                     for name in ("dense", "factored")}
+    given = build.given_baseline
+    if given is not None:  # the user's own int8 file stands in for ours, byte for byte
+        shutil.copyfile(given, build.tflite["dense"])
+        build.notes.append(f"dense_int8: the given int8 file {given} (sha256 {sha256_file(given)}), measured as it "
+                           f"is; the factored model is quantized by this tool")
 
 
 def _measure_tflite(build: Build, name: str, reference) -> tuple[VariantReport, np.ndarray]:
     evaluation = build.profile.evaluation
-    return measure_tflite(build.tflite[name.removesuffix("_int8")], quantized_onnx=build.onnx[name],
+    given = name == "dense_int8" and build.given_baseline is not None  # not converted from our ONNX: no ORT check
+    return measure_tflite(build.tflite[name.removesuffix("_int8")], quantized_onnx=None if given else build.onnx[name],
                           eval_x=build.eval_x, eval_y=build.eval_y, class_names=build.class_names,
                           reference=reference, latency_runs=evaluation.latency_runs,
                           latency_warmup=evaluation.latency_warmup, label=name, progress=build.progress)
@@ -475,7 +483,7 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
            input_shape: tuple[int, int, int] | None = None, mean=None, std=None, signature: str | None = None,
-           device: str | None = None,
+           baseline: str | None = None, device: str | None = None,
            out: str | os.PathLike | None = None, torch_device: str | None = None,
            progress: bool = True) -> DeployReport:
     """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`; an
@@ -485,7 +493,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     build to `out` (default `build/<the profile's name>`; refused unless absent, empty or an earlier build).
 
     `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs` and `exclude` override the profile's
-    settings; `input_shape`, `mean` and `std` the model's. Every setting is checked before any work. `device` (DEVICE=) replaces the
+    settings; `input_shape`, `mean` and `std` the model's (`signature`: a SavedModel's serving function; `baseline`:
+    the model's own full-int8 .tflite, then the dense_int8 variant as it is on a microcontroller). Every setting is checked before any work. `device` (DEVICE=) replaces the
     profile's device for the on-device check; a board over SSH also times the layer table and the four variants
     itself. `torch_device` (TORCH_DEVICE=) replaces the profile's `[finetune] device`, where fine-tuning and the
     sensitivity sweep run. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
@@ -504,7 +513,10 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     samples = profile.evaluation.samples if eval_samples is None else eval_samples
     if samples < 0:
         raise ConfigError(f"EVAL_SAMPLES={samples}; expected 0 (the full test set) or a positive count")
-    out = check_output(build_folder(profile.name, out), kind="deploy", inputs=run_inputs(target, model, weights, data))
+    if baseline is not None:
+        check_given_baseline(baseline, profile)
+    out = check_output(build_folder(profile.name, out), kind="deploy",
+                       inputs=[*run_inputs(target, model, weights, data), baseline])
     if is_int8_tflite(model):  # nothing to compress: measured as it is
         with writing(out):
             return measure_int8_file(profile, model=model, data=data, samples=samples, mean=mean, std=std, out=out,
@@ -512,8 +524,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     with writing(out):
         return _deploy(profile, board if device is not None else None, model=model, weights=weights, data=data,
                        samples=samples, device_samples=profile.device.samples if eval_samples is None else samples,
-                       input_shape=input_shape, mean=mean, std=std, signature=signature, out=out, progress=progress,
-                       started=started)
+                       input_shape=input_shape, mean=mean, std=std, signature=signature, baseline=baseline, out=out,
+                       progress=progress, started=started)
 
 
 def run_inputs(target: str, model: str, weights: str | None, data: str | None) -> list[str | None]:
@@ -525,9 +537,12 @@ def run_inputs(target: str, model: str, weights: str | None, data: str | None) -
 
 
 def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, data, samples, device_samples,
-            input_shape, mean, std, signature, out: Path, progress: bool, started: float) -> DeployReport:
+            input_shape, mean, std, signature, baseline, out: Path, progress: bool, started: float) -> DeployReport:
     torch.manual_seed(SEED)
     spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std, signature=signature)
+    if baseline is not None and read_tflite(baseline).input_shape != spec.input_shape:
+        raise InputError(f"BASELINE={baseline} takes {read_tflite(baseline).input_shape} (C x H x W); the model "
+                         f"{model!r} takes {spec.input_shape}: expected the same model's int8 file")
     splits = load_data(data, hint=Hint(*spec.input_shape))
     splits.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=model)
     eval_idx = balanced_subset(splits.test.y, samples or None, seed=SEED)
@@ -535,7 +550,7 @@ def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, dat
     try:
         build = Build(profile, spec, splits, preprocess(splits.test.x[eval_idx], mean=spec.mean, std=spec.std),
                       splits.test.y[eval_idx], staging, board, device_samples=device_samples, progress=progress,
-                      started=started)
+                      started=started, given_baseline=Path(baseline).resolve() if baseline is not None else None)
         for stage in STAGES:
             stage(build)
         mark(staging, "deploy")

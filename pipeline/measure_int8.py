@@ -63,6 +63,13 @@ def _checked_file(profile: TargetProfile, model: str):
     return found
 
 
+def check_given_baseline(baseline: str, profile: TargetProfile) -> None:
+    """BASELINE= must be a full-int8 .tflite the profile's firmware can run."""
+    if not str(baseline).lower().endswith(".tflite") or read_tflite(baseline).precision != "int8":
+        raise InputError(f"BASELINE={baseline}; expected the model's own full-int8 .tflite")
+    _checked_file(profile, baseline)
+
+
 def measure_int8_file(profile: TargetProfile, *, model: str, data: str | None, samples: int, mean, std,
                       out: Path, progress: bool, started: float) -> DeployReport:
     """Measure the int8 .tflite `model` for `profile` (a microcontroller) on `samples` test samples of `data` (0:

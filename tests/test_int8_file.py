@@ -101,3 +101,22 @@ def test_mlperf_tinys_own_int8_resnet8_is_measured_on_its_reference_board(tmp_pa
     assert given["top1"] >= 0.8 and given["details"]["firmware"]["bit_exact"]
     assert 265 < given["board"]["ms"] < 275  # the cycle engine's estimate at 120 MHz (TFLM reference: 704 ms, v0.5)
     assert (out / "firmware" / "board.hex").is_file()  # the reference board's image, to flash
+
+
+def test_the_models_own_int8_file_is_the_dense_baseline_of_a_deploy(written, tmp_path, cifar_dir, capsys):
+    tflite, source = written
+    given = tflite.parent / "baseline" / "dense.int8.tflite"  # seednet's dense int8, as a user's own file would be
+    out = tmp_path / "with-baseline"
+    assert main(["deploy", *SEEDNET, *NO_BUDGET, "--target", "cortex-m4", "--data", str(cifar_dir), "--eval-samples",
+                 "100", "--baseline", str(given), "--out", str(out), "--quiet"]) in (0, 1)
+    report = json.loads((out / "report.json").read_text())
+    dense = report["variants"]["dense_int8"]
+    assert dense["top1"] == source["variants"]["dense_int8"]["top1"] and "ort_int8_top1" not in dense["details"]
+    assert dense["details"]["firmware"]["bit_exact"]
+    assert (out / "baseline" / "dense.int8.tflite").read_bytes() == given.read_bytes()
+    assert any(n.startswith(f"dense_int8: the given int8 file {given}") for n in report["notes"])
+    for argv, words in ((["--target", "rpi4", "--baseline", str(given)], "runs ONNX Runtime"),
+                        (["--target", "cortex-m4", "--baseline", str(tflite.parent / "report.json")],
+                         "expected the model's own full-int8 .tflite")):
+        assert main(["deploy", *SEEDNET, *argv, "--data", str(cifar_dir), "--out", str(tmp_path / "no"), "--quiet"]) == 2
+        assert words in capsys.readouterr().err
