@@ -220,3 +220,27 @@ def test_converted_keras_layers_keep_their_keras_names_short_and_unique(tmp_path
     got = layers(import_onnx(tmp_path / "tflite.onnx").module)
     assert got == ["conv2d_1", "conv2d_1_1", "StatefulPartitionedCall_StatefulPartitionedCall_"[:44]]
     assert all(len(n) <= 48 for n in got)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weights_stored_int8_and_dequantized_when_run_import_as_their_float_values(per_channel, tmp_path):
+    """A float .tflite with compressed weights (MLPerf Tiny's DS-CNN) converts to DequantizeLinear of constants."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (8, 3, 3, 3), dtype=np.int8)
+    scale = rng.uniform(0.001, 0.01, 8 if per_channel else ()).astype(np.float32)
+    zero = np.zeros(8 if per_channel else (), np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["w"], axis=0),
+         helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["y"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(zero, "zero")])
+    path = tmp_path / "dq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    imported = import_onnx(path)
+    conv = next(m for m in imported.module.modules() if isinstance(m, nn.Conv2d))
+    expected = q.astype(np.float32) * (scale.reshape(-1, 1, 1, 1) if per_channel else scale)
+    assert np.allclose(conv.weight.detach().numpy(), expected) and imported.max_abs_diff < 1e-5

@@ -126,3 +126,16 @@ def test_bad_tensorflow_inputs_are_one_line_each(files, monkeypatch, tmp_path):
     with pytest.raises(InputError, match=r"TensorFlow in its own environment, and there is none at "
                                          r"CNN_DEPLOY_TF_PYTHON=.*no-python: run `make setup-tf`"):
         load_model(str(files / "cnn.keras"), mean=0, std=1)
+
+
+def test_mlperf_tinys_float_files_read_with_their_layer_names():
+    """Two things real files carry: Keras 2's `groups` in a DepthwiseConv2D's config (vww_96.h5), and weights stored
+    int8 in a float .tflite (kws_ref_model_float32.tflite)."""
+    from pipeline.bench.mlperf import mlperf_dir
+
+    if _tf_missing() or not (mlperf_dir() / "vww_96.h5").is_file():
+        pytest.skip(_tf_missing() or f"MLPerf Tiny's files are not in {mlperf_dir()}")
+    vww = load_model(str(mlperf_dir() / "vww_96.h5"), mean=0, std=1)
+    kws = load_model(str(mlperf_dir() / "kws_ref_model_float32.tflite"), mean=0, std=1)
+    assert vww.input_shape == (3, 96, 96) and _layers(vww.module)[:3] == ["conv2d", "depthwise_conv2d", "conv2d_1"]
+    assert kws.input_shape == (1, 49, 10) and _layers(kws.module)[-1] == "dense" and len(_layers(kws.module)) == 10

@@ -105,7 +105,7 @@ def _figures(variant, *, scored: bool) -> dict:
     board, details = variant.board or {}, variant.details
     firmware = details.get("firmware") or {}
     return {"macs": variant.macs, "ms": board.get("ms"), "cycles": board.get("cycles"),
-            "arena_bytes": firmware.get("arena_bytes", details.get("arena_bytes")),
+            "arena_bytes": firmware.get("arena_used_bytes", details.get("arena_bytes")),  # what TFLM used on the board
             "flash_model_bytes": details.get("flash_bytes"), "top1": variant.top1 if scored else None,
             "bit_exact": firmware.get("bit_exact")}
 

@@ -106,7 +106,7 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
     """A copy with batch 1 and the sample shape written in, shape inference run, and constants folded."""
     import onnxsim  # imports torch and onnxruntime itself: ~5 s, so only when an ONNX file is read
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = _dequantized_weights(onnx.ModelProto.FromString(model.SerializeToString()))
     dims = onnx_data_inputs(model.graph)[0].type.tensor_type.shape.dim
     for dim, size in zip(dims, (1, *shape), strict=True):
         dim.Clear()
@@ -117,6 +117,28 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
     except Exception:  # onnxsim raises bare RuntimeErrors; the unsimplified graph may still import
         pass
     return shape_inference.infer_shapes(model, strict_mode=False)
+
+
+def _dequantized_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights stored int8 and dequantized when run (DequantizeLinear of constants: a float .tflite with compressed
+    weights, MLPerf Tiny's DS-CNN among them) become the float constants they stand for; onnxsim leaves them."""
+    inits = {i.name: i for i in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and all(i in inits for i in node.input if i):
+            q, scale, *zero = (numpy_helper.to_array(inits[i]) for i in node.input if i)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            if scale.ndim == 1 and q.ndim:
+                shape[axis % q.ndim] = -1  # per-channel: scale and zero point run along `axis`
+            zero_point = zero[0].astype(np.float32).reshape(shape) if zero else 0.0
+            value = (q.astype(np.float32) - zero_point) * scale.astype(np.float32).reshape(shape)
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
 
 
 def _normalised_inside(graph: onnx.GraphProto) -> bool:

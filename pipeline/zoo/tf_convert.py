@@ -44,9 +44,19 @@ def model_format(path: Path) -> str:
 
 # ---- Keras ------------------------------------------------------------------------------------------------
 
+class _DepthwiseConv2D(tf.keras.layers.DepthwiseConv2D):
+    """Keras 2 wrote `groups` into a DepthwiseConv2D's config, which Keras 3 refuses (MLPerf Tiny's vww_96.h5)."""
+
+    @classmethod
+    def from_config(cls, config):
+        config.pop("groups", None)
+        return super().from_config(config)
+
+
 def load_keras(path: Path):
     try:
-        return tf.keras.models.load_model(str(path), compile=False)
+        return tf.keras.models.load_model(str(path), compile=False,
+                                          custom_objects={"DepthwiseConv2D": _DepthwiseConv2D})
     except Exception as exc:
         text = str(exc)
         custom = re.search(r"(?:Unknown layer|Could not locate class|Unknown object)[^'\"]*['\"]([\w.]+)['\"]", text)
