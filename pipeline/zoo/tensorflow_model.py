@@ -84,7 +84,8 @@ def convert(name: str | os.PathLike, *, signature: str | None = None) -> Convert
     if not path.exists():
         raise InputError(f"Model {str(name)!r} does not exist (expected .keras, .h5, a SavedModel folder or .tflite)")
     digest = _digest(path)
-    folder = cache_dir("tensorflow", f"{digest[:24]}-{signature or 'default'}")
+    converter = sha256_file(SCRIPT)[:8]  # a changed converter converts again
+    folder = cache_dir("tensorflow", f"{digest[:24]}-{converter}-{signature or 'default'}")
     info_path, onnx_path = folder / "info.json", folder / "model.onnx"
     with cache_lock(info_path):
         if not info_path.is_file():

@@ -137,7 +137,8 @@ def name_keras_layers(kernels: list[tuple[str, np.ndarray, bool | None]], onnx_m
         transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         rows = (np.moveaxis(w, 1, -1).reshape(w.shape[0], -1) if w.ndim == 4 else (w if transposed else w.T))
         rows = rows / (np.linalg.norm(rows, axis=1, keepdims=True) + 1e-12)
-        scores = [(float(np.abs((rows * k).sum(1)).mean()), name) for name, k in candidates if k.shape == rows.shape]
+        # the median channel: a channel training left at zero has no direction to compare
+        scores = [(float(np.median(np.abs((rows * k).sum(1)))), name) for name, k in candidates if k.shape == rows.shape]
         if scores and max(scores)[0] > 0.999:
             layer = max(scores)[1]
             node.name = f"keras/{layer}/{'MatMul' if w.ndim == 2 else 'Conv2D'}"
