@@ -178,7 +178,7 @@ def render(rows: list[dict], *, target: str, budget: str, clock_mhz: float | Non
         "at 120 MHz): the v0.5 reference submission (TFLM reference kernels), microTVM + CMSIS-NN (v1.0), ST "
         "X-CUBE-AI 9.0 (v1.2) and Plumerai (v1.1).", "",
         table, "",
-        "Caption: each cell is est. ms / arena / int8 top-1. The estimates are the blocks the firmware executed for one "
+        "Caption: each cell is est. ms / arena the firmware used on the emulated board / int8 top-1. The estimates are the blocks the firmware executed for one "
         f"inference in qemu-system-arm, each timed by LLVM's {core} scheduling model (llvm-mca). No flash wait states "
         "(5 at 120 MHz on the STM32L4R5, partly hidden by its ART accelerator), caches or bus contention are "
         "modelled, so a board runs somewhat slower than estimated; the published figures were measured on the "
