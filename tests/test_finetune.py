@@ -285,3 +285,20 @@ def test_a_cpu_fine_tune_is_byte_identical_to_before_the_device_work(teacher, bn
     tuned, history = finetune(damaged(teacher), teacher, colour_data(512, 2), colour_data(300, 3), mean=(0.5,) * 3,
                               std=(1.0,) * 3, settings=settings, progress=False)
     assert (weights_digest(tuned), [e["loss"] for e in history["epochs"]]) == expected
+
+
+def test_a_model_with_its_batchnorms_folded_trains_with_them_given_back_and_comes_back_folded():
+    torch.manual_seed(0)
+    block = lambda: [nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()]  # noqa: E731  (a converter's conv: bias, no BN)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), *block(), *block(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 3))
+    train = colour_data(600, 4)
+    spec = ModelSpec("folded", trained(net, train, steps=40, lr=0.02), (3, 8, 8), (0.5,) * 3, (1.0,) * 3)
+    result = compress(spec, train, settings=Decomposition(method="svd", rank="4"), progress=False, use_cache=False,
+                      tuning=Finetune(epochs=1, lr=1e-2, batch_size=32, bn="reestimate"), log=lambda _: None)
+    assert [p.name for p in result.plan.layers if p.method] == ["2", "4"]
+    # every conv gets one (the stem too: it trains), the classifier is not a conv
+    assert result.finetune["restored_batchnorms"] == ["0", "2", "4"]
+    assert result.model.state_dict().keys() == result.one_shot.state_dict().keys()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    assert result.finetune["best_heldout_top1"] >= result.finetune["start_heldout_top1"]
