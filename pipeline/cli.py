@@ -281,7 +281,7 @@ def _firmware(args, out: Path) -> int:
                 variant.update(board=measured["board"], latency_ms=measured["board"]["ms"], latency_source="estimated",
                                latency_on=estimated_on(measured["board"]))
         write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-        made = [*sorted((staging / "firmware").rglob("*")), *(staging / "baseline").glob("dense.firmware.*"),
+        made = [*sorted((staging / "firmware").rglob("*")), *(staging / "baseline").glob("dense.measure.*"),
                 *(staging / name for name in ("model_data.cc", "model_data.h", "model_settings.h"))]
         manifest["artefacts"].update({str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                       for p in made if p.is_file()})

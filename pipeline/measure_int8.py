@@ -152,7 +152,7 @@ def _firmware(profile: TargetProfile, staging: Path, variant: VariantReport, eva
         model_sources(staging, tflite.read_bytes(), arena_bytes=needed, io=io)
     folder.mkdir()
     write_firmware_folder(folder, staging, cpu=firmware.cpu, root=root)
-    figures = {**measure_on_board(tflite, folder, folder / "firmware.elf", cpu=firmware.cpu, root=root, x_nchw=x,
+    figures = {**measure_on_board(tflite, folder, folder / "measure.elf", cpu=firmware.cpu, root=root, x_nchw=x,
                                   clock_mhz=profile.board.clock_mhz, log=_log),
                "arena_bytes": max(arena, needed), "device_arena_bytes": needed}
     if not figures["bit_exact"]:

@@ -100,8 +100,8 @@ def test_a_microcontroller_deploy_runs_its_firmware_and_regress_runs_it_on_the_b
         figures = report["variants"][name]["details"]["firmware"]
         assert figures["bit_exact"] and figures["cpu"] == "cortex-m4" and figures["instructions"] > 100_000
     manifest = json.loads((out / "manifest.json").read_text())
-    for name in ("firmware/firmware.elf", "firmware/firmware.map", "firmware/build.sh", "firmware/main.cc",
-                 "firmware/model_data.cc", "baseline/dense.firmware.elf", "firmware/benchmark.elf",
+    for name in ("firmware/measure.elf", "firmware/measure.map", "firmware/build.sh", "firmware/main.cc",
+                 "firmware/model_data.cc", "baseline/dense.measure.elf", "firmware/firmware.elf",
                  "firmware/run-emulated.sh", "firmware/board.elf", "firmware/board.bin", "firmware/board.hex"):
         assert name in manifest["artefacts"], name
     benchmark = report["variants"]["factored_int8"]["details"]["firmware"]["benchmark"]

@@ -26,7 +26,7 @@ def benchmark(sources, tmp_path_factory):  # noqa: F811
     """A tiny model's benchmark firmware on the emulated M4, and what it computes on the host."""
     folder = tmp_path_factory.mktemp("benchmark")
     tflite, x = firmware_model("conv_same", folder)
-    elf = link_benchmark(folder, folder / "benchmark.elf", board=board_named("mps2"), cpu="cortex-m4", root=sources,
+    elf = link_benchmark(folder, folder / "firmware.elf", board=board_named("mps2"), cpu="cortex-m4", root=sources,
                          library=build_library("cortex-m4", sources, log=lambda *_: None))
     data = tflite.read_bytes()
     x_int8 = tflm.quantize_input(x[:3], tflm.io_quant(data))

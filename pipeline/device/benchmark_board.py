@@ -46,5 +46,5 @@ def benchmark_for_build(folder: Path, x_nchw: np.ndarray, *, cpu: str, root: Pat
     images = benchmark_images(folder / "firmware", cpu=cpu, root=root, board=firmware.get("board", ""),
                               baud=firmware.get("baud", 115200), flash_bytes=memory.get("flash_bytes", 0),
                               ram_bytes=memory.get("ram_bytes", 0), log=log)
-    images["protocol"] = protocol_check(folder / "firmware" / "benchmark.elf", folder / "model.tflite", x_nchw, cpu=cpu)
+    images["protocol"] = protocol_check(folder / "firmware" / "firmware.elf", folder / "model.tflite", x_nchw, cpu=cpu)
     return images

@@ -32,8 +32,8 @@ BASELINE_DIR = "device_baseline"
 PERF_IMAGES = "ic_perf_samples_idxs.npy"
 DEFAULT_MLPERF_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "mlperf-tiny"
 ARTEFACT = {"onnxruntime": "model.int8.onnx", "tflite-micro": "model.tflite"}
-FIRMWARE_ELF = "firmware/firmware.elf"  # the measuring harness: instructions and the cycle engine's estimate
-BENCHMARK_ELF = "firmware/benchmark.elf"  # MLPerf Tiny's serial protocol on the emulated board
+MEASURE_ELF = "firmware/measure.elf"  # the measuring harness (semihosting): instructions and the cycle engine's estimate
+FIRMWARE_ELF = "firmware/firmware.elf"  # MLPerf Tiny's serial protocol on the emulated board (issue 39's name)
 HOST_INT8 = {"onnxruntime": "model.int8.onnx", "tflite-micro": "baseline/factored.int8.onnx"}
 
 
@@ -176,7 +176,7 @@ def _compare_with_baseline(path: Path, outputs: np.ndarray, *, artefact_sha: str
 
 def _artefact(runtime: str, device: Device) -> tuple[str, bool]:
     on_board = runtime == "tflite-micro" and device.kind in ("qemu", "serial")
-    return (BENCHMARK_ELF if on_board and device.kind == "qemu" else ARTEFACT[runtime]), on_board
+    return (FIRMWARE_ELF if on_board and device.kind == "qemu" else ARTEFACT[runtime]), on_board
 
 
 def _references(folder: Path, runtime: str) -> list[str]:
@@ -204,7 +204,7 @@ def _host_outputs(folder: Path, runtime: str, eval_x: np.ndarray) -> tuple[np.nd
 def _check_complete(folder: Path, *, runtime: str, target: str, device: Device) -> list[str]:
     """The build's files a device check reads (relative paths), or an error naming the first one missing."""
     artefact, on_board = _artefact(runtime, device)
-    needed = [artefact, *_references(folder, runtime), *([FIRMWARE_ELF, ARTEFACT[runtime]] if on_board else [])]
+    needed = [artefact, *_references(folder, runtime), *([MEASURE_ELF, ARTEFACT[runtime]] if on_board else [])]
     for name in needed:
         if not (folder / name).is_file():
             hint = " with the arm-none-eabi toolchain installed (see `make firmware`)" if name == artefact and on_board else ""
@@ -271,10 +271,10 @@ def _on_microcontroller(folder: Path, device: Device, eval_x: np.ndarray, *, fir
 
     tflite, cpu = folder / ARTEFACT["tflite-micro"], firmware["cpu"]
     url = None if device.kind == "qemu" else device.url
-    run, host = on_board(url, tflite, eval_x, cpu=cpu, elf=folder / BENCHMARK_ELF, baud=firmware.get("baud", 115200))
+    run, host = on_board(url, tflite, eval_x, cpu=cpu, elf=folder / FIRMWARE_ELF, baud=firmware.get("baud", 115200))
     io_q = interpreter.io_quant(tflite.read_bytes())
     outputs = interpreter.dequantize_output(run.outputs, io_q)
-    _, _, _, instructions, estimate = run_firmware_on_device(folder / FIRMWARE_ELF, tflite, cycle_sample[None],
+    _, _, _, instructions, estimate = run_firmware_on_device(folder / MEASURE_ELF, tflite, cycle_sample[None],
                                                              cpu=cpu, clock_mhz=board.get("clock_mhz", 0.0))
     where = f"the emulated {cpu}" if url is None else url
     about = f"benchmark firmware (MLPerf Tiny serial protocol) on {where}, {len(eval_x) / run.seconds:.1f} images/s"

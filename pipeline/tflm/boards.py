@@ -170,19 +170,19 @@ def vector_table(elf: Path) -> int:
 
 def benchmark_images(folder: Path, *, cpu: str, root: Path, board: str = "", baud: int = DEFAULT_BAUD,
                      flash_bytes: int = 0, ram_bytes: int = 0, log=print) -> dict:
-    """The benchmark firmware of the model whose C files are in `folder` (a build's `firmware/`): `benchmark.elf`
+    """The benchmark firmware of the model whose C files are in `folder` (a build's `firmware/`): `firmware.elf`
     for `cpu`'s emulated board, with `run-emulated.sh PORT` to start it, and with `board` that board's `board.elf`,
     `.bin` and `.hex`. Returns what was built, with the real board's flash and RAM as linked."""
     from pipeline.tflm.build import build_library
     from pipeline.tflm.emulator import emulated_board_argv, size
 
     library = build_library(cpu, root, log=log)
-    emulated = link_benchmark(folder, folder / "benchmark.elf", board=board_named(EMULATED), cpu=cpu, root=root,
+    emulated = link_benchmark(folder, folder / "firmware.elf", board=board_named(EMULATED), cpu=cpu, root=root,
                               library=library, baud=baud)
-    argv = emulated_board_argv(Path("benchmark.elf"), cpu=cpu, port=0)
-    argv[argv.index("-kernel") + 1] = '"$HERE/benchmark.elf"'
+    argv = emulated_board_argv(Path("firmware.elf"), cpu=cpu, port=0)
+    argv[argv.index("-kernel") + 1] = '"$HERE/firmware.elf"'
     script = folder / "run-emulated.sh"
-    script.write_text("#!/bin/sh\n# Starts benchmark.elf on the emulated board, its UART (MLPerf Tiny's serial protocol) on TCP "
+    script.write_text("#!/bin/sh\n# Starts firmware.elf on the emulated board, its UART (MLPerf Tiny's serial protocol) on TCP "
                       "127.0.0.1:PORT;\n# qemu waits for the connection, e.g. `cnn-deploy regress --device "
                       "socket://127.0.0.1:PORT`\n# or MLPerf Tiny's runner. Needs Debian's qemu-system-arm.\n"
                       'set -e\nPORT="${1:?usage: run-emulated.sh PORT}"\nHERE="$(cd "$(dirname "$0")" && pwd)"\nexec '
@@ -190,7 +190,7 @@ def benchmark_images(folder: Path, *, cpu: str, root: Path, board: str = "", bau
     script.chmod(0o755)
     found = {"emulated": {"elf": emulated.name, **size(emulated)}}
     lines = rebuild_lines(folder, board=board_named(EMULATED), cpu=cpu, root=root, library=library, baud=baud,
-                          elf="benchmark.elf")
+                          elf="firmware.elf")
     if board:
         chosen = board_named(board)
         elf = link_benchmark(folder, folder / "board.elf", board=chosen, cpu=cpu, root=root, library=library,

@@ -199,7 +199,7 @@ def rebuild_script(sources: list[Path], *, cpu_name: str, root: Path) -> str:
     """A shell script that rebuilds the ELF from the sources alone (TFLM_SOURCES= points at the trees)."""
     cpu = CPUS[cpu_name]
     pins = ", ".join(f"{pin.name} {pin.commit}" for pin in load_pins())
-    lines = ["#!/bin/sh", "# Rebuilds firmware.elf with the commands cnn-deploy used. Needs Debian's " + PACKAGES + ".",
+    lines = ["#!/bin/sh", "# Rebuilds measure.elf (the measuring harness) with the commands cnn-deploy used. Needs Debian's " + PACKAGES + ".",
              f"# TFLM_SOURCES holds the trees pinned in cnn-deploy's pipeline/tflm/third_party.toml ({pins});",
              "# `make third-party` fetches them, `make third-party CHECK=$TFLM_SOURCES` verifies a copy.",
              "set -e", f'TFLM_SOURCES="${{TFLM_SOURCES:-{root}}}"', 'HERE="$(cd "$(dirname "$0")" && pwd)"',
@@ -214,5 +214,5 @@ def rebuild_script(sources: list[Path], *, cpu_name: str, root: Path) -> str:
         lines.append(_portable(_command(source, Path(library[-1]), cpu, root), root))
     objects = own + library  # the order link_firmware links in, so the ELF comes out the same
     lines.append(" ".join(["arm-none-eabi-g++", *cpu.flags, "-mfloat-abi=hard", "-mthumb", *LINK, "-T", "$HERE/link.ld",
-                           "-o", "firmware.elf", "-Wl,-Map=firmware.map", *objects, "-lm"]))
+                           "-o", "measure.elf", "-Wl,-Map=measure.map", *objects, "-lm"]))
     return "\n".join(lines) + "\n"

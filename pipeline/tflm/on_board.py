@@ -142,9 +142,9 @@ def firmware_for_build(folder: Path, *, cpu: str, root: Path, x_nchw: np.ndarray
                 target = folder / "firmware"
                 target.mkdir(exist_ok=True)
                 write_firmware_folder(target, folder, cpu=cpu, root=root)
-                elf = target / "firmware.elf"
+                elf = target / "measure.elf"
             else:
-                target, elf = sources[name], folder / "baseline" / "dense.firmware.elf"
+                target, elf = sources[name], folder / "baseline" / "dense.measure.elf"
             figures[name] = {**measure_on_board(tflite, target, elf, cpu=cpu, root=root, x_nchw=x_nchw,
                                                 clock_mhz=clock_mhz, log=log),
                              "arena_bytes": arena, "device_arena_bytes": needed}
