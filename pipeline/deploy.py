@@ -30,6 +30,7 @@ from pipeline.cycles.tools import require
 from pipeline.device.benchmark_board import benchmark_for_build
 from pipeline.device.board_cycles import TOOLS as ONNX_CYCLE_TOOLS
 from pipeline.device.board_cycles import onnx_cycles
+from pipeline.device.board_time import measured_on_board, with_board_time
 from pipeline.device.layer_cycles import OnnxLayerCycles
 from pipeline.device.regress import board_settings, device_check_job, keep_written
 from pipeline.device.transports import Device, parse_device, time_on_device
@@ -308,6 +309,8 @@ def check_device(build: Build) -> None:
     keep_written(build.staging, written)
     build.failures += [f"device check on {report.device}: {f}" for f in report.failures]
     build.device = report.to_dict()
+    build.variants["factored_int8"] = with_board_time(build.variants["factored_int8"], measured_on_board(
+        report.board, device=report.device, samples=report.eval_samples))
 
 
 def compare_with_dense(build: Build) -> None:
