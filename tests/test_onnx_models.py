@@ -244,3 +244,37 @@ def test_weights_stored_int8_and_dequantized_when_run_import_as_their_float_valu
     conv = next(m for m in imported.module.modules() if isinstance(m, nn.Conv2d))
     expected = q.astype(np.float32) * (scale.reshape(-1, 1, 1, 1) if per_channel else scale)
     assert np.allclose(conv.weight.detach().numpy(), expected) and imported.max_abs_diff < 1e-5
+
+
+def test_a_per_channel_add_after_a_conv_folds_into_its_bias_and_its_channels_can_be_cut(tmp_path):
+    """tf2onnx leaves a Keras BatchNorm's shift as an Add of a (1, C, 1, 1) constant after the conv (MLPerf Tiny's
+    ResNet-8): folded into the conv's bias, so a channel cut can follow it; a constant that is not one value per
+    channel, or a conv output something else also reads, stays an Add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.compress.prune import channel_groups, prune
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(size=(8, 3, 3, 3)), "b1": rng.normal(size=8), "shift": rng.normal(size=(1, 8, 1, 1)),
+               "w2": rng.normal(size=(8, 8, 3, 3)), "across": rng.normal(size=(1, 1, 1, 8))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["shift", "c1"], ["a1"]), helper.make_node("Relu", ["a1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+         helper.make_node("Add", ["c2", "across"], ["a2"]), helper.make_node("Add", ["a2", "c2"], ["a3"]),
+         helper.make_node("GlobalAveragePool", ["a3"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "shift", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    path = tmp_path / "shift.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    imported = import_onnx(path)  # checked against ONNX Runtime on the file as it imports
+    first, second = (m for m in imported.module.modules() if isinstance(m, nn.Conv2d))
+    assert np.allclose(first.bias.detach().numpy(), weights["b1"] + weights["shift"].reshape(8), atol=1e-6)
+    assert second.bias is None  # its output is read twice, and the constant runs along the width
+    adds = [n for n in imported.module.graph.nodes if n.target is torch.add]
+    assert len(adds) == 2 and imported.max_abs_diff < 1e-4
+    groups, _ = channel_groups(imported.module, (3, 8, 8), layers=("*",), exclude=(), last_layer=None)
+    cut = next(g.name for g in groups if g.producers == (g.name,) and first is imported.module.get_submodule(g.name))
+    pruned, _ = prune(imported.module, (3, 8, 8), {cut: 4})
+    assert next(m for m in pruned.modules() if isinstance(m, nn.Conv2d)).out_channels == 4

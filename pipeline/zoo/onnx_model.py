@@ -11,6 +11,7 @@ does not exist`). onnx2pytorch and onnx-pytorch are unmaintained (last releases 
 microcontroller uses are few, and one table of small functions covers them.
 """
 
+import collections
 import math
 import os
 from dataclasses import dataclass
@@ -116,7 +117,44 @@ def _fixed(model: onnx.ModelProto, shape: tuple[int, int, int]) -> onnx.ModelPro
         model = simplified if ok else model
     except Exception:  # onnxsim raises bare RuntimeErrors; the unsimplified graph may still import
         pass
-    return shape_inference.infer_shapes(model, strict_mode=False)
+    return shape_inference.infer_shapes(_conv_bias_adds(model), strict_mode=False)
+
+
+def _conv_bias_adds(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Add of a per-channel constant straight after a Conv that nothing else reads (what tf2onnx leaves of a
+    Keras BatchNorm's shift; onnxsim keeps it) folded into the Conv's bias: the same function, and a graph whose
+    channels a cut can follow (Torch-Pruning cuts a conv's bias with it, not a constant that broadcasts over its
+    output, so MLPerf Tiny's ResNet-8 offered no channel cut). In place; returns the model."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = collections.Counter(i for n in graph.node for i in n.input)
+    readers.update(o.name for o in graph.output)
+    folded = []
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for tensor, constant in (add.input, add.input[::-1]):
+            conv = producer.get(tensor)
+            if conv is None or conv.op_type != "Conv" or readers[tensor] != 1 or constant not in inits \
+                    or conv.input[1] not in inits:
+                continue
+            channels = inits[conv.input[1]].dims[0]
+            value = numpy_helper.to_array(inits[constant]).astype(np.float32)
+            if value.shape not in ((1, channels, 1, 1), (channels, 1, 1)):
+                continue  # not one value per output channel
+            bias = numpy_helper.to_array(inits[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] \
+                else np.zeros(channels, np.float32)
+            name = f"{conv.output[0]}__bias_with_{constant}"
+            graph.initializer.append(numpy_helper.from_array((bias + value.reshape(channels)).astype(np.float32), name))
+            del conv.input[2:]
+            conv.input.append(name)
+            conv.output[0] = add.output[0]
+            folded.append(add)
+            break
+    for add in folded:
+        graph.node.remove(add)
+    return model
 
 
 def _dequantized_weights(model: onnx.ModelProto) -> onnx.ModelProto:
