@@ -138,6 +138,8 @@ def tuning_sentence(tuned: dict) -> str:
     extras = f", weights averaged with decay {tuned['ema_decay']:g}" if tuned.get("ema_decay") else ""
     extras += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
     extras += f", seed {tuned['seed']}" if tuned.get("seed") else ""
+    restored = tuned.get("restored_batchnorms") or ()
+    extras += f", a BatchNorm given back to {len(restored)} folded convs and folded again after" if restored else ""
     where = tuned.get("torch_device", "cpu")  # records from before the setting ran on the CPU
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
             f"this host's {where}, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
