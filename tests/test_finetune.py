@@ -304,4 +304,4 @@ def test_a_model_with_its_batchnorms_folded_trains_with_them_given_back_and_come
     assert result.finetune["best_heldout_top1"] >= result.finetune["start_heldout_top1"]
     from pipeline.report.deploy_report import tuning_sentence
 
-    assert "BatchNorm reestimate, adamw, a BatchNorm given back to 3 folded convs" in tuning_sentence(result.finetune)
+    assert "BatchNorm reestimate, adamw, a BatchNorm for each of 3 convs without one, folded in after" in tuning_sentence(result.finetune)

@@ -139,7 +139,7 @@ def tuning_sentence(tuned: dict) -> str:
     extras += f", mixup {tuned['mixup']:g}" if tuned.get("mixup") else ""
     extras += f", seed {tuned['seed']}" if tuned.get("seed") else ""
     restored = tuned.get("restored_batchnorms") or ()
-    extras += f", a BatchNorm given back to {len(restored)} folded convs and folded again after" if restored else ""
+    extras += f", a BatchNorm for each of {len(restored)} convs without one, folded in after" if restored else ""
     where = tuned.get("torch_device", "cpu")  # records from before the setting ran on the CPU
     return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
             f"this host's {where}, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
