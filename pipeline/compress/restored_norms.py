@@ -3,8 +3,8 @@
 A model exported to ONNX or converted from TensorFlow has its BatchNorms folded into the convolutions before
 them: what remains is a conv with a bias and nothing normalising its output. Fine-tuned as it is, such a model
 trains in the folded parametrisation, where a weight's scale matters and there is no batch statistic to
-re-estimate. MLPerf Tiny's ResNet-8, imported, lost 6.2 points int8 to int8 at `cycles:0.8` in 10 epochs where
-the same architecture from the zoo, which keeps its BatchNorms, lost 0.65 (issue 38).
+re-estimate. MLPerf Tiny's ResNet-8, imported, lost 9.44 points int8 to int8 at `cycles:0.8` in 10 epochs where
+the same architecture from the zoo, which keeps its BatchNorms, lost 0.97; with this, 0.90 (docs/BENCHMARKS.md).
 
 `fine_tune_with_norms` gives each such layer (a dense, cut or factored conv whose last conv has a bias and whose
 output no BatchNorm takes) a BatchNorm that computes the identity on the model's own data: running statistics
@@ -36,10 +36,10 @@ def unnormalised_layers(model: nn.Module, names: list[str], x: torch.Tensor) -> 
     input of a BatchNorm: the layers a BatchNorm was folded into, or that never had one."""
     units = {n: model.get_submodule(n) for n in names}
     units = {n: u for n, u in units.items() if (conv := _last_conv(u)) is not None and conv.bias is not None}
-    outputs, normalised = {}, set()
+    outputs, normalised = {}, []  # both kept alive, so no id is reused by another tensor within the pass
     handles = [u.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out))
                for n, u in units.items()]
-    handles += [m.register_forward_pre_hook(lambda _m, args: normalised.add(id(args[0])))
+    handles += [m.register_forward_pre_hook(lambda _m, args: normalised.append(args[0]))
                 for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.no_grad():
@@ -47,7 +47,8 @@ def unnormalised_layers(model: nn.Module, names: list[str], x: torch.Tensor) -> 
     finally:
         for handle in handles:
             handle.remove()
-    return [n for n in units if n in outputs and id(outputs[n]) not in normalised]
+    taken = {id(t) for t in normalised}
+    return [n for n in units if n in outputs and id(outputs[n]) not in taken]
 
 
 def _apply_norm(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
