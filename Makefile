@@ -19,12 +19,13 @@ MODEL_ARGS = $(if $(MODEL),--model $(MODEL)) $(if $(WEIGHTS),--weights $(WEIGHTS
 DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(filter-out undefined,$(origin EXCLUDE)),--exclude $(subst $(comma), ,$(EXCLUDE))) \
 	$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) \
+	$(if $(CANDIDATES),--candidates $(subst $(comma), ,$(CANDIDATES))) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(BASELINE),--baseline $(BASELINE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
 	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
-.PHONY: setup setup-cluster setup-board setup-tf deploy bench mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
+.PHONY: setup setup-cluster setup-board setup-tf deploy bench families mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
 
 setup: $(STAMP)
 
@@ -51,6 +52,15 @@ bench: setup
 # MLPerf Tiny's own files (MLPERF_TINY_DIR, default ../shared/models/mlperf-tiny): each reference int8 .tflite measured
 # as it is on TARGET (default the reference board, nucleo-l4r5zi), beside ours made from the float file (dense, and
 # factored at BUDGET, default 0.7; needs `make setup-tf`) and the published board figures: bench/mlperf-tiny/.
+# Factorisation only, channel pruning only and both at one budget (default cycles:0.75) on each target, side by
+# side: MODELS="resnet8 resnet20", TARGET="rpi4 nucleo-l4r5zi nucleo-h743zi", FINETUNE_EPOCHS (default 0).
+families: setup
+	$(BIN)/cnn-deploy families $(if $(MODELS),--models $(MODELS)) \
+		$(if $(filter command line,$(origin TARGET)),--target $(TARGET)) \
+		$(if $(filter command line,$(origin BUDGET)),--budget $(BUDGET)) \
+		$(if $(FINETUNE_EPOCHS),--epochs $(FINETUNE_EPOCHS)) $(if $(DATA),--data $(DATA)) \
+		$(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT))
+
 mlperf-tiny: setup
 	$(BIN)/cnn-deploy mlperf-tiny --target $(if $(filter command line,$(origin TARGET)),$(TARGET),nucleo-l4r5zi) \
 		$(if $(filter command line,$(origin BUDGET)),--budget $(BUDGET)) $(if $(DATA),--data $(DATA)) \

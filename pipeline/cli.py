@@ -153,6 +153,16 @@ def cmd_mlperf_tiny(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    from pipeline.bench.families import families
+
+    path = families(models=tuple(args.models), targets=tuple(args.target), budget=args.budget, epochs=args.epochs,
+                    data=args.data, eval_samples=args.eval_samples, out=args.out)
+    print(path.with_name("report.md").read_text())
+    print(f"results: {path}; report: {path.with_name('report.md')}")
+    return 0
+
+
 def _add_compression_flags(p, *, deploy: bool) -> None:
     """The compression settings deploy and decompose share; each overrides the target profile only when given."""
     from pipeline.deploy import DEFAULT_BUDGET
@@ -175,7 +185,8 @@ def cmd_deploy(args) -> int:
     from targets import load_target
 
     report = deploy(target=args.target, model=args.model, weights=args.weights, method=args.method, rank=args.rank,
-                    budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude, data=args.data,
+                    budget=args.budget, finetune_epochs=args.finetune_epochs, exclude=args.exclude,
+                    candidates=args.candidates, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                     mean=args.mean, std=args.std, signature=args.signature, baseline=args.baseline,
                     device=args.device, out=args.out,
@@ -194,6 +205,9 @@ def add_deploy_parser(sub) -> None:
     _add_compression_flags(p, deploy=True)
     p.add_argument("--exclude", nargs="*", help="fnmatch patterns of layers to keep dense, replacing the rule that "
                                                 "keeps the stem and classifier dense (none given: factor every layer)")
+    p.add_argument("--candidates", nargs="+", help=f"the methods a budget may pick per layer or channel group, of "
+                                                   f"{known_methods()} (default: the profile's; `prune` alone: channel "
+                                                   "cuts only)")
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--baseline", help="the model's own full-int8 .tflite, measured as it is as the dense_int8 "
                                       "variant (microcontroller targets)")
@@ -420,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench", help="output folder: new, empty or an earlier bench's, which it adds to "
                                                   "(default: bench)")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("families", help="factorisation only, channel pruning only and both at one budget on each "
+                                         "target: top-1, cycles and RAM side by side (bench/families/report.md)")
+    p.add_argument("--models", nargs="+", default=["resnet8", "resnet20"], help=f"zoo models ({known_models()})")
+    p.add_argument("--target", nargs="+", default=["rpi4", "nucleo-l4r5zi", "nucleo-h743zi"],
+                   help=target_help("rpi4 nucleo-l4r5zi nucleo-h743zi", "one or more profiles"))
+    p.add_argument("--budget", default="cycles:0.75", help="the budget every family meets, as for deploy "
+                                                           "(default: cycles:0.75)")
+    p.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs of every build (default: 0, one-shot)")
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--eval-samples", type=int, default=2000, help="class-balanced test images (0: all; default 2000)")
+    p.add_argument("--out", default="bench/families", help="output folder: new, empty or an earlier comparison's")
+    p.set_defaults(run=cmd_families)
 
     p = sub.add_parser("mlperf-tiny", help="MLPerf Tiny's own ResNet-8, DS-CNN and VWW files on a Cortex-M board: "
                                            "each int8 file measured as it is beside ours (dense and factored from the "

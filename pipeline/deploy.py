@@ -484,8 +484,8 @@ def default_budget(budget: str | None, *, method: str | None, rank: str | None, 
 
 def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | None = None, method: str | None = None,
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
-           exclude: list[str] | None = None, data: str | None = None, eval_samples: int | None = None,
-           input_shape: tuple[int, int, int] | None = None, mean=None, std=None, signature: str | None = None,
+           exclude: list[str] | None = None, candidates: list[str] | None = None, data: str | None = None,
+           eval_samples: int | None = None, input_shape: tuple[int, int, int] | None = None, mean=None, std=None, signature: str | None = None,
            baseline: str | None = None, device: str | None = None,
            out: str | os.PathLike | None = None, torch_device: str | None = None,
            progress: bool = True) -> DeployReport:
@@ -495,8 +495,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     factored variants on `eval_samples` test samples from `data` (any layout of `calib.FORMATS`), and write the
     build to `out` (default `build/<the profile's name>`; refused unless absent, empty or an earlier build).
 
-    `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs` and `exclude` override the profile's
-    settings; `input_shape`, `mean` and `std` the model's (`signature`: a SavedModel's serving function; `baseline`:
+    `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs`, `exclude` and `candidates` (the methods a
+    budget may pick: factorisations, `prune`, or both) override the profile's settings; `input_shape`, `mean` and `std` the model's (`signature`: a SavedModel's serving function; `baseline`:
     the model's own full-int8 .tflite, then the dense_int8 variant as it is on a microcontroller). Every setting is checked before any work. `device` (DEVICE=) replaces the
     profile's device for the on-device check; a board over SSH also times the layer table and the four variants
     itself. `torch_device` (TORCH_DEVICE=) replaces the profile's `[finetune] device`, where fine-tuning and the
@@ -507,6 +507,7 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     budget = default_budget(budget, method=method, rank=rank, profile_budget=profile.decomposition.budget)
     profile = profile.override(
         decomposition={"method": method, "rank": rank, "budget": budget,
+                       "candidates": list(candidates) if candidates is not None else None,
                        **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
         finetune={"epochs": finetune_epochs, "device": torch_device})
     resolve_torch_device(profile.finetune.device)  # cuda asked for and absent is refused before any work

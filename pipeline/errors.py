@@ -13,6 +13,18 @@ class ConfigError(PipelineError):
     """Unknown target, model, method or key; a value out of range."""
 
 
+class BudgetOutOfReach(ConfigError):
+    """A budget below what the model's options can reach; `floors` holds each constrained resource's floor as a
+    fraction of the dense model's, for callers that try another budget or report it."""
+
+    def __init__(self, message: str, *, floors: dict[str, float] | None = None):
+        super().__init__(message)
+        self.floors = dict(floors or {})
+
+    def __reduce__(self):  # picklable with its floors (Ray carries errors between processes)
+        return type(self), (str(self),), {"floors": self.floors}
+
+
 class InputError(PipelineError):
     """Missing or malformed checkpoint, data set or model file."""
 

@@ -19,7 +19,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.util import cache_dir, sha256_bytes, write_text
 
 MARK = ".cnn-deploy.json"  # what makes a folder this tool's: {"kind": ...}
-KINDS = {"deploy": "a deploy build", "bench": "a benchmark folder", "mlperf-tiny": "an MLPerf Tiny run"}
+KINDS = {"deploy": "a deploy build", "bench": "a benchmark folder", "mlperf-tiny": "an MLPerf Tiny run",
+         "families": "a comparison of compression families"}
 # kinds that add to their folder and never delete from it: they may also start in a folder holding only this
 # tool's outputs (bench/ holding bench/mlperf-tiny/)
 ADDITIVE = {"bench", "mlperf-tiny"}

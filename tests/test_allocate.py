@@ -10,8 +10,8 @@ from torch import nn
 
 from pipeline.compress.budget.allocate import allocate
 from pipeline.compress.budget.sensitivity import Candidate, candidate_ranks, sensitivities
-from pipeline.compress.methods import METHODS
-from pipeline.errors import ConfigError
+from pipeline.compress.methods import METHODS, PRUNE, methods_for
+from pipeline.errors import BudgetOutOfReach, ConfigError
 from targets.budget import Budget, Constraint, parse_budget
 
 
@@ -53,8 +53,10 @@ def test_hand_checked_choice_and_its_reason():
 
 
 def test_an_unreachable_budget_names_the_floor():
-    with pytest.raises(ConfigError, match=r"out of reach: the cheapest options keep 0\.318 of the macs \(70 of 220: the cheapest options save 150\)\. Raise macs to at least 0\.318"):
+    with pytest.raises(ConfigError, match=r"out of reach: the cheapest options keep 0\.318 of the macs \(70 of 220: the cheapest options save 150\)\. Raise macs to at least 0\.318") as refused:
         allocate(TABLE, budget=parse_budget(f"macs:{0.3}"), total=220)
+    assert isinstance(refused.value, BudgetOutOfReach)
+    assert refused.value.floors == {"macs": pytest.approx(70 / 220)}  # the floor as a field, for a caller to use
 
 
 def test_parameter_budget_counts_parameters():
@@ -82,13 +84,19 @@ def test_candidate_ranks_are_rounded_and_deduplicated():
     assert candidate_ranks(conv, METHODS["svd"], fractions=(0.01, 0.5), round_to=1) == [(1,), (24,)]
 
 
-def test_sensitivities_are_measured_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def small_net(tmp_path, monkeypatch):
+    """A conv net of two 16-channel convs and its fit and held-out images, with a cache of its own."""
     monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
     rng = np.random.default_rng(0)
-    fit_x, held_x = (rng.normal(size=(32, 3, 8, 8)).astype(np.float32) for _ in range(2))
+    return net, *(rng.normal(size=(32, 3, 8, 8)).astype(np.float32) for _ in range(2))
+
+
+def test_sensitivities_are_measured_once_and_then_read_from_the_cache(small_net):
+    net, fit_x, held_x = small_net
     settings = plain(candidates=("tucker2", "svd"), rank_fractions=(0.25, 0.5), round_to=4, exclude=("0", "6"))
     kwargs = dict(input_shape=(3, 8, 8), fit_x=fit_x, heldout_x=held_x, settings=settings, progress=False)
     first, facts = sensitivities(net, **kwargs)
@@ -199,3 +207,27 @@ def test_an_unreachable_cycle_budget_names_the_saving_not_a_negative_rest():
                                           r"save 3\)\. Raise cycles to at least 0\.800") as error:
         allocate(table, budget=parse_budget("cycles:0.5"), total=15.0)
     assert "not factored" not in str(error.value)
+
+
+def test_prune_alone_offers_no_factorisation_of_any_layer_shape():
+    """Linear, 1x1 and depthwise layers get their shape's method whenever a factorisation is named, never when
+    channel cuts are the only candidates."""
+    for layer in (nn.Linear(16, 10), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 16, 3)):
+        assert methods_for(layer, (PRUNE,)) == []
+        assert methods_for(layer, ("svd", PRUNE))
+    assert [m.name for m in methods_for(nn.Linear(16, 10), ("tucker2",))] == ["linear-svd"]
+
+
+def test_a_table_measured_for_more_methods_answers_for_fewer(small_net):
+    net, fit_x, held_x = small_net
+    kwargs = dict(input_shape=(3, 8, 8), fit_x=fit_x, heldout_x=held_x, progress=False)
+    wide = plain(candidates=("tucker2", "svd", PRUNE), rank_fractions=(0.25, 0.5), round_to=4, exclude=("0",))
+    everything, facts = sensitivities(net, settings=wide, **kwargs)
+    assert not facts["cached"] and {c.method for c in everything} == {None, "tucker2", "svd", "linear-svd", PRUNE}
+    for methods in (("svd",), (PRUNE,)):
+        narrow = plain(candidates=methods, rank_fractions=(0.25, 0.5), round_to=4, exclude=("0",))
+        reused, facts = sensitivities(net, settings=narrow, **kwargs)
+        assert facts["cached"] and facts["narrowed_from"] == ["tucker2", "svd", PRUNE]
+        measured, facts = sensitivities(net, settings=narrow, use_cache=False, **kwargs)
+        assert reused == measured  # the same figures as measuring those methods alone
+    assert {c.method for c in reused} == {None, PRUNE}  # prune alone: no linear-svd on the classifier

@@ -549,6 +549,10 @@ def method_for(layer: nn.Module, conv_method: str) -> Method:
 
 
 def methods_for(layer: nn.Module, conv_methods: tuple[str, ...]) -> list[Method]:
-    """The candidates a budget allocation may try on `layer`."""
+    """The candidates a budget allocation may try on `layer`: the method its shape calls for (a Linear, a 1x1 or a
+    depthwise conv) or else the named conv methods; none when only channel cuts are named (`prune` alone asks for
+    no factorisation of any layer)."""
+    if all(name == PRUNE for name in conv_methods):
+        return []
     shaped = [m for m in SHAPE_METHODS if m.applies(layer)]
     return shaped[:1] or [method_for(layer, name) for name in conv_methods if name != PRUNE]

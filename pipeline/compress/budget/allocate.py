@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from pipeline.compress.budget.sensitivity import Candidate
 from pipeline.compress.plan import Choice
-from pipeline.errors import ConfigError
+from pipeline.errors import BudgetOutOfReach, ConfigError
 from targets.budget import Budget, parse_budget
 
 __all__ = ["allocate", "floors", "check_reachable", "parse_budget", "Budget", "FIELD"]
@@ -213,8 +213,8 @@ def check_reachable(candidates: list[Candidate], *, budget: Budget, totals: dict
         first = missed[0]
         at_least = (f"{found[first.resource]:.3f}" if first.limit_bytes is None
                     else f"{found[first.resource] * totals[first.resource]:,.0f} bytes")
-        raise ConfigError(f"Budget {budget} is out of reach: {'; '.join(parts)}. Raise {first.resource} to at least "
-                          f"{at_least}, or allow lower ranks, channel cuts or more layers")
+        raise BudgetOutOfReach(f"Budget {budget} is out of reach: {'; '.join(parts)}. Raise {first.resource} to at "
+                               f"least {at_least}, or allow lower ranks, channel cuts or more layers", floors=found)
     return found
 
 

@@ -225,15 +225,25 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
     methods, fractions, round_to = settings.candidates, settings.rank_fractions, settings.round_to
     key_settings = {"methods": list(methods), "fractions": list(fractions), "round_to": round_to,
                     **({"channel_fractions": list(settings.channel_fractions)} if PRUNE in methods else {}),
+                    # cuts alone: no layer's shape method either (a table from before that rule had them)
+                    **({"cuts_alone": True} if set(methods) == {PRUNE} else {}),
                     "layers": list(settings.layers), "exclude": list(settings.exclude),
                     "keep_first_and_last": settings.keep_first_and_last, "seed": seed, "input_shape": list(input_shape),
                     "latency": None if latency is None else latency.fingerprint,
                     **({} if device.is_cpu else {"device": device.device.type})}
     key = _fingerprint(module, *([] if fit_x is None else [fit_x]), heldout_x,
                        settings={**key_settings, "data_aware": fit_x is not None})
+    # the same settings whatever the methods: a table measured for more methods answers for fewer
+    family = {k: v for k, v in key_settings.items() if k not in ("methods", "channel_fractions", "cuts_alone")}
+    base = _fingerprint(module, *([] if fit_x is None else [fit_x]), heldout_x,
+                        settings={**family, "channel_fractions": list(settings.channel_fractions),
+                                  "data_aware": fit_x is not None})[:24]
     path = cache_dir("sensitivity", f"{key[:24]}.json")
     if use_cache and path.is_file():
-        return _cached(path)
+        return _cached(path, base=base)
+    wider = _wider_table(base, module, methods) if use_cache else None
+    if wider is not None:
+        return wider
     with cache_lock(path):  # a run beside this one sweeping the same model waits for it, then reuses the table
         if use_cache and path.is_file():
             return _cached(path)
@@ -286,12 +296,35 @@ def sensitivities(module: nn.Module, *, input_shape: tuple[int, ...], fit_x: np.
         order = {name: i for i, name in enumerate(dict.fromkeys(c.layer for c in skeleton))}
         found.sort(key=lambda c: order[c.layer])  # each layer's dense entry, then its candidates; then the cuts
         seconds = round(time.perf_counter() - started, 2)
-        write_text(path, json.dumps({"settings": key_settings, "seconds": seconds,
+        write_text(path, json.dumps({"settings": key_settings, "base": base, "seconds": seconds,
                                      "candidates": [asdict(c) for c in found]}, indent=1))
         return found, {"cached": False, "path": str(path), "seconds": seconds}
 
 
-def _cached(path: Path) -> tuple[list[Candidate], dict]:
+def _wider_table(base: str, module: nn.Module, methods: tuple[str, ...]) -> tuple[list[Candidate], dict] | None:
+    """A cached table of the same model, data and settings measured for more methods, cut down to `methods` (each
+    candidate is measured alone, seeded and single-threaded, so its figures do not depend on the others)."""
+    for path in sorted(cache_dir("sensitivity").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("base") != base or not set(methods) <= set(data["settings"]["methods"]):
+            continue
+        found, facts = _cached(path)
+        offered = {}
+        for c in found:
+            if c.method not in (None, PRUNE) and c.layer not in offered:
+                offered[c.layer] = {m.name for m in methods_for(module.get_submodule(c.layer), methods)}
+        kept = [c for c in found if c.method is None or (c.method == PRUNE and PRUNE in methods)
+                or c.method in offered.get(c.layer, ())]
+        return kept, {**facts, "narrowed_from": list(data["settings"]["methods"])}
+    return None
+
+
+def _cached(path: Path, *, base: str | None = None) -> tuple[list[Candidate], dict]:
     data = json.loads(path.read_text())
+    if base and "base" not in data:  # a table from before tables named their base: named now, so it can be narrowed
+        write_text(path, json.dumps({**data, "base": base}, indent=1))
     return [Candidate(**{**c, "ranks": tuple(c["ranks"])}) for c in data["candidates"]], \
         {"cached": True, "path": str(path), "seconds": data["seconds"]}
