@@ -17,7 +17,6 @@ from pipeline.cycles.mca import _parse, block_cycles
 from pipeline.cycles.plugin import plugin_arg
 from pipeline.cycles.profile import Block
 from pipeline.cycles.tools import MissingTool, missing, require
-from pipeline.errors import DeviceError
 
 pytestmark = pytest.mark.cycles
 
@@ -150,9 +149,29 @@ Total Cycles:      145
 
 
 def test_llvm_mca_regions_are_read_as_cycles_per_iteration():
-    assert _parse(MCA_REPORT, expected={3, 7}) == {3: 1.03, 7: 1.45}
-    with pytest.raises(DeviceError, match="reported 2 of 3 code regions"):
-        _parse(MCA_REPORT, expected={3, 7, 9})
+    assert _parse(MCA_REPORT) == {3: 1.03, 7: 1.45}
+
+
+def test_a_region_a_batch_report_leaves_out_is_timed_alone(tmp_path, monkeypatch):
+    """Once, on the M7, llvm-mca's report of a batch held one region fewer than it was given (not reproduced):
+    such a block is timed in a run of its own, to the cycles it gets in a batch."""
+    needs("llvm-mc", "llvm-mca")
+    blocks = [Block(bytes.fromhex("01300130"), (2, 2)), Block(bytes.fromhex("0130"), (2,)),
+              Block(bytes.fromhex("4ff00000"), (4,))]
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path / "whole"))
+    whole = block_cycles(core_named("cortex-m7"), blocks)
+    real = subprocess.run
+
+    def losing_the_first_region(command, *args, **kwargs):
+        done = real(command, *args, **kwargs)
+        if command[0] == "llvm-mca" and done.stdout.count("Code Region - b") > 1:
+            first = done.stdout.index("Code Region - b")
+            done.stdout = done.stdout[:first] + done.stdout[done.stdout.index("Code Region - b", first + 1):]
+        return done
+
+    monkeypatch.setattr("pipeline.cycles.mca.subprocess.run", losing_the_first_region)
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path / "lossy"))
+    assert block_cycles(core_named("cortex-m7"), blocks) == whole
 
 
 def test_known_blocks_take_the_cycles_of_the_cores_model():

@@ -7,7 +7,8 @@ profile's factorisations, `prune` alone, or both. Each row is read from that bui
 target's runtime (TFLM on a microcontroller, the int8 graph's own arithmetic in ONNX Runtime for a Linux board), the
 board's estimated cycles against the dense int8 model's, MACs, and RAM: TFLM's arena as the firmware used it on the
 emulated board, or on a Linux board the int8 graph's peak activation memory. A family whose options cannot reach the
-budget is refused by the deploy before any work; its row names the floor instead. The builds stay in
+budget is refused by the deploy before any work; its row names the floor instead (a build that fails for another
+reason gets its error, and the others go on). The builds stay in
 `<out>/builds/` (report.md, firmware) for a closer look.
 """
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.compress.methods import PRUNE
-from pipeline.errors import BudgetOutOfReach, ConfigError
+from pipeline.errors import BudgetOutOfReach, ConfigError, PipelineError
 from pipeline.output import check_output, mark, writing
 from pipeline.util import host_machine, markdown_table, write_text
 from targets import load_target
@@ -98,6 +99,9 @@ def families(*, models=("resnet8", "resnet20"), targets=("rpi4", "nucleo-l4r5zi"
                                data=data, eval_samples=eval_samples, out=build, progress=False)
                     except BudgetOutOfReach as exc:
                         row.update(refused=str(exc), floors=exc.floors)
+                    except PipelineError as exc:  # one build's failure is a row of the comparison, not its end
+                        row.update(failed=f"{type(exc).__name__}: {exc}")
+                        log(f"[families] {model} on {profile.name}, {family}: failed: {exc}")
                     else:
                         row.update(row_from_report(json.loads((build / "report.json").read_text())))
                     row["seconds"] = round(time.perf_counter() - begun, 1)
@@ -128,6 +132,9 @@ def report_text(results: dict) -> str:
         cells = []
         for r in (r for r in results["rows"] if r["model"] == model):
             where = f"{r['target']} ({r['core']})"
+            if "failed" in r:
+                cells.append((where, r["family"], "failed", "-", "-", "-", "-", r["failed"][:120]))
+                continue
             if "refused" in r:
                 floors = ", ".join(f"{k} {v:.3f}" for k, v in r["floors"].items())
                 cells.append((where, r["family"], "out of reach", f"floor: {floors}", "-", "-", "-", "-"))

@@ -108,10 +108,18 @@ def _mca(core: Core, texts: dict[int, list[str]]) -> dict[int, float]:
         finally:
             Path(f.name).unlink()
         if done.returncode == 0:
-            cycles = _parse(done.stdout, expected=set(pending))
+            cycles = _parse(done.stdout)
+            missing = [i for i in pending if i not in cycles]
+            if missing and len(pending) == 1:
+                text = pending[missing[0]]
+                raise DeviceError(f"llvm-mca gave no summary for a block of {len(text)} instructions on {core.name}: "
+                                  f"{'; '.join(text[:12])}{' ...' if len(text) > 12 else ''}")
+            # a region a batch's report left out (seen once on the M7, not reproduced) is timed alone
+            alone = {i: v for i in missing for i, v in _mca(core, {i: pending[i]}).items()}
             # what was left out counts one cycle an instruction (a block of nothing else ran as one nop)
-            return {i: cycles[i] - (not any(_mnemonic(x) not in untimed for x in text))
-                    + sum(_mnemonic(x) in untimed for x in text) for i, text in pending.items()}
+            return {**{i: cycles[i] - (not any(_mnemonic(x) not in untimed for x in text))
+                       + sum(_mnemonic(x) in untimed for x in text) for i, text in pending.items() if i in cycles},
+                    **alone}
         unsupported = UNSUPPORTED.search(done.stderr)
         if unsupported and unsupported[1] not in untimed:
             untimed.add(unsupported[1])
@@ -124,7 +132,7 @@ def _mca(core: Core, texts: dict[int, list[str]]) -> dict[int, float]:
     return {}
 
 
-def _parse(report: str, *, expected: set[int]) -> dict[int, float]:
+def _parse(report: str) -> dict[int, float]:
     """llvm-mca's summary of each code region: total cycles over iterations."""
     found, region, iterations = {}, None, None
     for line in report.splitlines():
@@ -134,8 +142,6 @@ def _parse(report: str, *, expected: set[int]) -> dict[int, float]:
             iterations = int(line.split()[1])
         elif line.startswith("Total Cycles:") and region is not None and iterations:
             found[region] = int(line.split()[2]) / iterations
-    if set(found) != expected:
-        raise DeviceError(f"llvm-mca reported {len(found)} of {len(expected)} code regions; its output changed form?")
     return found
 
 
