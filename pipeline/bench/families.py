@@ -45,14 +45,15 @@ def _ram(variant: dict) -> tuple[int | None, str]:
 
 
 def _plan(layers: list[dict]) -> str:
-    """The plan in a few words: how many layers each method took, how many groups were cut."""
+    """The plan in a few words: how many layers each method took, how many had channels cut (a cut group touches
+    every layer that writes or reads its channels)."""
     counts: dict[str, int] = {}
     for layer in layers:
         if layer.get("channels") is not None and layer.get("channels") != layer.get("channels_before"):
             counts["cut"] = counts.get("cut", 0) + 1
         if layer.get("method") not in (None, PRUNE):
             counts[layer["method"]] = counts.get(layer["method"], 0) + 1
-    return ", ".join(f"{n} {m}" for m, n in sorted(counts.items())) or "dense"
+    return ", ".join(f"{n} layers cut" if m == "cut" else f"{n} {m}" for m, n in sorted(counts.items())) or "dense"
 
 
 def row_from_report(report: dict) -> dict:
