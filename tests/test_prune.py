@@ -147,6 +147,12 @@ def test_the_profile_refuses_a_bad_budget_and_arena_never_grows_adds_arena_1():
     assert str(effective_budget(settings.decomposition)) == "macs:0.7,arena:1"
     kept = load_target("nucleo-l4r5zi").override(decomposition={"budget": "0.7,arena:40KiB", "arena_never_grows": True})
     assert str(effective_budget(kept.decomposition)) == "macs:0.7,arena:40KiB"  # the budget's own arena stands
+    # RAM never grows by default on a microcontroller, whatever the budget; a Linux board's arena is left free
+    for board in ("nucleo-l4r5zi", "nucleo-h743zi", "cortex-m4", "nrf52840"):
+        assert str(effective_budget(load_target(board).decomposition)) == "macs:0.85,arena:1"
+        given = load_target(board).override(decomposition={"budget": "cycles:0.8"})
+        assert str(effective_budget(given.decomposition)) == "cycles:0.8,arena:1"
+    assert str(effective_budget(load_target("rpi4").override(decomposition={"budget": "0.7"}).decomposition)) == "macs:0.7"
 
 
 def test_greedy_plan_places_largest_first_at_the_lowest_free_offset():

@@ -129,8 +129,8 @@ class Menu:
 
 
 def effective_budget(settings: Decomposition) -> Budget:
-    """The budget as given, with `arena:1` added where the profile says RAM must not grow (`arena_never_grows`;
-    not yet any profile's default) and the budget does not bound the arena itself."""
+    """The budget as given, with `arena:1` added where the profile says RAM must not grow (`arena_never_grows`: the
+    microcontrollers') and the budget does not bound the arena itself."""
     budget = parse_budget(settings.budget)
     if settings.arena_never_grows:
         budget = budget.adding(Constraint("arena", fraction=1.0))
