@@ -231,3 +231,18 @@ def test_a_table_measured_for_more_methods_answers_for_fewer(small_net):
         measured, facts = sensitivities(net, settings=narrow, use_cache=False, **kwargs)
         assert reused == measured  # the same figures as measuring those methods alone
     assert {c.method for c in reused} == {None, PRUNE}  # prune alone: no linear-svd on the classifier
+
+
+def test_with_both_families_the_plan_is_never_worse_than_either_family_alone():
+    """Cuts couple the layers they touch; the whole menu's descent can stop above what one family reaches alone."""
+    from pipeline.compress.budget.allocate import _family_menus, units_of
+
+    table = [cand("a", None, 100, 0.0), cand("a", "svd", 50, 0.05), cand("b", None, 100, 0.0), cand("b", "svd", 50, 0.05),
+             Candidate("channels:g", None, (), 0, 0, 0.0, 1.0), Candidate("channels:g", PRUNE, (8,), 0, 0, 0.3, 0.8)]
+    menus = _family_menus(units_of(table, parse_budget("macs:0.6")))
+    assert [len(o) for o in menus["factorisations"].values()] == [2, 2, 1]
+    assert [len(o) for o in menus["cuts"].values()] == [1, 1, 2]
+    assert _family_menus(units_of(TABLE, parse_budget("macs:0.6"))) == {}  # one family: nothing else to try
+    for limit in (0.5, 0.7, 0.9):
+        choices, summary = allocate(TABLE, budget=parse_budget(f"macs:{limit}"), total=220)
+        assert summary["solved_with"] == "both"
