@@ -181,7 +181,9 @@ def test_a_cycle_budget_on_a_microcontroller_counts_estimated_cycles_on_the_boar
     result = compress(spec, data, settings=profile.decomposition, tuning=profile.finetune, layer_cost=cost,
                       progress=False, log=lambda *_: None)
     allocation = result.allocation
-    assert allocation["budget"] == "cycles:0.7" and allocation["kept"] <= 0.7
+    # a microcontroller keeps the arena at most the dense model's unless the budget bounds it (arena_never_grows)
+    assert allocation["budget"] == "cycles:0.7,arena:1" and allocation["kept"] <= 0.7
+    assert allocation["kept_by_resource"]["arena"] <= 1.0
     assert allocation["latency_unit"] == "estimated cortex-m4 cycles" and allocation["never_slower"]
     # the total is the whole int8 model's cycles as firmware, the operators between its layers included
     assert allocation["total"] == cost.model(net, (3, 16, 16))

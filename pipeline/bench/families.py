@@ -6,8 +6,11 @@ the same budget, data, test images and fine-tuning, the budget's candidate metho
 profile's factorisations, `prune` alone, or both. Each row is read from that build's report.json: int8 top-1 on the
 target's runtime (TFLM on a microcontroller, the int8 graph's own arithmetic in ONNX Runtime for a Linux board), the
 board's estimated cycles against the dense int8 model's, MACs, and RAM: TFLM's arena as the firmware used it on the
-emulated board, or on a Linux board the int8 graph's peak activation memory. A family whose options cannot reach the
-budget is refused by the deploy before any work; its row names the floor instead (a build that fails for another
+emulated board, or on a Linux board the int8 graph's peak activation memory. The budget applies as in a deploy: on a
+microcontroller it keeps the arena at most the dense model's (`arena_never_grows`), which factorisation alone cannot
+do, so the deploy lets channel cuts join that family (it says so, and the plan column shows them); to compare the
+families with the arena free, name a profile of your own that sets `arena_never_grows = false`. A family whose options
+cannot reach the budget is refused by the deploy before any work; its row names the floor instead (a build that fails for another
 reason gets its error, and the others go on). The builds stay in
 `<out>/builds/` (report.md, firmware) for a closer look.
 """
