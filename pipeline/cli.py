@@ -3,6 +3,7 @@ helps are written from the registries (methods, budget resources, target profile
 what exists."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -160,7 +161,8 @@ def cmd_families(args) -> int:
                     data=args.data, eval_samples=args.eval_samples, out=args.out)
     print(path.with_name("report.md").read_text())
     print(f"results: {path}; report: {path.with_name('report.md')}")
-    return 0
+    failed = [r for r in json.loads(path.read_text())["rows"] if "failed" in r]
+    return 1 if failed else 0  # a refused family is a result; a build that failed is not
 
 
 def _add_compression_flags(p, *, deploy: bool) -> None:

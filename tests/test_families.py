@@ -57,3 +57,12 @@ def test_three_families_at_one_budget_side_by_side(cifar_dir, tmp_path, capsys):
         assert not factored or family != "pruning"
         assert row["top1"] == report["variants"]["factored_int8"]["top1"]
     assert "## seednet" in (out / "report.md").read_text() and "| pruning " in capsys.readouterr().out
+
+
+def test_bad_settings_are_refused_before_any_build(tmp_path, capsys):
+    for args, error in ((["--models", "resnet9"], "error: MODELS=resnet9: not zoo models; known: seednet"),
+                        (["--eval-samples", "-1"], "error: EVAL_SAMPLES=-1; expected 0"),
+                        (["--budget", "cycles:2"], "error: ")):
+        assert main(["families", *args, "--target", "rpi4", "--out", str(tmp_path / "f")]) == 2
+        assert capsys.readouterr().err.startswith(error)
+        assert not (tmp_path / "f").exists()

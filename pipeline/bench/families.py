@@ -1,18 +1,18 @@
 """`make families`: factorisation only, channel pruning only and both, at one budget on each board, side by side.
 
-The question it answers: at the same estimated cycles on a core, which family of compression keeps more accuracy
-and less RAM? For every model and target it runs the deploy itself (`pipeline.deploy.deploy`) once per family, with
-the same budget, data, test images and fine-tuning, the budget's candidate methods restricted to the family: the
+The question it answers: at the same estimated cycles on a core, which family of compression keeps more accuracy and
+less RAM? For every model and target it runs the deploy itself (`pipeline.deploy.deploy`) once per family, with the
+same budget, data, test images and fine-tuning, the budget's candidate methods restricted to the family: the
 profile's factorisations, `prune` alone, or both. Each row is read from that build's report.json: int8 top-1 on the
 target's runtime (TFLM on a microcontroller, the int8 graph's own arithmetic in ONNX Runtime for a Linux board), the
 board's estimated cycles against the dense int8 model's, MACs, and RAM: TFLM's arena as the firmware used it on the
 emulated board, or on a Linux board the int8 graph's peak activation memory. The budget applies as in a deploy: on a
 microcontroller it keeps the arena at most the dense model's (`arena_never_grows`), which factorisation alone cannot
 do, so the deploy lets channel cuts join that family (it says so, and the plan column shows them); to compare the
-families with the arena free, name a profile of your own that sets `arena_never_grows = false`. A family whose options
-cannot reach the budget is refused by the deploy before any work; its row names the floor instead (a build that fails for another
-reason gets its error, and the others go on). The builds stay in
-`<out>/builds/` (report.md, firmware) for a closer look.
+families with the arena free, name a profile of your own that sets `arena_never_grows = false`. A family whose
+options cannot reach the budget is refused by the deploy before any work; its row names the floor instead (a build
+that fails for another reason gets its error, and the others go on). The builds stay in `<out>/builds/` (report.md,
+firmware) for a closer look.
 """
 
 import json
@@ -79,9 +79,16 @@ def families(*, models=("resnet8", "resnet20"), targets=("rpi4", "nucleo-l4r5zi"
              out: str = "bench/families", log=print) -> Path:
     """Every model x target x family deployed at `budget` with `epochs` of fine-tuning, scored on `eval_samples`
     test images (0: all); writes `<out>/results.json` and `<out>/report.md` and returns the first."""
-    parse_budget(budget)  # a bad budget, epoch count or target is refused before any work
+    from pipeline.zoo import ZOO
+
+    parse_budget(budget)  # a bad budget, model, count or target is refused before any work, not as a failed row
+    unknown = [m for m in models if m not in ZOO]
+    if unknown:
+        raise ConfigError(f"MODELS={' '.join(unknown)}: not zoo models; known: {', '.join(ZOO)}")
     if epochs < 0:
         raise ConfigError(f"FINETUNE_EPOCHS={epochs}; expected 0 or a positive count")
+    if eval_samples < 0:
+        raise ConfigError(f"EVAL_SAMPLES={eval_samples}; expected 0 (the full test set) or a positive count")
     profiles = {target: load_target(target) for target in targets}
     out = check_output(out, kind="families", inputs=[data])
     from pipeline.deploy import deploy  # the whole pipeline, loaded once the settings are known to be good

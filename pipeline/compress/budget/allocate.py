@@ -1,25 +1,25 @@
 """Budget allocation: one option per decision unit (a layer: keep it or one of its factorisations; a channel group:
-keep its channels or cut them) so that the model meets every constraint of a budget (MACs, parameters, the
-board's estimated cycles of the whole int8 model, the activation arena) with the least summed sensitivity.
+keep its channels or cut them) so that the model meets every constraint of a budget (MACs, parameters, the board's
+estimated cycles of the whole int8 model, the activation arena) with the least summed sensitivity.
 
 A multiple-choice knapsack solved by its Lagrangian relaxation: each unit minimises KL + lambda * price, the price
-being the option's whole-model costs, each as a share of its constraint's limit, summed over the budget's
-additive constraints; lambda is bisected to the smallest value at which every constraint holds, then greedy
-upgrades spend whatever is left. Where units are independent (factorisation alone: a layer's cost does not depend
-on the others) one pass per lambda is the exact relaxation, optimal on the convex hull. A channel cut changes
-the shapes, and so the costs, of every layer it touches: the relaxation is then minimised by coordinate descent
-(each unit in turn, given the others, until none changes), and a layer whose channels are cut is not also
-factored. Coordinate descent on coupled units can stop short of the best plan (on ResNet-8 for the Cortex-M4 at
-cycles:0.75 the whole menu's plan predicted KL 0.259, factorisations alone 0.216), so where the units offer both
-families each family's own menu is solved as well and the least predicted loss that meets the budget is kept
-(`solved_with`): never worse, by the measured sensitivities, than either family alone. The arena is a peak, not a sum: it is a feasibility rule of every move instead (a move is taken only
-when the planned arena of the selection it makes still fits), starting from the dense model, or from the smallest
-arena there is when the limit lies below the dense model's.
+being the option's whole-model costs, each as a share of its constraint's limit, summed over the budget's additive
+constraints; lambda is bisected to the smallest value at which every constraint holds, then greedy upgrades spend
+whatever is left. Where units are independent (factorisation alone: a layer's cost does not depend on the others)
+one pass per lambda is the exact relaxation, optimal on the convex hull. A channel cut changes the shapes, and so
+the costs, of every layer it touches: the relaxation is then minimised by coordinate descent (each unit in turn,
+given the others, until none changes), and a layer whose channels are cut is not also factored. Coordinate descent
+on coupled units can stop short of the best plan (on ResNet-8 for the Cortex-M4 at cycles:0.75 the whole menu's plan
+predicted KL 0.259, factorisations alone 0.216), so where the units offer both families each family's own menu is
+solved as well and the least predicted loss that meets the budget is kept (`solved_with`): never worse, by the
+measured sensitivities, than either family alone. The arena is a peak, not a sum: it is a feasibility rule of every
+move instead (a move is taken only when the planned arena of the selection it makes still fits), starting from the
+dense model, or from the smallest arena there is when the limit lies below the dense model's.
 
 Summing per-unit KLs assumes their errors add, which holds well for small errors, the regime a budget is chosen in.
 With `latency_weight` w > 0 each option's loss becomes KL + w * latency / (the dense layers' summed latency). With
-the board's own estimate (`never_slower`), a factorisation that costs more cycles than its dense layer is no
-option at all, in the floor as in the allocation.
+the board's own estimate (`never_slower`), a factorisation that costs more cycles than its dense layer is no option
+at all, in the floor as in the allocation.
 """
 
 from collections import defaultdict
