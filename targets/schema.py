@@ -108,8 +108,9 @@ class Decomposition:
         _at_least("round_to", self.round_to, 1, "a positive integer")
         if not self.rank_fractions or not all(0 < f <= 1 for f in self.rank_fractions):
             raise ConfigError(f"rank_fractions {self.rank_fractions}; expected fractions in (0, 1]")
-        if not self.channel_fractions or not all(0 < f < 1 for f in self.channel_fractions):
-            raise ConfigError(f"channel_fractions {self.channel_fractions}; expected fractions in (0, 1)")
+        if not self.channel_fractions or not all(0 <= f < 1 for f in self.channel_fractions):
+            raise ConfigError(f"channel_fractions {self.channel_fractions}; expected fractions in [0, 1) (0: a group "
+                              "may be removed whole)")
         _at_least("latency_weight", self.latency_weight, 0, "0 (off) or a positive weight")
         _at_least("fit_samples", self.fit_samples, 0, "0 (fit the weights) or a positive count")
         _at_least("sensitivity_samples", self.sensitivity_samples, 1, "at least one image")

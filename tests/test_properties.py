@@ -4,7 +4,7 @@ writer's int8 model matches ONNX Runtime's within one quantization step."""
 import numpy as np
 import pytest
 import torch
-from helpers import plain
+from helpers import plain, tflm_steps_from_onnxruntime
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -13,11 +13,6 @@ from pipeline.compress.budget.macs import count
 from pipeline.compress.decompose import decompose
 from pipeline.onnx.cost import onnx_cost
 from pipeline.onnx.export import export_onnx
-from pipeline.onnx.quantize import quantize_onnx
-from pipeline.onnx.run import reference_session, run
-from pipeline.tflm import interpreter as tflm
-from pipeline.tflm.convert import convert_to_tflite
-from targets import Quantization
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -57,12 +52,4 @@ def test_onnx_graph_macs_equal_the_torch_count(case, factor, tmp_path):
 def test_tflite_writer_matches_onnxruntime_within_one_step(case, tmp_path):
     net, shape = case
     x = np.random.default_rng(1).normal(size=(48, *shape)).astype(np.float32)
-    raw, _ = export_onnx(net, tmp_path / "m.onnx", check_inputs=x[:4])
-    q = quantize_onnx(raw, tmp_path / "q.onnx", calibration=x[:32], settings=Quantization(activation_type="int8"))
-    model = convert_to_tflite(q, tmp_path / "m.tflite").read_bytes()
-    io = tflm.io_quant(model)
-    x_int8 = tflm.quantize_input(x[32:], io)
-    seen = ((x_int8.astype(np.float32) - io.input_zero_point) * io.input_scale).transpose(0, 3, 1, 2)
-    ort = run(reference_session(q), np.ascontiguousarray(seen)).transpose(0, 2, 3, 1)  # the QDQ file's arithmetic
-    micro = tflm.dequantize_output(tflm.run_tflm(model, x_int8), io).reshape(ort.shape)
-    assert np.abs(micro - ort).max() / io.output_scale <= 1.0 + 1e-4
+    assert tflm_steps_from_onnxruntime(net, x, tmp_path) <= 1.0 + 1e-4

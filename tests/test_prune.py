@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import plain
+from helpers import plain, with_trained_norms
 from torch import nn
 
 from pipeline.compress.budget.allocate import allocate, check_reachable
@@ -49,13 +49,7 @@ class TinyResidual(nn.Module):
 
 def tiny() -> TinyResidual:
     torch.manual_seed(0)
-    net = TinyResidual().eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-    return net
+    return with_trained_norms(TinyResidual())
 
 
 SHAPE = (3, 8, 8)

@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from pipeline.compress.budget.macs import count
-from pipeline.compress.plan import Choice, DecompositionPlan
+from pipeline.compress.plan import Choice, DecompositionPlan, LayerPlan
 from pipeline.compress.prune import PREFIX, channel_groups, consumers_of, prune, refit_consumers
 from pipeline.compress.ranks import parse_rank, round_up
 from pipeline.errors import ConfigError
@@ -90,4 +90,15 @@ def with_cuts(plan: DecompositionPlan, *, dense: nn.Module, pruned: nn.Module, i
                             for g in groups if g in kept)
             change["note"] = "; ".join(filter(None, (why, row.note if row.method else "")))
         rows.append(dataclasses.replace(row, **change))
+    order = {name: i for i, name in enumerate(before)}
+    for name, groups in (touching or {}).items():  # gone with a removed group: a row where the dense layer was
+        if name in after or name not in before:
+            continue
+        group, b = next(g for g in groups if not kept.get(g)), before[name]
+        at = next((i for i, r in enumerate(rows) if order.get(r.name, -1) > order[name]), len(rows))
+        rows.insert(at, LayerPlan(
+            name, b.kind, None, (), plan.rank_rule, b.macs, 0, b.params, 0, None,
+            f"removed: group {group} keeps no channels ({(reasons or {}).get(group, 'uniform cut')})",
+            channels=(b.input_shape[0], 0) if name == group else (0, b.output_shape[0]),
+            channels_before=(b.input_shape[0], b.output_shape[0])))
     return dataclasses.replace(plan, layers=tuple(rows), cuts=kept)

@@ -120,6 +120,8 @@ def _cost(value: float | None, what: str = "cycles") -> str:
 def _method(p: "LayerPlan") -> str:
     if p.method:
         return f"prune + {p.method}" if p.channels and p.channels != p.channels_before else p.method
+    if p.channels and 0 in p.channels:
+        return "removed"
     return "prune" if p.channels and p.channels != p.channels_before else "dense"
 
 

@@ -13,7 +13,7 @@ from calib import Dataset, preprocess, split_training
 from pipeline.compress.budget.allocate import allocate, check_reachable, jointly_reachable
 from pipeline.compress.budget.arena import timeline
 from pipeline.compress.budget.macs import count, totals
-from pipeline.compress.budget.menu import fit_rates, middle_cuts, pricing_for
+from pipeline.compress.budget.menu import fit_rates, fit_removals, middle_cuts, pricing_for
 from pipeline.compress.budget.sensitivity import LayerCost, sensitivities, skeleton_candidates
 from pipeline.compress.cuts import apply_cuts, split_choices, uniform_cuts, with_cuts
 from pipeline.compress.decompose import collapse, decompose
@@ -198,8 +198,9 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
 
 def _fit_between(spec: ModelSpec, pricing, skeleton: list, cost: LayerCost) -> None:
     """The pricing's rates for what the layers' tables miss (see `fit_rates`), from the model with every group at its
-    middle cut and, where some groups reach no operator between the layers, with only those cut: one or two more
-    whole-model counts on the board's estimate, cached like the dense model's."""
+    middle cut and, where some groups reach no operator between the layers, with only those cut; then each removable
+    group removed alone (`fit_removals`): a whole-model count on the board's estimate each, cached like the dense
+    model's."""
     middle = middle_cuts(skeleton)
     if not middle:
         return
@@ -210,6 +211,9 @@ def _fit_between(spec: ModelSpec, pricing, skeleton: list, cost: LayerCost) -> N
         keep = {unit.removeprefix(unit_name("")): c.ranks[0] for unit, c in selection.items()}
         measured.append((selection, cost.model(prune(spec.module, spec.input_shape, keep)[0], spec.input_shape)))
     fit_rates(pricing, measured)
+    removals = [c for c in skeleton if c.method == PRUNE and c.ranks == (0,)]
+    fit_removals(pricing, [(c, cost.model(prune(spec.module, spec.input_shape, {c.layer.removeprefix(unit_name("")): 0})[0],
+                                          spec.input_shape)) for c in removals])
 
 
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
@@ -236,7 +240,9 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
                           latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
                           totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()},
                           between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0,
-                          layer_edge_cycles_per_element=round(pricing.io_rate, 3) if pricing is not None else 0.0)
+                          layer_edge_cycles_per_element=round(pricing.io_rate, 3) if pricing is not None else 0.0,
+                          removal_extra_cycles={g: round(c) for g, c in pricing.removal_extra.items()}
+                          if pricing is not None else {})
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")

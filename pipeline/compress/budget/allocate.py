@@ -373,17 +373,21 @@ def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budge
     cheaper = [c for c in options if c is not chosen and resource in FIELD
                and price.change(selection, {chosen.layer: c})[resource] < 0]
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
-    then = (f"; the best cheaper option ({nxt.method} {'x'.join(map(str, nxt.ranks))}) costs KL {nxt.kl:.4f}"
-            if nxt else "; no cheaper option")
+    then = f"; the best cheaper option ({_option(nxt)}) costs KL {nxt.kl:.4f}" if nxt else "; no cheaper option"
     timing = (f"; cost {_amount(chosen.latency)} vs {_amount(dense.latency)} dense"
               if chosen.method not in (None, "prune") and chosen.latency is not None and dense.latency else "")
     if chosen.method is None:
         return f"budget {budget}: kept dense{then}"
     saved = f", saves {(alone - whole) / price.totals[resource]:.1%} of the model's {resource}" \
         if whole is not None and alone is not None and resource in price.totals else ""
-    what = f"keeps {chosen.ranks[0]} channels, " if chosen.method == "prune" else ""
+    what = ("removed whole, " if chosen.ranks == (0,) else f"keeps {chosen.ranks[0]} channels, ") \
+        if chosen.method == "prune" else ""
     return (f"budget {budget}: {what}KL {chosen.kl:.4f}, agreement {chosen.agreement:.1%} on held-out images"
             f"{saved}{timing}{then}")
+
+
+def _option(c: Candidate) -> str:
+    return "removal" if c.method == "prune" and c.ranks == (0,) else f"{c.method} {'x'.join(map(str, c.ranks))}"
 
 
 def _amount(value: float) -> str:

@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from pipeline.compress.removal import ConstantOutput, Removed
 from pipeline.errors import StageError
 from pipeline.memory_plan import best_plan
 
@@ -94,8 +95,9 @@ class Timeline:
         """Elements the conv and linear layers read and write with groups cut to `keep`: what a layer timed alone
         also pays for at its edges (on ONNX Runtime, quantizing its float input and dequantizing its output)."""
         keep = keep or {}
-        return sum(_cut(self.tensors[s.inputs[0]], keep) + _cut(self.tensors[s.output], keep) for s in self.steps
-                   if s.layer is not None)
+        edges = [(_cut(self.tensors[s.inputs[0]], keep), _cut(self.tensors[s.output], keep)) for s in self.steps
+                 if s.layer is not None]
+        return sum(i + o for i, o in edges if i and o)  # a layer a removed group took away has no edges
 
     def _buffers(self, keep: dict[str, int], chains: dict[str, list[int]]):
         """(size, first use, last use) of every buffer, and each layer's span of operator steps."""
@@ -198,6 +200,8 @@ def timeline(model: nn.Module, input_shape: tuple[int, ...], *, out_group: dict[
             continue
         inputs = tensor_inputs(node)
         module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, Removed | ConstantOutput):  # a removed group: no operator, a constant at most
+            continue
         fused = isinstance(module, FUSED_MODULES) or (node.op == "call_function" and node.target in FUSED_FUNCTIONS) \
             or (node.op == "call_method" and node.target in ("relu", "relu_"))
         if inputs and (isinstance(module, nn.Identity | nn.Dropout) or (

@@ -66,6 +66,7 @@ class Pricing:
         self.timeline, self.chains, self.persistent = timeline, chains or {}, persistent or {}
         self.between_rate = 0.0  # cycles per element the operators between the layers move (see fit_rates)
         self.io_rate = 0.0  # cycles per element a layer reads or writes that its table alone gets wrong (see fit_rates)
+        self.removal_extra: dict[str, float] = {}  # per removable group, cycles its removal costs beyond the above
 
     def _kept(self, selection, group: str | None, full: int) -> int:
         if group is None:
@@ -119,10 +120,11 @@ class Pricing:
     def _between(self, selection) -> float:
         """Cycles the layers' tables miss under the selection's cuts (0 where no rate was fitted): the operators
         between the layers, and the layers' edges."""
-        if not (self.between_rate or self.io_rate) or self.timeline is None:
+        if not (self.between_rate or self.io_rate or self.removal_extra) or self.timeline is None:
             return 0.0
         keep = self._shapes(selection)[0]
-        return self.between_rate * self.timeline.moved(keep) + self.io_rate * self.timeline.layer_io(keep)
+        return (self.between_rate * self.timeline.moved(keep) + self.io_rate * self.timeline.layer_io(keep)
+                + sum(self.removal_extra.get(g, 0.0) for g, k in keep.items() if k == 0))
 
     def conflicts(self, selection, name: str, option) -> list[str]:
         """The units that cannot keep their option when `name` takes `option`: a layer is not both cut and factored
@@ -160,7 +162,8 @@ class Pricing:
             return planned
         channels = p["conv_channels"] - sum(self.groups[g].channels - k for g, k in keep.items()
                                             for _ in self.groups[g].producers + self.groups[g].depthwise)
-        ops = p["operators"] + sum(len(c) for c in chains.values())
+        gone = sum(len(self.groups[g].producers + self.groups[g].consumers) for g, k in keep.items() if k == 0)
+        ops = p["operators"] - gone + sum(len(c) for c in chains.values())
         return planned + persistent_bytes(operators=ops, conv_channels=channels)
 
 
@@ -193,12 +196,16 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
             if layer.out_group else [cout]
         pairs = [(i, i) for i in ins] if layer.depthwise else list(itertools.product(ins, outs))
         for i, o in pairs:
+            if not (i and o):  # a removed group's writer or reader: gone, and with it its cost
+                shapes.append(((layer.name, i, o), {"macs": 0, "params": 0, "cycles": 0.0}))
+                continue
             shaped, shape = resized(layer, i, o)
             cost = next(iter(count(shaped, shape).values()))
             shapes.append(((layer.name, i, o), {"macs": cost.macs, "params": cost.params, "cycles": None}))
             items.append((shaped, shape))
     if latency is not None:
-        for (_, cost), cycles in zip(shapes, layer_costs(latency, items), strict=True):
+        timed = [cost for _, cost in shapes if cost["cycles"] is None]
+        for cost, cycles in zip(timed, layer_costs(latency, items), strict=True):
             cost["cycles"] = cycles
     chains = {}
     if timeline is not None:
@@ -245,3 +252,15 @@ def fit_rates(pricing: Pricing, measured: list[tuple[dict[str, Candidate], float
         for j, rate in zip(used, rates, strict=True):
             setattr(pricing, ("between_rate", "io_rate")[j], float(rate))
     return pricing.between_rate, pricing.io_rate
+
+
+def fit_removals(pricing: Pricing, measured: list[tuple[Candidate, float]]) -> dict[str, float]:
+    """Per removable group, what its removal alone costs beyond the tables and the rates (`measured`: the removal
+    and the board's estimate of the whole int8 model without that group): the constant a removed block leaves is a
+    broadcast add, which ONNX Runtime runs slower than the same-shape add it replaces, by a per-channel amount no
+    per-element rate fits (ResNet-20 on the A72: one rate fitted on all nine blocks missed two of them by 0.011 of
+    the dense cycles). Removals are taken to add up. Sets and returns them; call after `fit_rates`."""
+    pricing.removal_extra = {}
+    found = {c.layer.removeprefix(unit_name("")): cycles - pricing({c.layer: c})["cycles"] for c, cycles in measured}
+    pricing.removal_extra = found
+    return found

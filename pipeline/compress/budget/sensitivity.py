@@ -149,10 +149,13 @@ def cut_candidates(module: nn.Module, *, input_shape: tuple[int, ...], settings:
         return [], []
     found, usable = [], []
     for group in groups:
-        try:
-            cuts = [(kept, *_cut_totals(module, input_shape, group.name, kept))
-                    for kept in kept_counts(group, fractions=settings.channel_fractions, round_to=settings.round_to)]
-        except StageError:  # the cut model does not run (an operator the pruner maps wrongly): not offered
+        cuts = []
+        for kept in kept_counts(group, fractions=settings.channel_fractions, round_to=settings.round_to):
+            try:
+                cuts.append((kept, *_cut_totals(module, input_shape, group.name, kept)))
+            except StageError:  # the cut model does not run (an operator the pruner maps wrongly, a removed
+                continue        # layer's constant meeting a pool): that cut is not offered
+        if not cuts:
             continue
         usable.append(group)
         found += [Candidate(unit_name(group.name), PRUNE, (kept,), macs, params, float("nan"), float("nan"))
