@@ -24,6 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.compress import datafit
+from pipeline.compress.budget.macs import count as layer_costs
 from pipeline.compress.ranks import round_up
 from pipeline.compress.removal import ConstantOutput, Removed, apply_removal, plan_removal
 from pipeline.errors import ConfigError, StageError
@@ -183,8 +184,10 @@ def prune(model: nn.Module, input_shape: tuple[int, ...], keep: dict[str, int],
         if count < channels:
             dropped = sorted(set(range(channels)) - set(chosen))
             graph.get_pruning_group(root, handler, idxs=dropped).prune()
-    for removal in removals:
-        apply_removal(pruned, removal)
+    if removals:
+        spatial = {n: c.output_shape[1:] for n, c in layer_costs(pruned, input_shape).items()}
+        for removal in removals:
+            apply_removal(pruned, removal, spatial)
     x = torch.zeros(2, *input_shape)  # two images: a removed layer's constant must broadcast over the batch
     try:
         with torch.inference_mode():
