@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.compress.decompose import set_submodule
 from pipeline.errors import StageError
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -34,10 +35,11 @@ class Removed(nn.Module):
 class ConstantOutput(nn.Module):
     """A layer all of whose input channels were removed: its constant output per channel (its bias, through the
     BatchNorm that followed it, folded in here), at the dense layer's output size (`spatial`) for one image, so the
-    exported graph adds a tensor of the same shape: ONNX Runtime and CMSIS-NN run a broadcast add several times slower
-    (ResNet-20 on the A72: about 70,000 cycles more per removed second-stage block) for a constant of C x H x W bytes
-    in flash. `value` trains like a bias; `scale` and `shift` (the folded BatchNorm) turn a mean of the dense layer's
-    outputs into it."""
+    exported graph adds a tensor of the same shape, for a constant of C x H x W bytes: ONNX Runtime's broadcast add
+    of a per-channel constant is the slower one (ResNet-20's first-stage blocks on the A72, the cycle engine's
+    estimate: 240,000 cycles each beyond the add it replaces, 40,000 at full size; not measured on a Cortex-M).
+    `value` trains like a bias; `scale` and `shift` (the folded BatchNorm) turn a mean of the dense layer's outputs
+    into it."""
 
     def __init__(self, value: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spatial: tuple[int, ...] = ()):
         super().__init__()
@@ -114,16 +116,15 @@ def apply_removal(model: nn.Module, plan: RemovalPlan, spatial: dict[str, tuple[
     constant of the channels it kept)."""
     for reader in plan.readers:
         norm = plan.following[reader]
-        constant = _fold(model.get_submodule(reader), None if norm is None else model.get_submodule(norm))
-        constant.spatial = tuple(spatial.get(reader, ()))
-        _replace(model, reader, constant)
+        set_submodule(model, reader, _fold(model.get_submodule(reader), None if norm is None else model.get_submodule(norm),
+                                           spatial.get(reader, ())))
         if norm is not None:
-            _replace(model, norm, nn.Identity())  # folded into the constant
+            set_submodule(model, norm, nn.Identity())  # folded into the constant
     for name in (plan.writer, *plan.norms):
-        _replace(model, name, Removed())
+        set_submodule(model, name, Removed())
 
 
-def _fold(layer: nn.Module, norm: nn.Module | None) -> ConstantOutput:
+def _fold(layer: nn.Module, norm: nn.Module | None, spatial: tuple[int, ...]) -> ConstantOutput:
     channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(channels)
     if norm is None:
@@ -134,9 +135,4 @@ def _fold(layer: nn.Module, norm: nn.Module | None) -> ConstantOutput:
         scale = gamma / torch.sqrt(norm.running_var + norm.eps)
         shift = beta - norm.running_mean * scale
     shape = (1, channels, 1, 1) if isinstance(layer, nn.Conv2d) else (1, channels)
-    return ConstantOutput((bias * scale + shift).reshape(shape).clone(), scale.clone(), shift.clone())
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return ConstantOutput((bias * scale + shift).reshape(shape).clone(), scale.clone(), shift.clone(), spatial)
