@@ -209,10 +209,59 @@ def test_the_allocator_meets_a_combined_budget_with_cuts_and_factorisations():
                                and c.ranks == choice.ranks) if choice.method else Candidate(name, None, (), 0, 0, 0, 1)
     assert pricing(selection)["macs"] <= 0.6 * macs and pricing.arena(selection) <= planned * 0.75
     assert summary["kept_by_resource"]["macs"] <= 0.6 and summary["estimated"]["arena"] <= planned * 0.75
-    for name, choice in choices.items():  # a layer cut is never also factored
-        if choice.method not in (None, "prune"):
-            assert all(choices.get(unit_name(g)) is None or choices[unit_name(g)].method != "prune"
-                       for g in (pricing.layers[name].in_group, pricing.layers[name].out_group) if g)
+    for name, choice in choices.items():  # a layer both cut and factored only where its ranks were priced at the cut
+        if choice.method not in (None, "prune") and pricing.shape(selection, name) != pricing.layers[name].full:
+            assert (name, choice.method, choice.ranks, *pricing.shape(selection, name)) in pricing.factored
+
+
+def cut_then_factored(net, cuts: dict, choices: dict):
+    """`net` with `cuts` applied, then the layers in `choices` factored at the cut shapes, as the deploy does it."""
+    from pipeline.compress.decompose import decompose
+    from pipeline.compress.plan import Choice
+
+    pruned, _ = prune(net, SHAPE, cuts)
+    factored, plan = decompose(pruned, input_shape=SHAPE, settings=plain(), progress=False,
+                               choices={n: Choice(m, r, "test") for n, (m, r) in choices.items()})
+    return factored, {p.name: p for p in plan.layers}
+
+
+def test_a_cut_layer_may_also_be_factored_where_its_ranks_fit_the_cut():
+    """Channel cut, then factorise: the inner group of the residual block keeps 8 of 16 channels and conv1 (now
+    16 -> 8) takes Tucker-2 8x8, priced at that shape; the pricing is the model's own count once built so."""
+    from pipeline.compress.budget.allocate import _move, units_of
+    from pipeline.compress.budget.macs import count, totals
+
+    net, measured, pricing, macs = coupled_problem()
+    cut = {c.ranks: c for c in measured if c.layer == unit_name("conv1") and c.method == "prune"}
+    tucker = next(c for c in measured if c.layer == "conv1" and c.method == "tucker2")
+    assert tucker.ranks == (8, 8)
+    both = {unit_name("conv1"): cut[(8,)], "conv1": tucker}
+    factored, rows = cut_then_factored(net, {"conv1": 8}, {"conv1": ("tucker2", (8, 8))})
+    assert rows["conv1"].method == "tucker2" and rows["conv1"].macs_after == (16 * 8 + 8 * 8 * 9 + 8 * 8) * 64
+    assert pricing(both)["macs"] == totals(factored, SHAPE)[0]
+    layer_params = sum(c.params for c in count(factored, SHAPE).values()) - sum(c.params for c in count(net, SHAPE).values())
+    assert pricing(both)["params"] - pricing({})["params"] == layer_params  # the layers' own (BatchNorms fold away)
+    assert pricing.conflicts({unit_name("conv1"): cut[(8,)]}, "conv1", tucker) == []
+    # at 4 channels the core's 8 output channels cannot fit: taking the cut gives the factorisation up, and back
+    units = units_of(measured, parse_budget("macs:0.5"))
+    assert pricing.conflicts({"conv1": tucker}, unit_name("conv1"), cut[(4,)]) == ["conv1"]
+    assert _move(units, pricing, {"conv1": tucker}, unit_name("conv1"), cut[(4,)])["conv1"].method is None
+    assert pricing.conflicts({unit_name("conv1"): cut[(4,)]}, "conv1", tucker) == [unit_name("conv1")]
+
+
+def test_a_factorisation_no_faster_than_its_cut_layer_is_not_priced_at_that_shape():
+    """Where cycles are weighed, the never-slower rule holds at every cut shape: with a fixed cost per operator the
+    three-conv chain of a layer cut to 8 channels costs more than the cut layer, and is not offered with the cut."""
+    net = tiny()
+    settings = plain(candidates=("tucker2", "prune"), rank_fractions=(0.5,), round_to=4, keep_first_and_last=True)
+    cost = OverheadCycles()
+    skeleton = skeleton_candidates(net, input_shape=SHAPE, settings=settings, latency=cost)
+    groups, _ = channel_groups(net, SHAPE, last_layer="fc")
+    pricing = pricing_for(net, SHAPE, groups=groups, candidates=skeleton, totals={"macs": 1, "cycles": 1},
+                          latency=cost)
+    free = pricing_for(net, SHAPE, groups=groups, candidates=skeleton, totals={"macs": 1})
+    assert ("conv1", "tucker2", (8, 8), 16, 8) in free.factored
+    assert ("conv1", "tucker2", (8, 8), 16, 8) not in pricing.factored
 
 
 def test_an_unreachable_combined_budget_names_each_constraints_floor_and_the_floor_is_accepted():

@@ -267,15 +267,14 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
 
 
 def _priced(plan, pricing, chosen: dict) -> "DecompositionPlan":
-    """The plan's rows with what the pricing knows of the chosen selection: a cut layer's cycles at its new shape,
-    and each layer's live activation bytes and share of the planned arena."""
+    """The plan's rows with what the pricing knows of the chosen selection: a cut layer's cycles at its new shape
+    (factored or not), and each layer's live activation bytes and share of the planned arena."""
     live, planned = pricing.live(chosen) if pricing.timeline is not None else ({}, 0)
     rows = []
     for p in plan.layers:
         change = {}
-        if p.method is None and p.channels and p.channels != p.channels_before and p.name in pricing.layers:
-            cost = pricing.variant(chosen, p.name)
-            change.update(latency=cost["cycles"], dense_latency=pricing.variant({}, p.name)["cycles"])
+        if p.channels and p.channels != p.channels_before and p.name in pricing.layers:
+            change.update(latency=pricing.cost(chosen, p.name)["cycles"], dense_latency=pricing.variant({}, p.name)["cycles"])
         if p.name in live and planned:
             change.update(live_bytes=live[p.name], arena_share=round(live[p.name] / planned, 4))
         rows.append(dataclasses.replace(p, **change))

@@ -8,7 +8,8 @@ constraints; lambda is bisected to the smallest value at which every constraint 
 whatever is left. Where units are independent (factorisation alone: a layer's cost does not depend on the others)
 one pass per lambda is the exact relaxation, optimal on the convex hull. A channel cut changes the shapes, and so
 the costs, of every layer it touches: the relaxation is then minimised by coordinate descent (each unit in turn,
-given the others, until none changes), and a layer whose channels are cut is not also factored. Coordinate descent
+given the others, until none changes); a layer whose channels are cut keeps a factorisation only where its ranks fit
+the cut shape, priced there (`menu.Pricing.factored`: channel cut, then factorise). Coordinate descent
 on coupled units can stop short of the best plan (on ResNet-8 for the Cortex-M4 at cycles:0.75 the whole menu's plan
 predicted KL 0.259, factorisations alone 0.216), so where the units offer both families each family's own menu is
 solved as well and the least predicted loss that meets the budget is kept (`solved_with`): never worse, by the
@@ -338,7 +339,7 @@ def allocate(candidates: list[Candidate], *, budget: Budget, total: float | None
         over = [f"{r} {costs[r]:,.0f} > {limits[r]:,.0f}" for r in budget.resources if costs[r] > limits[r] * (1 + EPSILON)]
         raise ConfigError(f"Budget {budget}: no selection found that meets every constraint together ({'; '.join(over)} "
                           "at the closest); raise one of them")
-    choices = {name: Choice(c.method, c.ranks, _reason(c, units[name], dense[name], budget, price, selection),
+    choices = {name: Choice(c.method, c.ranks, _reason(c, units, dense[name], budget, price, selection),
                             kl=c.kl, agreement=c.agreement, latency=c.latency, dense_latency=dense[name].latency)
                for name, c in selection.items()}
     slower = [c for c in candidates if c.method not in (None, "prune") and c.latency is not None
@@ -366,12 +367,15 @@ def _family_menus(units: dict[str, list[Candidate]]) -> dict[str, dict[str, list
             "cuts": {n: o if n not in factored else o[:1] for n, o in units.items()}}
 
 
-def _reason(chosen: Candidate, options: list[Candidate], dense: Candidate, budget: Budget, price, selection) -> str:
+def _reason(chosen: Candidate, units: dict[str, list[Candidate]], dense: Candidate, budget: Budget, price,
+            selection) -> str:
     resource = budget.resource
     whole = price(selection).get(resource)
-    alone = price({**selection, chosen.layer: dense}).get(resource) if whole is not None else None
-    cheaper = [c for c in options if c is not chosen and resource in FIELD
-               and price.change(selection, {chosen.layer: c})[resource] < 0]
+    alone = price({**selection, **_move(units, price, selection, chosen.layer, dense)}).get(resource) \
+        if whole is not None else None
+    moves = {id(c): _move(units, price, selection, chosen.layer, c) for c in units[chosen.layer] if c is not chosen}
+    cheaper = [c for c in units[chosen.layer] if moves.get(id(c)) and resource in FIELD
+               and price.change(selection, moves[id(c)])[resource] < 0]
     nxt = min(cheaper, key=lambda c: c.kl) if cheaper else None
     then = f"; the best cheaper option ({_option(nxt)}) costs KL {nxt.kl:.4f}" if nxt else "; no cheaper option"
     timing = (f"; cost {_amount(chosen.latency)} vs {_amount(dense.latency)} dense"

@@ -10,6 +10,12 @@ whole model does not (`io_rate`, per element a layer reads or writes: on ONNX Ru
 float input and dequantizes its output, so the tables promise a cut more than it saves and the rate is negative).
 Measured on ResNet-8 at its smallest and largest cuts, the prediction is within 0.0002 of the dense cycles on the M4
 (the tables alone: 0.071 high) and 0.013 on the A72 (the tables alone: 0.19 low).
+
+A layer may be cut and factored at once (channel cut, then factorise): each factorisation a layer offers is also
+priced at every cut shape its ranks fit (no rank above what the cut layer has, fewer MACs than the cut layer and, where
+timed, fewer cycles), its chain counted and timed at that shape. Its loss is the cut's KL plus the factorisation's, both
+measured alone at the dense shape: the same additivity the allocation assumes between any two units. A factorisation
+whose ranks do not fit the cut its layer is given cannot be held with it (`conflicts`).
 """
 
 import itertools
@@ -67,6 +73,9 @@ class Pricing:
         self.between_rate = 0.0  # cycles per element the operators between the layers move (see fit_rates)
         self.io_rate = 0.0  # cycles per element a layer reads or writes that its table alone gets wrong (see fit_rates)
         self.removal_extra: dict[str, float] = {}  # per removable group, cycles its removal costs beyond the above
+        # (layer, method, ranks, channels in, channels out) -> the chain's macs, params, cycles and intermediate bytes
+        # at that cut shape: the factorisations a cut layer may still take
+        self.factored: dict[tuple, dict] = {}
 
     def _kept(self, selection, group: str | None, full: int) -> int:
         if group is None:
@@ -75,25 +84,35 @@ class Pricing:
         kept = option.ranks[0] if option is not None and option.method == PRUNE else self.groups[group].channels
         return full * kept // self.groups[group].channels  # a flattened input carries each channel H*W times
 
-    def _layer(self, selection, name: str) -> dict[str, float]:
+    def shape(self, selection, name: str) -> tuple[int, int]:
+        """Layer `name`'s input and output channels under the selection's cuts."""
         layer = self.layers[name]
-        option = selection.get(name)
-        if option is not None and option.method not in (None, PRUNE):
-            return {"macs": option.macs, "params": option.params, "cycles": option.latency}
         cin, cout = layer.full
-        return self.variants[(name, self._kept(selection, layer.in_group, cin), self._kept(selection, layer.out_group, cout))]
+        return self._kept(selection, layer.in_group, cin), self._kept(selection, layer.out_group, cout)
+
+    def cost(self, selection, name: str) -> dict[str, float]:
+        """Layer `name` as the selection has it (kept, cut, factored, or cut then factored): MACs, parameters, cycles."""
+        layer, option = self.layers[name], selection.get(name)
+        if option is None or option.method in (None, PRUNE):
+            return self.variant(selection, name)
+        shape = self.shape(selection, name)
+        if shape == layer.full:
+            return {"macs": option.macs, "params": option.params, "cycles": option.latency}
+        return self.factored[(name, option.method, tuple(option.ranks), *shape)]
 
     def variant(self, selection, name: str) -> dict[str, float]:
         """Layer `name` kept dense at the shape the selection's cuts give it: its MACs, parameters and cycles."""
-        layer = self.layers[name]
-        cin, cout = layer.full
-        return self.variants[(name, self._kept(selection, layer.in_group, cin),
-                              self._kept(selection, layer.out_group, cout))]
+        return self.variants[(name, *self.shape(selection, name))]
+
+    def _fits(self, selection, name: str, option) -> bool:
+        """Whether layer `name` can be factored as `option` at the shape the selection's cuts give it."""
+        shape = self.shape(selection, name)
+        return shape == self.layers[name].full or (name, option.method, tuple(option.ranks), *shape) in self.factored
 
     def _sum(self, selection, names) -> dict[str, float]:
         found = {r: 0.0 for r in self.totals if r != "arena"}
         for name in names:
-            cost = self._layer(selection, name)
+            cost = self.cost(selection, name)
             for r in found:
                 found[r] += cost[r] or 0.0
         return found
@@ -127,15 +146,16 @@ class Pricing:
                 + sum(self.removal_extra.get(g, 0.0) for g, k in keep.items() if k == 0))
 
     def conflicts(self, selection, name: str, option) -> list[str]:
-        """The units that cannot keep their option when `name` takes `option`: a layer is not both cut and factored
-        (its factorisations were fitted and timed at its dense shape)."""
+        """The units that cannot keep their option when `name` takes `option`: a layer's factorisation and a cut of
+        its channels are held together only where the factorisation was priced at the cut shape (see `factored`)."""
         if option.method is None:
             return []
         if option.method == PRUNE:
+            after = {**selection, name: option}
             return [n for n in self.touching.get(name, ()) if selection.get(n) is not None
-                    and selection[n].method not in (None, PRUNE)]
+                    and selection[n].method not in (None, PRUNE) and not self._fits(after, n, selection[n])]
         layer = self.layers.get(name)
-        if layer is None:
+        if layer is None or self._fits(selection, name, option):
             return []
         return [unit_name(g) for g in dict.fromkeys((layer.in_group, layer.out_group)) if g
                 and selection.get(unit_name(g)) is not None and selection[unit_name(g)].method == PRUNE]
@@ -143,8 +163,13 @@ class Pricing:
     def _shapes(self, selection) -> tuple[dict, dict]:
         keep = {g: selection[unit_name(g)].ranks[0] for g in self.groups
                 if unit_name(g) in selection and selection[unit_name(g)].method == PRUNE}
-        chains = {n: self.chains[(n, o.method, tuple(o.ranks))] for n, o in selection.items()
-                  if o.method not in (None, PRUNE) and (n, o.method, tuple(o.ranks)) in self.chains}
+        chains = {}
+        for n, o in selection.items():
+            if o.method in (None, PRUNE) or (n, o.method, tuple(o.ranks)) not in self.chains:
+                continue
+            shape = self.shape(selection, n)
+            chains[n] = self.chains[(n, o.method, tuple(o.ranks))] if shape == self.layers[n].full else \
+                self.factored[(n, o.method, tuple(o.ranks), *shape)]["intermediates"]
         return keep, chains
 
     def live(self, selection) -> tuple[dict[str, int], int]:
@@ -188,6 +213,7 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
     layers = {n: Shaped(n, module.get_submodule(n), costs[n].input_shape, in_group.get(n), out_group.get(n),
                         n in out_group and out_group[n] == in_group.get(n)) for n in names}
     channels = {g.name: g.channels for g in groups}
+    factorisations = [c for c in candidates if c.method not in (None, PRUNE) and c.layer in layers]
     shapes, items = [], []
     for layer in layers.values():
         cin, cout = layer.full
@@ -203,10 +229,17 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
             cost = next(iter(count(shaped, shape).values()))
             shapes.append(((layer.name, i, o), {"macs": cost.macs, "params": cost.params, "cycles": None}))
             items.append((shaped, shape))
+            if (i, o) != (cin, cout):
+                shapes += _factored_at(shaped, shape, cost.macs, [c for c in factorisations if c.layer == layer.name],
+                                       key=(layer.name, i, o), items=items)
     if latency is not None:
         timed = [cost for _, cost in shapes if cost["cycles"] is None]
         for cost, cycles in zip(timed, layer_costs(latency, items), strict=True):
             cost["cycles"] = cycles
+    variants = {key: cost for key, cost in shapes if len(key) == 3}
+    # where cycles are weighed, a chain no faster than its cut layer is no option (as at the dense shape)
+    factored = {key: cost for key, cost in shapes if len(key) == 5 and (latency is None or (
+        cost["cycles"] is not None and cost["cycles"] < (variants[(key[0], *key[3:])]["cycles"] or float("inf"))))}
     chains = {}
     if timeline is not None:
         for c in candidates:
@@ -217,8 +250,31 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
     if arena_records and timeline is not None:
         persistent = {"operators": len(timeline.steps) + sum(1 for s in timeline.steps if s.pad),
                       "conv_channels": sum(c.output_shape[0] for c in costs.values() if c.kind == "Conv2d")}
-    return Pricing(totals=totals, groups=groups, layers=layers, variants=dict(shapes), timeline=timeline, chains=chains,
-                   persistent=persistent)
+    pricing = Pricing(totals=totals, groups=groups, layers=layers, variants=variants, timeline=timeline, chains=chains,
+                      persistent=persistent)
+    pricing.factored = factored
+    return pricing
+
+
+def _factored_at(shaped: nn.Module, shape: tuple[int, ...], macs: int, factorisations: list[Candidate], *, key: tuple,
+                 items: list) -> list[tuple[tuple, dict]]:
+    """Each of a layer's factorisations at one cut shape (`shaped`, `shape`; `key` = (layer, channels in, out)) where
+    its ranks fit and it saves MACs: (layer, method, ranks, in, out) and its costs, its chain queued in `items` for
+    timing."""
+    found = []
+    for c in factorisations:
+        method = METHODS[c.method]
+        if not method.applies(shaped) or any(r > m for r, m in zip(c.ranks, method.max_ranks(shaped), strict=True)):
+            continue
+        chain = method.skeleton(shaped, c.ranks)
+        chain_macs = sum(cost.macs for cost in count(chain, shape).values())
+        if chain_macs >= macs:
+            continue
+        found.append(((key[0], c.method, tuple(c.ranks), *key[1:]),
+                      {"macs": chain_macs, "params": sum(p.numel() for p in chain.parameters()), "cycles": None,
+                       "intermediates": chain_intermediates(chain, shape)}))
+        items.append((chain, shape))
+    return found
 
 
 def middle_cuts(candidates: list[Candidate]) -> dict[str, Candidate]:
