@@ -246,3 +246,15 @@ def test_with_both_families_the_plan_is_never_worse_than_either_family_alone():
     for limit in (0.5, 0.7, 0.9):
         choices, summary = allocate(TABLE, budget=parse_budget(f"macs:{limit}"), total=220)
         assert summary["solved_with"] == "both"
+
+
+def test_the_allocation_is_outlined_in_a_line_before_fine_tuning():
+    from pipeline.compress.plan import Choice
+    from pipeline.compress.stage import _outline
+
+    choices = {"channels:layer2.1.conv1": Choice("prune", (0,), ""), "channels:layer1.0.conv1": Choice("prune", (8,), ""),
+               "layer3.0.conv1": Choice("svd", (16,), ""), "layer3.0.conv2": Choice(None, (), "")}
+    assert _outline(choices, {"kept_by_resource": {"cycles": 0.49944, "arena": 0.8}}) == (
+        "1 groups removed, 1 groups cut, 1 layers factored; keeps 0.499 of the cycles, 0.800 of the arena (estimated)")
+    assert _outline({"conv1": Choice(None, (), "")}, {"kept_by_resource": {"macs": 1.0}}) == (
+        "every layer kept; keeps 1.000 of the macs (estimated)")

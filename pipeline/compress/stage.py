@@ -245,7 +245,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
                           if pricing is not None else {})
         seconds["sensitivity"] = round(time.perf_counter() - started, 2)
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
-        log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}")
+        log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}; "
+            f"{_outline(choices, allocation)}")
         chosen = choices
         cuts, choices, reasons = split_choices(choices)
     elif settings.method == PRUNE:
@@ -264,6 +265,18 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         plan = _priced(plan, menu.pricing, chosen)
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
+
+
+def _outline(choices: dict[str, Choice], allocation: dict) -> str:
+    """The allocation in a line, said before any fine-tuning starts: what it removes, cuts and factors, and what it
+    keeps of each constrained resource."""
+    removed = sum(1 for c in choices.values() if c.method == PRUNE and c.ranks == (0,))
+    cut = sum(1 for c in choices.values() if c.method == PRUNE and c.ranks != (0,))
+    factored = sum(1 for c in choices.values() if c.method not in (None, PRUNE))
+    parts = [f"{n} {what}" for n, what in ((removed, "groups removed"), (cut, "groups cut"), (factored, "layers factored"))
+             if n]
+    kept = ", ".join(f"{fraction:.3f} of the {resource}" for resource, fraction in allocation["kept_by_resource"].items())
+    return f"{', '.join(parts) or 'every layer kept'}; keeps {kept} (estimated)"
 
 
 def _priced(plan, pricing, chosen: dict) -> "DecompositionPlan":
