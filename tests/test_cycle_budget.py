@@ -102,3 +102,21 @@ def test_a_cycle_budget_on_a_target_without_a_core_is_refused_naming_what_would_
         deploy(target=str(profile), model="seednet", budget="cycles:0.8", data=str(cifar_dir), eval_samples=50,
                out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_whole_model_miss_below_a_thousandth_is_shown_with_the_budget_that_leaves_room():
+    """ResNet-20 at cycles:0.5 measured 4,249,996 of 8,492,038 cycles (0.50047) where the layers predicted 0.49941:
+    at three decimals the warning read "0.500", the budget itself."""
+    from types import SimpleNamespace
+
+    from pipeline.report.budgets import check_cycles
+
+    variants = {"dense_int8": SimpleNamespace(board={"cycles": 8_492_038}),
+                "factored_int8": SimpleNamespace(board={"cycles": 4_249_996})}
+    allocation = {"budget": "cycles:0.5", "kept": 0.499411}
+    (warning,) = check_cycles(allocation, variants)
+    assert "= 0.5005 of dense int8 8,492,038" in warning and "predicted 0.4994" in warning
+    assert "cycles:0.4989 leaves room" in warning and allocation["whole_model_kept"] == 0.5005
+    allocation = {"budget": "cycles:0.5", "kept": 0.4988}
+    variants["factored_int8"] = SimpleNamespace(board={"cycles": 4_246_000})
+    assert check_cycles(allocation, variants) == []

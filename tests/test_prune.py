@@ -264,6 +264,25 @@ def test_a_factorisation_no_faster_than_its_cut_layer_is_not_priced_at_that_shap
     assert ("conv1", "tucker2", (8, 8), 16, 8) not in pricing.factored
 
 
+def test_the_reason_for_a_cut_and_factored_layer_gives_its_cost_at_the_cut_shape():
+    from pipeline.compress.budget.allocate import _reason, units_of
+
+    net, measured, pricing, macs = coupled_problem()
+    cycles = {("conv1", 16, 16): 1000.0, ("conv1", 16, 8): 600.0}
+    for key, value in cycles.items():
+        pricing.variants[key]["cycles"] = value
+    tucker = next(c for c in measured if c.layer == "conv1" and c.method == "tucker2")
+    tucker = dataclasses.replace(tucker, latency=700.0)
+    cut = next(c for c in measured if c.layer == unit_name("conv1") and c.ranks == (8,))
+    pricing.factored[("conv1", "tucker2", (8, 8), 16, 8)]["cycles"] = 450.0
+    units = units_of([*measured, tucker], parse_budget("macs:0.5"))
+    dense = units["conv1"][0]
+    dense = dataclasses.replace(dense, latency=1000.0)
+    assert "cost 700 vs 1,000 dense" in _reason(tucker, units, dense, parse_budget("macs:0.5"), pricing, {"conv1": tucker})
+    both = {"conv1": tucker, unit_name("conv1"): cut}
+    assert "cost 450 vs 600 for the cut layer" in _reason(tucker, units, dense, parse_budget("macs:0.5"), pricing, both)
+
+
 def test_an_unreachable_combined_budget_names_each_constraints_floor_and_the_floor_is_accepted():
     net, measured, pricing, macs = coupled_problem()
     planned = pricing.arena({})

@@ -380,6 +380,11 @@ def _reason(chosen: Candidate, units: dict[str, list[Candidate]], dense: Candida
     then = f"; the best cheaper option ({_option(nxt)}) costs KL {nxt.kl:.4f}" if nxt else "; no cheaper option"
     timing = (f"; cost {_amount(chosen.latency)} vs {_amount(dense.latency)} dense"
               if chosen.method not in (None, "prune") and chosen.latency is not None and dense.latency else "")
+    layers = getattr(price, "layers", {})
+    if timing and chosen.layer in layers and price.shape(selection, chosen.layer) != layers[chosen.layer].full:
+        # cut, then factored: the chain at the cut shape against the cut layer, not the dense-shape figures
+        chain, layer = price.cost(selection, chosen.layer)["cycles"], price.variant(selection, chosen.layer)["cycles"]
+        timing = f"; cost {_amount(chain)} vs {_amount(layer)} for the cut layer"
     if chosen.method is None:
         return f"budget {budget}: kept dense{then}"
     saved = f", saves {(alone - whole) / price.totals[resource]:.1%} of the model's {resource}" \
