@@ -91,6 +91,7 @@ class Decomposition:
     gradual: tuple[float, ...]  # intermediate budgets when fine-tuning, in the budget's resource
     arena_never_grows: bool  # a budget without an arena constraint gets arena:1 (the dense model's arena at most)
     arena_records: bool  # the arena also holds the runtime's per-operator and per-channel records (TFLM)
+    cut_then_factor: bool  # a layer a channel cut reshapes may also be factored (its chains timed at each cut shape)
 
     def __post_init__(self):
         # imported here: the method registry needs torch, and reading a profile should not

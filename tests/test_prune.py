@@ -264,6 +264,20 @@ def test_a_factorisation_no_faster_than_its_cut_layer_is_not_priced_at_that_shap
     assert ("conv1", "tucker2", (8, 8), 16, 8) not in pricing.factored
 
 
+def test_cut_then_factor_is_a_profile_switch_on_by_default_and_off_on_microcontrollers():
+    from targets import load_target
+
+    net, measured, pricing, macs = coupled_problem()
+    groups, _ = channel_groups(net, SHAPE, last_layer="fc")
+    alone = pricing_for(net, SHAPE, groups=groups, candidates=measured, totals={"macs": macs}, cut_then_factor=False)
+    assert pricing.factored and not alone.factored
+    tucker = next(c for c in measured if c.layer == "conv1" and c.method == "tucker2")
+    cut = next(c for c in measured if c.layer == unit_name("conv1") and c.ranks == (8,))
+    assert alone.conflicts({unit_name("conv1"): cut}, "conv1", tucker) == [unit_name("conv1")]
+    assert load_target("rpi4").decomposition.cut_then_factor
+    assert not load_target("nucleo-l4r5zi").decomposition.cut_then_factor
+
+
 def test_the_reason_for_a_cut_and_factored_layer_gives_its_cost_at_the_cut_shape():
     from pipeline.compress.budget.allocate import _reason, units_of
 

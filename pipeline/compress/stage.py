@@ -190,7 +190,8 @@ def _pricing(spec: ModelSpec, settings: Decomposition, skeleton: list, found: di
             raise ConfigError(f"Budget {settings.budget or 'arena'} bounds the arena: {exc}. Give a budget without "
                               "arena, or set decomposition.arena_never_grows = false") from exc
     pricing = pricing_for(spec.module, spec.input_shape, groups=groups, candidates=skeleton, totals=found,
-                          latency=cost, timeline=line, arena_records=settings.arena_records)
+                          latency=cost, timeline=line, arena_records=settings.arena_records,
+                          cut_then_factor=settings.cut_then_factor)
     if "cycles" in found and cost is not None and cost.board and line is not None:
         _fit_between(spec, pricing, skeleton, cost)
     return pricing

@@ -194,10 +194,11 @@ class Pricing:
 
 def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list[ChannelGroup],
                 candidates: list[Candidate], totals: dict[str, float], latency: LayerCost | None = None, timeline: Timeline | None = None,
-                arena_records: bool = False) -> Pricing:
+                arena_records: bool = False, cut_then_factor: bool = True) -> Pricing:
     """The pricing of `candidates` (factorisations and cuts) on `module`: every layer a group touches measured at
     every shape the cuts among the candidates can give it. `arena_records`: the arena also holds TFLM's per-operator
-    and per-channel records (`persistent_bytes`), as on microcontrollers."""
+    and per-channel records (`persistent_bytes`), as on microcontrollers. `cut_then_factor`: a touched layer's
+    factorisations are also priced at its cut shapes (else a cut and a factorisation of one layer exclude each other)."""
     costs = count(module, input_shape)
     keeps: dict[str, list[int]] = {}
     for c in candidates:
@@ -213,7 +214,8 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
     layers = {n: Shaped(n, module.get_submodule(n), costs[n].input_shape, in_group.get(n), out_group.get(n),
                         n in out_group and out_group[n] == in_group.get(n)) for n in names}
     channels = {g.name: g.channels for g in groups}
-    factorisations = [c for c in candidates if c.method not in (None, PRUNE) and c.layer in layers]
+    factorisations = [c for c in candidates if c.method not in (None, PRUNE) and c.layer in layers] \
+        if cut_then_factor else []
     shapes, items = [], []
     for layer in layers.values():
         cin, cout = layer.full
