@@ -38,9 +38,18 @@ class Shaped:
     name: str
     module: nn.Module
     input_shape: tuple[int, ...]
-    in_group: str | None
+    in_groups: tuple[str, ...]  # every group among its input channels (a concat reads several, or some and others)
     out_group: str | None
     depthwise: bool  # in and out set by one group
+
+    @property
+    def in_group(self) -> str | None:
+        return self.in_groups[0] if self.in_groups else None
+
+    @property
+    def flattened(self) -> bool:
+        """A linear layer reading one group's channels flattened: each channel is H*W of its input features."""
+        return isinstance(self.module, nn.Linear) and len(self.in_groups) == 1
 
     @property
     def full(self) -> tuple[int, int]:
@@ -67,7 +76,7 @@ class Pricing:
                  chains: dict[tuple[str, str, tuple[int, ...]], list[int]] | None = None, persistent: dict | None = None):
         self.totals, self.layers, self.variants = totals, layers, variants
         self.groups = {g.name: g for g in groups}
-        self.touching = {unit_name(g.name): tuple(n for n, s in layers.items() if g.name in (s.in_group, s.out_group))
+        self.touching = {unit_name(g.name): tuple(n for n, s in layers.items() if g.name in (*s.in_groups, s.out_group))
                          for g in groups}
         self.timeline, self.chains, self.persistent = timeline, chains or {}, persistent or {}
         self.between_rate = 0.0  # cycles per element the operators between the layers move (see fit_rates)
@@ -80,15 +89,24 @@ class Pricing:
     def _kept(self, selection, group: str | None, full: int) -> int:
         if group is None:
             return full
+        return full * self._channels(selection, group) // self.groups[group].channels
+
+    def _channels(self, selection, group: str) -> int:
         option = selection.get(unit_name(group))
-        kept = option.ranks[0] if option is not None and option.method == PRUNE else self.groups[group].channels
-        return full * kept // self.groups[group].channels  # a flattened input carries each channel H*W times
+        return option.ranks[0] if option is not None and option.method == PRUNE else self.groups[group].channels
+
+    def _kept_in(self, selection, layer: Shaped, full: int) -> int:
+        """A layer's input channels under the selection's cuts: each group among them loses what it cuts (a concat's
+        other parts stay); a flattened input loses each cut channel H*W times."""
+        if layer.flattened:
+            return self._kept(selection, layer.in_group, full)
+        return full - sum(self.groups[g].channels - self._channels(selection, g) for g in layer.in_groups)
 
     def shape(self, selection, name: str) -> tuple[int, int]:
         """Layer `name`'s input and output channels under the selection's cuts."""
         layer = self.layers[name]
         cin, cout = layer.full
-        return self._kept(selection, layer.in_group, cin), self._kept(selection, layer.out_group, cout)
+        return self._kept_in(selection, layer, cin), self._kept(selection, layer.out_group, cout)
 
     def cost(self, selection, name: str) -> dict[str, float]:
         """Layer `name` as the selection has it (kept, cut, factored, or cut then factored): MACs, parameters, cycles."""
@@ -157,7 +175,7 @@ class Pricing:
         layer = self.layers.get(name)
         if layer is None or self._fits(selection, name, option):
             return []
-        return [unit_name(g) for g in dict.fromkeys((layer.in_group, layer.out_group)) if g
+        return [unit_name(g) for g in dict.fromkeys((*layer.in_groups, layer.out_group)) if g
                 and selection.get(unit_name(g)) is not None and selection[unit_name(g)].method == PRUNE]
 
     def _shapes(self, selection) -> tuple[dict, dict]:
@@ -204,22 +222,22 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
     for c in candidates:
         if c.method == PRUNE:
             keeps.setdefault(c.layer.removeprefix(unit_name("")), []).append(c.ranks[0])
-    out_group, in_group = {}, {}
+    out_group, in_groups = {}, {}
     for g in groups:
         for n in g.producers + g.depthwise:
             out_group[n] = g.name
         for n in g.consumers + g.depthwise:
-            in_group[n] = g.name
-    names = [n for n in costs if n in out_group or n in in_group or any(c.layer == n for c in candidates)]
-    layers = {n: Shaped(n, module.get_submodule(n), costs[n].input_shape, in_group.get(n), out_group.get(n),
-                        n in out_group and out_group[n] == in_group.get(n)) for n in names}
+            in_groups.setdefault(n, []).append(g.name)
+    names = [n for n in costs if n in out_group or n in in_groups or any(c.layer == n for c in candidates)]
+    layers = {n: Shaped(n, module.get_submodule(n), costs[n].input_shape, tuple(in_groups.get(n, ())), out_group.get(n),
+                        n in out_group and (out_group[n],) == tuple(in_groups.get(n, ()))) for n in names}
     channels = {g.name: g.channels for g in groups}
     factorisations = [c for c in candidates if c.method not in (None, PRUNE) and c.layer in layers] \
         if cut_then_factor else []
     shapes, items = [], []
     for layer in layers.values():
         cin, cout = layer.full
-        ins = [cin] + [cin * k // channels[layer.in_group] for k in keeps.get(layer.in_group, [])] if layer.in_group else [cin]
+        ins = _input_counts(layer, cin, channels, keeps)
         outs = [cout] + [cout * k // channels[layer.out_group] for k in keeps.get(layer.out_group, [])] \
             if layer.out_group else [cout]
         pairs = [(i, i) for i in ins] if layer.depthwise else list(itertools.product(ins, outs))
@@ -256,6 +274,18 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
                       persistent=persistent)
     pricing.factored = factored
     return pricing
+
+
+def _input_counts(layer: Shaped, cin: int, channels: dict[str, int], keeps: dict[str, list[int]]) -> list[int]:
+    """Every input channel count the cuts can give `layer`, its dense count first (each of its groups at its dense
+    count or any cut offered; see `Pricing._kept_in`)."""
+    if layer.flattened:
+        g = layer.in_group
+        return [cin] + [cin * k // channels[g] for k in keeps.get(g, [])]
+    found = {cin}
+    for combination in itertools.product(*([channels[g], *keeps.get(g, [])] for g in layer.in_groups)):
+        found.add(cin - sum(channels[g] - k for g, k in zip(layer.in_groups, combination, strict=True)))
+    return [cin] + sorted(found - {cin}, reverse=True)
 
 
 def _factored_at(shaped: nn.Module, shape: tuple[int, ...], macs: int, factorisations: list[Candidate], *, key: tuple,
