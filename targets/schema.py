@@ -354,6 +354,10 @@ def _build(cls, data: dict, where: str, *, base=None):
     extra = set(data) - fields
     if extra:
         raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}; known: {', '.join(sorted(fields))}")
+    switches = {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+    for key in sorted(switches & set(data)):
+        if not isinstance(data[key], bool):  # TOML's own true / false: a string "yes" would read as on
+            raise ConfigError(f"{where}: {key} must be true or false; got {data[key]!r}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)

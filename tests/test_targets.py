@@ -168,3 +168,10 @@ def test_the_readmes_own_board_example_loads(tmp_path):
     assert profile.name == "my-m4" and profile.runtime == "tflite-micro" and profile.core == "cortex-m4"
     assert profile.memory.ram_bytes == 131072 and profile.board.clock_mhz == 180.0
     assert profile.firmware.board == ""  # a core without a board layer: the emulated board only
+
+
+def test_a_switch_that_is_not_true_or_false_is_refused(tmp_path):
+    profile = tmp_path / "bad.toml"
+    profile.write_text('name = "bad"\ndescription = "x"\nruntime = "onnxruntime"\n[decomposition]\ncut_then_factor = "yes"\n')
+    with pytest.raises(ConfigError, match=r"bad.decomposition: cut_then_factor must be true or false; got 'yes'"):
+        load_target(str(profile))

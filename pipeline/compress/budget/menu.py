@@ -73,7 +73,8 @@ class Pricing:
 
     def __init__(self, *, totals: dict[str, float], groups: list[ChannelGroup], layers: dict[str, Shaped],
                  variants: dict[tuple[str, int, int], dict[str, float]], timeline: Timeline | None = None,
-                 chains: dict[tuple[str, str, tuple[int, ...]], list[int]] | None = None, persistent: dict | None = None):
+                 chains: dict[tuple[str, str, tuple[int, ...]], list[int]] | None = None, persistent: dict | None = None,
+                 factored: dict[tuple, dict] | None = None):
         self.totals, self.layers, self.variants = totals, layers, variants
         self.groups = {g.name: g for g in groups}
         self.touching = {unit_name(g.name): tuple(n for n, s in layers.items() if g.name in (*s.in_groups, s.out_group))
@@ -84,7 +85,7 @@ class Pricing:
         self.removal_extra: dict[str, float] = {}  # per removable group, cycles its removal costs beyond the above
         # (layer, method, ranks, channels in, channels out) -> the chain's macs, params, cycles and intermediate bytes
         # at that cut shape: the factorisations a cut layer may still take
-        self.factored: dict[tuple, dict] = {}
+        self.factored: dict[tuple, dict] = factored or {}
 
     def _kept(self, selection, group: str | None, full: int) -> int:
         if group is None:
@@ -270,10 +271,8 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
     if arena_records and timeline is not None:
         persistent = {"operators": len(timeline.steps) + sum(1 for s in timeline.steps if s.pad),
                       "conv_channels": sum(c.output_shape[0] for c in costs.values() if c.kind == "Conv2d")}
-    pricing = Pricing(totals=totals, groups=groups, layers=layers, variants=variants, timeline=timeline, chains=chains,
-                      persistent=persistent)
-    pricing.factored = factored
-    return pricing
+    return Pricing(totals=totals, groups=groups, layers=layers, variants=variants, timeline=timeline, chains=chains,
+                   persistent=persistent, factored=factored)
 
 
 def _input_counts(layer: Shaped, cin: int, channels: dict[str, int], keeps: dict[str, list[int]]) -> list[int]:
