@@ -73,6 +73,10 @@ class Budget:
         first = Constraint(self.first.resource, fraction=fraction)
         return Budget((first, *self.constraints[1:]))
 
+    def replacing(self, constraint: Constraint) -> "Budget":
+        """This budget with `constraint` in place of the one on its resource (a tightened retry)."""
+        return Budget(tuple(constraint if c.resource == constraint.resource else c for c in self.constraints))
+
     def adding(self, constraint: Constraint) -> "Budget":
         """This budget with `constraint` added, unless it already bounds that resource."""
         return self if self.get(constraint.resource) else Budget((*self.constraints, constraint))

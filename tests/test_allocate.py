@@ -9,6 +9,7 @@ from helpers import plain
 from torch import nn
 
 from pipeline.compress.budget.allocate import allocate
+from pipeline.compress.budget.macs import count
 from pipeline.compress.budget.sensitivity import Candidate, candidate_ranks, sensitivities
 from pipeline.compress.methods import METHODS, PRUNE, methods_for
 from pipeline.errors import BudgetOutOfReach, ConfigError
@@ -258,3 +259,69 @@ def test_the_allocation_is_outlined_in_a_line_before_fine_tuning():
         "1 groups removed, 1 groups cut, 1 layers factored; keeps 0.499 of the cycles, 0.800 of the arena (estimated)")
     assert _outline({"conv1": Choice(None, (), "")}, {"kept_by_resource": {"macs": 1.0}}) == (
         "every layer kept; keeps 1.000 of the macs (estimated)")
+
+
+class HiddenOperatorCycles:
+    """A board's layer cost (each layer's MACs) whose whole model also pays 15,000 cycles per conv: operators the
+    layer tables do not see, so a plan the layers put inside a cycles budget measures outside it."""
+
+    fingerprint = {"fake": "hidden-operators"}
+    unit = "estimated fake cycles"
+    board = True
+
+    def layers(self, items):
+        return [float(sum(c.macs for c in count(m, s).values())) for m, s in items]
+
+    def model(self, module, input_shape):
+        convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+        return self.layers([(module, input_shape)])[0] + 15_000 * convs
+
+
+def three_convs_compressed(budget: str):
+    """A stem and two 16-channel convs compressed for `budget` on HiddenOperatorCycles; returns the result, the cost
+    and the dense model's whole cycles."""
+    from calib import Dataset
+    from pipeline.compress.stage import compress
+    from pipeline.zoo import ModelSpec
+    from targets import load_target
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(100)  # logits that tell the images apart: lower ranks cost KL
+    spec = ModelSpec("three", net, (3, 8, 8), (0.5,) * 3, (0.25,) * 3, tuple("abcdefghij"))
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.integers(0, 255, (300, 8, 8, 3), dtype=np.uint8), np.arange(300) % 10, "noise")
+    # SVD ranks 8, 12 and 20 (6,144 MACs per rank); no latency term, so the least KL within the budget is chosen
+    profile = load_target("rpi4").override(decomposition={"budget": budget, "candidates": ["svd"], "round_to": 4,
+                                                          "latency_weight": 0.0})
+    cost = HiddenOperatorCycles()
+    result = compress(spec, data, settings=profile.decomposition, tuning=profile.finetune, layer_cost=cost,
+                      progress=False, log=lambda *_: None)
+    return result, cost, cost.model(net, spec.input_shape)
+
+
+def test_a_cycles_budget_the_whole_model_misses_is_allocated_again_tighter_until_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path))
+    result, cost, dense = three_convs_compressed("cycles:0.6")
+    checks = result.allocation["whole_model_cycles"]
+    allowed = round(0.6 * dense)
+    assert checks[0]["budget"] == "cycles:0.6" and checks[0]["allowed"] == allowed
+    # ranks 12 + 12 fit the layers' prices (0.599 of 367,720) and measure 30,000 more: each chain's second conv
+    assert checks[0]["predicted_fraction"] <= 0.6 < checks[0]["measured_fraction"]
+    assert len(checks) == 2 and checks[1]["measured"] <= allowed < checks[0]["measured"]
+    tighter = parse_budget(checks[1]["budget"]).get("cycles").fraction
+    assert tighter == pytest.approx(0.6 * allowed / checks[0]["measured"], rel=1e-5)
+    assert [p.ranks for p in result.plan.layers if p.method] == [(8,), (8,)]
+    assert cost.model(result.model, (3, 8, 8)) == checks[-1]["measured"]
+
+
+def test_a_whole_model_miss_no_tighter_plan_can_fix_keeps_the_plan_it_has(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_DEPLOY_CACHE", str(tmp_path))
+    # the layers' floor (ranks 8 + 8) is 0.465 of the cycles, 0.547 measured: a tighter budget has no plan
+    result, _, dense = three_convs_compressed("cycles:0.5")
+    (check,) = result.allocation["whole_model_cycles"]
+    assert check["measured"] == 201_112 > check["allowed"] == round(0.5 * dense)
+    assert [p.ranks for p in result.plan.layers if p.method] == [(8,), (8,)]

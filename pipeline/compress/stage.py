@@ -23,7 +23,7 @@ from pipeline.compress.plan import Choice, DecompositionPlan
 from pipeline.compress.prune import channel_groups, prune, unit_name
 from pipeline.compress.restored_norms import fine_tune_with_norms
 from pipeline.compute import CPU, TorchDevice, torch_device
-from pipeline.errors import ConfigError, StageError
+from pipeline.errors import BudgetOutOfReach, ConfigError, StageError
 from pipeline.zoo import ModelSpec
 from targets import Decomposition, Finetune, check_gradual
 from targets.budget import Budget, Constraint, parse_budget
@@ -217,55 +217,115 @@ def _fit_between(spec: ModelSpec, pricing, skeleton: list, cost: LayerCost) -> N
                                           spec.input_shape)) for c in removals])
 
 
+# Allocations tried at most, each a tightened cycles budget after the whole model missed the last one.
+ATTEMPTS = 3
+
+
 def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | None, *, settings: Decomposition,
             layer_cost, seed: int, use_cache: bool, progress: bool, log, device: TorchDevice = CPU,
             step: Budget | None = None):
     """`module` (the dense model, or a tuned student collapsed back to dense layers) compressed once: to the menu's
     budget (or the gradual `step` of it) by measured sensitivity when there is one, else by `settings`' method and
     rank rule. Channel cuts are applied first, then the factorisations, fitted on the cut model. Returns the
-    compressed model, its plan, the allocation's record (None without a budget) and the seconds of each part."""
-    seconds, choices, allocation = {}, None, None
-    if menu is not None:
-        budget = step or menu.budget
-        started = time.perf_counter()
-        model_spec = dataclasses.replace(spec, module=module)
-        cost = timed(settings, layer_cost)
-        candidates, facts = sensitivity_table(model_spec, samples, settings=settings, layer_cost=layer_cost,
-                                              skeleton=menu.skeleton, seed=seed, use_cache=use_cache,
-                                              progress=progress, device=device)
-        pricing = menu.pricing
-        choices, allocation = allocate(candidates, budget=budget, totals=menu.totals,
-                                       latency_weight=settings.latency_weight, never_slower=bool(cost and cost.board),
-                                       pricing=pricing, arena=pricing.arena if pricing and pricing.timeline else None)
-        allocation.update(sensitivity=facts, candidates=len(candidates), sensitivity_samples=len(samples.splits["sensitivity"]),
-                          latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
-                          totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()},
-                          between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0,
-                          layer_edge_cycles_per_element=round(pricing.io_rate, 3) if pricing is not None else 0.0,
-                          removal_extra_cycles={g: round(c) for g, c in pricing.removal_extra.items()}
-                          if pricing is not None else {})
-        seconds["sensitivity"] = round(time.perf_counter() - started, 2)
+    compressed model, its plan, the allocation's record (None without a budget) and the seconds of each part.
+
+    A cycles budget is checked on the whole int8 model as the deploy counts it: the layers' prices miss what the
+    operators between them do by a few parts in ten thousand, so a plan the layers put just inside the budget can
+    measure just outside it. Then the allocation runs again with the cycles constraint tightened by the miss (the
+    sensitivities and prices are reused), at most ATTEMPTS times; each count is in the allocation's record."""
+    if menu is None:
+        if settings.method == PRUNE:
+            cuts = uniform_cuts(module, spec.input_shape, settings)
+            choices = {n: Choice(None, (), f"METHOD=prune RANK={settings.rank}: channels cut, no factorisation")
+                       for n in count(module, spec.input_shape)}
+        else:
+            cuts, choices = {}, None
+        factored, plan = _built(module, spec, samples, cuts, choices, {}, settings=settings, seed=seed,
+                                progress=progress, device=device)
+        return factored, plan, None, {"decompose": round(plan.seconds, 2)}
+    budget = step or menu.budget
+    started = time.perf_counter()
+    cost = timed(settings, layer_cost)
+    candidates, facts = sensitivity_table(dataclasses.replace(spec, module=module), samples, settings=settings,
+                                          layer_cost=layer_cost, skeleton=menu.skeleton, seed=seed,
+                                          use_cache=use_cache, progress=progress, device=device)
+    seconds = {"sensitivity": round(time.perf_counter() - started, 2)}
+    target, checks = budget, []
+    for _ in range(ATTEMPTS):
+        try:
+            chosen, allocation = _allocation(candidates, target, menu, settings=settings, cost=cost, facts=facts,
+                                             samples=samples)
+        except BudgetOutOfReach:
+            if not checks:
+                raise
+            log(f"budget {budget}: {target} is below what the options reach; the plan at {checks[-1]['budget']} "
+                "stays, and the report says by how much it misses")
+            break
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
-        log(f"budget {budget}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}; "
-            f"{_outline(choices, allocation)}")
-        chosen = choices
-        cuts, choices, reasons = split_choices(choices)
-    elif settings.method == PRUNE:
-        cuts, reasons = uniform_cuts(module, spec.input_shape, settings), {}
-        choices = {n: Choice(None, (), f"METHOD=prune RANK={settings.rank}: channels cut, no factorisation")
-                   for n in count(module, spec.input_shape)}
-    else:
-        cuts, reasons = {}, {}
+        log(f"budget {target}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}; "
+            f"{_outline(chosen, allocation)}")
+        cuts, choices, reasons = split_choices(chosen)
+        factored, plan = _built(module, spec, samples, cuts, choices, reasons, settings=settings, seed=seed,
+                                progress=progress, device=device)
+        if menu.pricing is not None:
+            plan = _priced(plan, menu.pricing, chosen)
+        check = _whole_model_check(factored, spec, budget, target, menu, cost, allocation)
+        if check is None:
+            break
+        checks.append(check)
+        if check["measured"] <= check["allowed"]:
+            break
+        tighter = target.get("cycles").fraction * check["allowed"] / check["measured"]
+        target = target.replacing(Constraint("cycles", fraction=round(tighter, 6)))
+        log(f"budget {budget}: the whole int8 model counts {check['measured_fraction']:.4f} of the dense cycles "
+            f"(its layers predicted {check['predicted_fraction']:.4f}); allocating again at {target}")
+    if checks:
+        allocation["whole_model_cycles"] = checks
+    seconds["decompose"] = round(plan.seconds, 2)
+    return factored, plan, allocation, seconds
+
+
+def _allocation(candidates: list, budget: Budget, menu: Menu, *, settings: Decomposition, cost, facts: dict,
+                samples: Samples) -> tuple[dict, dict]:
+    """The knapsack's choice per unit for `budget`, and its record."""
+    pricing = menu.pricing
+    chosen, allocation = allocate(candidates, budget=budget, totals=menu.totals, latency_weight=settings.latency_weight,
+                                  never_slower=bool(cost and cost.board), pricing=pricing,
+                                  arena=pricing.arena if pricing and pricing.timeline else None)
+    allocation.update(sensitivity=facts, candidates=len(candidates),
+                      sensitivity_samples=len(samples.splits["sensitivity"]),
+                      latency_unit=cost.unit if cost else None, total=menu.totals[budget.resource],
+                      totals=menu.totals, floors={r: round(f, 6) for r, f in menu.floors.items()},
+                      between_cycles_per_element=round(pricing.between_rate, 3) if pricing is not None else 0.0,
+                      layer_edge_cycles_per_element=round(pricing.io_rate, 3) if pricing is not None else 0.0,
+                      removal_extra_cycles={g: round(c) for g, c in pricing.removal_extra.items()}
+                      if pricing is not None else {})
+    return chosen, allocation
+
+
+def _built(module: nn.Module, spec: ModelSpec, samples: Samples, cuts: dict, choices: dict | None, reasons: dict, *,
+           settings: Decomposition, seed: int, progress: bool, device: TorchDevice):
+    """The cuts applied, then the factorisations fitted on the cut model; the plan in the dense model's terms."""
     pruned, kept, touching = apply_cuts(module, spec.input_shape, cuts, settings=settings, calibration=samples.fit,
                                         seed=seed)
     factored, plan = decompose(pruned, input_shape=spec.input_shape, settings=settings, seed=seed, progress=progress,
                                calibration=samples.fit, choices=choices, device=device)
-    plan = with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept, touching=touching,
-                     reasons=reasons)
-    if allocation is not None and menu.pricing is not None:
-        plan = _priced(plan, menu.pricing, chosen)
-    seconds["decompose"] = round(plan.seconds, 2)
-    return factored, plan, allocation, seconds
+    return factored, with_cuts(plan, dense=module, pruned=pruned, input_shape=spec.input_shape, kept=kept,
+                               touching=touching, reasons=reasons)
+
+
+def _whole_model_check(factored: nn.Module, spec: ModelSpec, budget: Budget, target: Budget, menu: Menu, cost,
+                       allocation: dict) -> dict | None:
+    """The compressed model's whole int8 cycles on the board's estimate against the cycles budget, or None where
+    there is none to check (no cycles constraint, or no board estimate)."""
+    constraint = budget.get("cycles")
+    if constraint is None or cost is None or not cost.board or "cycles" not in menu.totals:
+        return None
+    dense = menu.totals["cycles"]
+    measured = cost.model(factored, spec.input_shape)
+    return {"budget": str(target), "allowed": round(constraint.limit(dense)), "measured": round(measured),
+            "measured_fraction": round(measured / dense, 6),
+            "predicted_fraction": round(allocation["kept_by_resource"]["cycles"], 6)}
 
 
 def _outline(choices: dict[str, Choice], allocation: dict) -> str:
