@@ -231,8 +231,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
 
     A cycles budget is checked on the whole int8 model as the deploy counts it: the layers' prices miss what the
     operators between them do by a few parts in ten thousand, so a plan the layers put just inside the budget can
-    measure just outside it. Then the allocation runs again with the cycles constraint tightened by the miss (the
-    sensitivities and prices are reused), at most ATTEMPTS times; each count is in the allocation's record."""
+    measure just outside it. Then the allocation runs again with the cycles constraint at the plan's predicted share
+    lowered by the miss, which that plan no longer fits (the sensitivities and prices are reused), at most ATTEMPTS times; each count is in the allocation's record."""
     if menu is None:
         if settings.method == PRUNE:
             cuts = uniform_cuts(module, spec.input_shape, settings)
@@ -273,9 +273,10 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         if check is None:
             break
         checks.append(check)
-        if check["measured"] <= check["allowed"]:
+        if check["measured"] <= check["allowed"] or len(checks) == ATTEMPTS:
             break
-        tighter = target.get("cycles").fraction * check["allowed"] / check["measured"]
+        # the plan's own predicted share lowered by the miss: the same plan no longer fits, the next is cheaper
+        tighter = check["predicted_fraction"] * check["allowed"] / check["measured"]
         target = target.replacing(Constraint("cycles", fraction=round(tighter, 6)))
         log(f"budget {budget}: the whole int8 model counts {check['measured_fraction']:.4f} of the dense cycles "
             f"(its layers predicted {check['predicted_fraction']:.4f}); allocating again at {target}")
