@@ -132,7 +132,7 @@ def test_bad_combined_budgets_are_refused(text, error):
 
 
 def test_the_profile_refuses_a_bad_budget_and_arena_never_grows_adds_arena_1():
-    from pipeline.compress.stage import effective_budget
+    from pipeline.compress.options import effective_budget
     from targets import load_target
 
     with pytest.raises(ConfigError, match="bare number"):
@@ -432,7 +432,7 @@ class MobileNetV2Like(nn.Module):
 def test_the_floor_a_refusal_names_is_accepted_when_given_back():
     """Issue 37, seen with a MobileNetV2-like net on rpi4: BUDGET=0.6 was refused naming 0.714, and 0.724 was then
     refused naming 0.899, the first check not dropping the options slower than their layer. One floor now."""
-    from pipeline.compress.stage import check_budget
+    from pipeline.compress.options import check_budget
     from pipeline.zoo import ModelSpec
 
     torch.manual_seed(0)
@@ -452,7 +452,7 @@ def test_an_arena_budget_counts_tflite_micros_records_on_microcontrollers_only()
     """The records rode on `arena_never_grows` once, which was off: an `arena:40KiB` plan then counted activations
     alone and measured 7 KB over its estimate in the firmware."""
     from pipeline.compress.budget.arena import persistent_bytes
-    from pipeline.compress.stage import check_budget
+    from pipeline.compress.options import check_budget
     from pipeline.zoo import ModelSpec
     from targets import load_target
 
@@ -491,7 +491,7 @@ def test_a_cut_models_cycles_on_the_board_include_the_operators_between_the_laye
     model's cycles; the layers' tables alone miss it by 13%."""
     from helpers import firmware_missing
 
-    from pipeline.compress.stage import check_budget
+    from pipeline.compress.options import check_budget
     from pipeline.deploy import layer_cost_for
     from pipeline.zoo import ModelSpec
     from targets import load_target

@@ -176,7 +176,7 @@ class BroadcastAddCycles:
 
 
 def test_each_removal_is_priced_from_the_model_measured_without_it():
-    from pipeline.compress.stage import check_budget
+    from pipeline.compress.options import check_budget
     from pipeline.zoo import ModelSpec
     from targets import load_target
 

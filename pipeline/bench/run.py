@@ -25,8 +25,9 @@ import torch
 
 from calib import balanced_subset, load_dataset, preprocess
 from pipeline.cluster import Job, connect
+from pipeline.compress.options import check_budget
 from pipeline.compress.plan import DecompositionPlan
-from pipeline.compress.stage import check_budget, compress, samples_for, sensitivity_table
+from pipeline.compress.stage import compress, samples_for, sensitivity_table
 from pipeline.compress.store import load_factored, save_factored
 from pipeline.compute import gpus_asked, torch_device
 from pipeline.cycles.tools import missing
