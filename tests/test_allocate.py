@@ -318,6 +318,8 @@ def test_a_cycles_budget_the_whole_model_misses_is_allocated_again_tighter_until
     assert tighter < checks[0]["predicted_fraction"]
     assert [p.ranks for p in result.plan.layers if p.method] == [(8,), (8,)]
     assert cost.model(result.model, (3, 8, 8)) == checks[-1]["measured"]
+    # the report holds the model to the budget asked for, not the tighter one the plan was allocated at
+    assert result.allocation["budget"] == "cycles:0.6" and result.allocation["allocated_at"] == checks[1]["budget"]
 
 
 def test_a_whole_model_miss_no_tighter_plan_can_fix_keeps_the_plan_it_has(tmp_path, monkeypatch):

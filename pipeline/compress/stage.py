@@ -147,8 +147,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         target = target.replacing(Constraint("cycles", fraction=round(tighter, 6)))
         log(f"budget {budget}: the whole int8 model counts {check['measured_fraction']:.4f} of the dense cycles "
             f"(its layers predicted {check['predicted_fraction']:.4f}); allocating again at {target}")
-    if checks:
-        allocation["whole_model_cycles"] = checks
+    if checks:  # the budget stays the one asked for (the report holds the model to it), the last one tried beside it
+        allocation.update(whole_model_cycles=checks, budget=str(budget), allocated_at=str(target))
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 
