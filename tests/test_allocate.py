@@ -328,4 +328,5 @@ def test_a_whole_model_miss_no_tighter_plan_can_fix_keeps_the_plan_it_has(tmp_pa
     result, _, dense = three_convs_compressed("cycles:0.5")
     (check,) = result.allocation["whole_model_cycles"]
     assert check["measured"] == 201_112 > check["allowed"] == round(0.5 * dense)
+    assert result.allocation["allocated_at"] == "cycles:0.5"  # the plan kept, not the budget no plan reached
     assert [p.ranks for p in result.plan.layers if p.method] == [(8,), (8,)]

@@ -99,7 +99,8 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
     A cycles budget is checked on the whole int8 model as the deploy counts it: the layers' prices miss what the
     operators between them do by a few parts in ten thousand, so a plan the layers put just inside the budget can
     measure just outside it. Then the allocation runs again with the cycles constraint at the plan's predicted share
-    lowered by the miss, which that plan no longer fits (the sensitivities and prices are reused), at most ATTEMPTS times; each count is in the allocation's record."""
+    lowered by the miss, which that plan no longer fits (the sensitivities and prices are reused), at most ATTEMPTS
+    times; each count is in the allocation's record."""
     if menu is None:
         if settings.method == PRUNE:
             cuts = uniform_cuts(module, spec.input_shape, settings)
@@ -148,7 +149,7 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
         log(f"budget {budget}: the whole int8 model counts {check['measured_fraction']:.4f} of the dense cycles "
             f"(its layers predicted {check['predicted_fraction']:.4f}); allocating again at {target}")
     if checks:  # the budget stays the one asked for (the report holds the model to it), the last one tried beside it
-        allocation.update(whole_model_cycles=checks, budget=str(budget), allocated_at=str(target))
+        allocation.update(whole_model_cycles=checks, budget=str(budget), allocated_at=checks[-1]["budget"])
     seconds["decompose"] = round(plan.seconds, 2)
     return factored, plan, allocation, seconds
 
