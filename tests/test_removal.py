@@ -69,7 +69,9 @@ def test_a_removed_block_is_its_shortcut_plus_the_folded_constant():
     assert isinstance(removed.a2, ConstantOutput) and isinstance(removed.abn2, nn.Identity)
     bn = net.abn2  # a2 has no bias: from no input it outputs 0, which its BatchNorm maps to this
     expected = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    assert torch.allclose(removed.a2.value.flatten(), expected)
+    # without images, the same value at every position of a channel: a tensor the size of the layer's output
+    assert removed.a2.value.shape == (1, 8, 8, 8)
+    assert torch.allclose(removed.a2.value, expected.view(1, -1, 1, 1).expand(1, 8, 8, 8))
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         stem = F.relu(net.bn0(net.stem(x)))
@@ -90,7 +92,18 @@ def test_with_images_the_constant_is_the_dense_branchs_mean_output():
         stem = F.relu(net.bn0(net.stem(x)))
         trunk = F.relu(stem + net.abn2(net.a2(F.relu(net.abn1(net.a1(stem))))))
         branch = net.bbn2(net.b2(F.relu(net.bbn1(net.b1(trunk)))))
-    assert torch.allclose(removed.b2.value.flatten(), branch.mean((0, 2, 3)), atol=1e-5)
+    # the least-squares constant at each position: the branch's mean over the images, which the zero padding of
+    # its 3x3 convs makes differ between the border and the middle
+    assert torch.allclose(removed.b2.value, branch.mean(0, keepdim=True), atol=1e-5)
+    assert not torch.allclose(removed.b2.value[..., 0, 0], removed.b2.value[..., 4, 4], atol=1e-3)
+
+
+def test_a_file_from_when_the_constant_was_per_channel_loads_as_the_same_function():
+    removed, _ = prune(two_blocks(), SHAPE, {"a1": 0})
+    old = {k: v for k, v in removed.state_dict().items()}
+    old["a2.value"] = torch.arange(8.0).view(1, 8, 1, 1)  # the shape such files hold
+    removed.load_state_dict(old)
+    assert removed.a2.value.shape == (1, 8, 8, 8) and torch.equal(removed.a2.value[0, :, 5, 2], torch.arange(8.0))
 
 
 def test_a_removed_block_exports_without_its_convs_and_is_rebuilt_from_its_file(tmp_path):
@@ -129,6 +142,9 @@ def test_the_pricing_of_a_removal_equals_the_removed_models_own_count():
                           timeline=line, arena_records=True)
     removed = prune(net, SHAPE, {"a1": 0})[0]
     assert pricing({cut.layer: cut})["macs"] == totals(removed, SHAPE)[0]
+    # the two convs' 2 x 576 weights go, the constant's 8 x 8 x 8 come; the BatchNorms' 2 x 16 are not priced (as for
+    # every cut: params budgets err on the safe side by them)
+    assert pricing({cut.layer: cut})["params"] == params - 2 * 576 + 512 == totals(removed, SHAPE)[1] + 2 * 16
     # the block's intermediate tensor is gone, and two operators' records with it
     assert pricing.arena({cut.layer: cut}) < pricing.arena({}) - 2 * 223
     assert math.isclose(pricing({})["macs"], macs)

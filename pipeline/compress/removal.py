@@ -10,8 +10,9 @@ dequantize steps) that no narrower cut removes: removal is the lever that does.
 Torch-Pruning cannot cut a group to zero channels (a layer keeps at least one), so the surgery is ours: the writing
 layer and the BatchNorms on the group become `Removed` (they pass on no channels; the exporter drops the dead path),
 the reading layer becomes `ConstantOutput` with the BatchNorm after it folded in. With calibration images the
-constant is the dense branch's mean output per channel (the least-squares constant, as every other refit), and it is
-trained with the rest in fine-tuning.
+constant is the dense branch's mean output at each position of each channel (the least-squares constant, as every
+other refit: near the borders a zero-padded conv's mean differs from the middle's), and it is trained with the rest
+in fine-tuning.
 """
 
 from dataclasses import dataclass
@@ -33,29 +34,38 @@ class Removed(nn.Module):
 
 
 class ConstantOutput(nn.Module):
-    """A layer all of whose input channels were removed: its constant output per channel (its bias, through the
-    BatchNorm that followed it, folded in here), at the dense layer's output size (`spatial`) for one image, so the
-    exported graph adds a tensor of the same shape, for a constant of C x H x W bytes: ONNX Runtime's broadcast add
-    of a per-channel constant is the slower one (ResNet-20's first-stage blocks on the A72, the cycle engine's
-    estimate: 240,000 cycles each beyond the add it replaces, 40,000 at full size; not measured on a Cortex-M).
-    `value` trains like a bias; `scale` and `shift` (the folded BatchNorm) turn a mean of the dense layer's outputs
-    into it."""
+    """A layer all of whose input channels were removed: its constant output (its bias, through the BatchNorm that
+    followed it, folded in here), one value per channel and position of the dense layer's output for one image
+    (`spatial`), so the exported graph adds a tensor of the same shape, for a constant of C x H x W bytes: ONNX
+    Runtime's broadcast add of a per-channel constant is the slower one (ResNet-20's first-stage blocks on the A72,
+    the cycle engine's estimate: 240,000 cycles each beyond the add it replaces, 40,000 at full size; not measured
+    on a Cortex-M), and the full size lets each position hold its own mean. `value` trains like a bias; `scale` and
+    `shift` (the folded BatchNorm, per channel) turn a mean of the dense layer's outputs into it."""
 
     def __init__(self, value: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spatial: tuple[int, ...] = ()):
         super().__init__()
-        self.value = nn.Parameter(value)
         self.spatial = tuple(spatial)
+        self.value = nn.Parameter(value.expand(*value.shape[:2], *self.spatial).clone() if self.spatial else value)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", shift, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(*self.value.shape[:2], *self.spatial) if self.spatial else self.value
+        return self.value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "value"
+        if key in state_dict and state_dict[key].dim() == self.value.dim() and state_dict[key].shape != self.value.shape:
+            # a file written when the constant was one value per channel: the same function, spread over positions
+            state_dict[key] = state_dict[key].expand_as(self.value).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit(self, dense_output: torch.Tensor) -> None:
-        """The least-squares constant: the dense layer's mean output per channel, through the folded BatchNorm."""
-        mean = dense_output.transpose(0, 1).reshape(dense_output.shape[1], -1).mean(1)
-        self.value.copy_((mean * self.scale + self.shift).view_as(self.value))
+        """The least-squares constant: the dense layer's mean output over the images at each channel and position,
+        through the folded BatchNorm."""
+        per_channel = (1, -1) + (1,) * (dense_output.dim() - 2)
+        mean = dense_output.mean(0, keepdim=True)
+        self.value.copy_(mean * self.scale.view(per_channel) + self.shift.view(per_channel))
 
 
 def _following_norm(graph, layer: nn.Module) -> nn.Module | None:

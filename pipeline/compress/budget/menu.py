@@ -19,6 +19,7 @@ whose ranks do not fit the cut its layer is given cannot be held with it (`confl
 """
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -243,8 +244,9 @@ def pricing_for(module: nn.Module, input_shape: tuple[int, ...], *, groups: list
             if layer.out_group else [cout]
         pairs = [(i, i) for i in ins] if layer.depthwise else list(itertools.product(ins, outs))
         for i, o in pairs:
-            if not (i and o):  # a removed group's writer or reader: gone, and with it its cost
-                shapes.append(((layer.name, i, o), {"macs": 0, "params": 0, "cycles": 0.0}))
+            if not (i and o):  # a removed group's writer or reader: gone, and with it its cost but a reader's constant
+                constant = o * math.prod(costs[layer.name].output_shape[1:])
+                shapes.append(((layer.name, i, o), {"macs": 0, "params": constant, "cycles": 0.0}))
                 continue
             shaped, shape = resized(layer, i, o)
             cost = next(iter(count(shaped, shape).values()))

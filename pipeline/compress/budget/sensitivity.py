@@ -33,7 +33,7 @@ from pipeline.errors import StageError
 from pipeline.util import cache_dir, cache_lock, sha256_bytes, sha256_json, write_text
 from targets import Decomposition
 
-VERSION = 6  # 6: channel cuts ("prune") are candidates; 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
+VERSION = 7  # 7: a removed block's constant is per position; 6: channel cuts ("prune") are candidates; 5: 1x1 and depthwise convs have their own methods; 4: `latency` in the timer's unit; 3: linear layers' method is 'linear-svd'; bump when what a table means changes, so stale caches are not reused
 
 
 @dataclass(frozen=True)
