@@ -4,6 +4,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipeline.cycles.cores import Core
+from pipeline.cycles.join import joined
 from pipeline.cycles.mca import block_cycles
 from pipeline.cycles.profile import Profile
 
@@ -35,7 +36,9 @@ def cost_of(counts: Counter, profile: Profile, timing: dict) -> Cost:
 
 
 def estimate_segments(profile: Profile, core: Core, groups: list[list[int]]) -> list[Cost]:
-    """The cost of each group of segments (indices into `profile.segments`), all timed in one llvm-mca run."""
+    """The cost of each group of segments (indices into `profile.segments`), all timed in one llvm-mca run, with
+    the blocks QEMU cut where the code runs straight on timed whole (`join.joined`)."""
+    profile = joined(profile, core)
     counts = []
     for group in groups:
         total = Counter()

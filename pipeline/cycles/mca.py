@@ -23,7 +23,9 @@ from pipeline.errors import DeviceError
 from pipeline.util import cache_dir, cache_lock, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
-VERSION = 3  # of how blocks are prepared for llvm-mca: a change invalidates the cached timings
+# of how blocks are prepared for llvm-mca and counted: a change invalidates the cached timings and every count made
+# with them (4: straight-line code QEMU cut into blocks is timed whole, pipeline/cycles/join.py)
+VERSION = 4
 INVALID = re.compile(r":(\d+):\d+: warning: invalid instruction encoding")
 MCA_ERROR = re.compile(r":(\d+):\d+: error:")
 UNSUPPORTED = re.compile(r"unsupported instruction.*\n.*instruction:\s*(\S+)")

@@ -1,7 +1,7 @@
 """What the block-profile plugin wrote: each translated block, and each segment's executions between marks."""
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import DeviceError
@@ -11,6 +11,8 @@ from pipeline.errors import DeviceError
 class Block:
     code: bytes  # the block's instruction bytes as the guest holds them (QEMU 7.2 may add a peek beyond its end)
     sizes: tuple[int, ...]  # each instruction's length in bytes, as QEMU reported it
+    # where the guest ran it; not part of what a block is (the same bytes time the same wherever they lie)
+    address: int = field(default=0, compare=False)
 
     @property
     def instructions(self) -> int:
@@ -41,8 +43,8 @@ def read_profile(path: Path) -> Profile:
             block, count = rest.split()
             segments[-1][int(block)] += int(count)
         elif kind == "B":
-            block, _, _, sizes, code = rest.split()
-            blocks[int(block)] = Block(bytes.fromhex(code), tuple(int(s) for s in sizes.split(",")))
+            block, address, _, sizes, code = rest.split()
+            blocks[int(block)] = Block(bytes.fromhex(code), tuple(int(s) for s in sizes.split(",")), int(address, 16))
         elif kind == "M":
             segments.append(Counter())
         elif kind == "E":
