@@ -23,6 +23,7 @@ DEPLOY_ARGS = --target $(TARGET) $(MODEL_ARGS) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
 	$(if $(DATA),--data $(DATA)) $(if $(EVAL_SAMPLES),--eval-samples $(EVAL_SAMPLES)) $(if $(OUT),--out $(OUT)) \
 	$(if $(BASELINE),--baseline $(BASELINE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
+	$(if $(TEACHER),--teacher $(TEACHER)) $(if $(TEACHER_WEIGHTS),--teacher-weights $(TEACHER_WEIGHTS)) \
 	$(if $(filter 1 yes true,$(QUIET)),--quiet)
 
 .PHONY: setup setup-cluster setup-board setup-tf deploy bench families mlperf-tiny regress firmware flash train setup-device third-party decompose test test-fast test-network lint clean
@@ -121,7 +122,8 @@ decompose: setup
 	$(BIN)/cnn-deploy decompose --target $(TARGET) $(MODEL_ARGS) \
 		$(if $(METHOD),--method $(METHOD)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) \
 		$(if $(BUDGET),--budget $(BUDGET)) $(if $(FINETUNE_EPOCHS),--finetune-epochs $(FINETUNE_EPOCHS)) \
-		$(if $(DATA),--data $(DATA)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE))
+		$(if $(DATA),--data $(DATA)) $(if $(TORCH_DEVICE),--torch-device $(TORCH_DEVICE)) \
+		$(if $(TEACHER),--teacher $(TEACHER)) $(if $(TEACHER_WEIGHTS),--teacher-weights $(TEACHER_WEIGHTS))
 
 # One worker per core, each taking whole files (a file's module fixtures are built once; the SSH board test's /tmp
 # check and the Ray head stay in one process); at most 4, each holding torch and a model or two in memory.

@@ -114,8 +114,11 @@ def cmd_decompose(args) -> int:
 
         data = load_data(args.data, hint=_hint(spec))
         data.check_for(input_shape=spec.input_shape, num_classes=spec.num_classes, model=args.model)
+        from pipeline.zoo import load_model
+
+        teacher = load_model(args.teacher, args.teacher_weights) if args.teacher else None
         result = compress(spec, data.train, settings=settings, tuning=tuning,
-                          layer_cost=layer_cost_for(profile), seed=args.seed)
+                          layer_cost=layer_cost_for(profile), teacher=teacher, seed=args.seed)
         model, plan = result.model, result.plan
     else:
         from pipeline.compress.decompose import decompose
@@ -176,7 +179,11 @@ def _add_compression_flags(p, *, deploy: bool) -> None:
                                     "sensitivity, never a layer slower than dense on the board" +
                                     (f" (default: the profile's, else {DEFAULT_BUDGET}; none when --method or --rank "
                                      "is given)" if deploy else " (default: the profile's)"))
-    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model (default: the profile's)")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of distillation from the dense model, or from --teacher "
+                                                       "(default: the profile's)")
+    p.add_argument("--teacher", help="a model to distil from instead of the dense one, named as --model is (a larger "
+                                     "net of the same images and classes, e.g. resnet56); needs --finetune-epochs")
+    p.add_argument("--teacher-weights", help="the teacher's state-dict checkpoint (default: the zoo's)")
     p.add_argument("--torch-device", help=TORCH_DEVICE_HELP)
 
 
@@ -191,7 +198,7 @@ def cmd_deploy(args) -> int:
                     candidates=args.candidates, data=args.data,
                     eval_samples=args.eval_samples, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                     mean=args.mean, std=args.std, signature=args.signature, baseline=args.baseline,
-                    device=args.device, out=args.out,
+                    device=args.device, teacher=args.teacher, teacher_weights=args.teacher_weights, out=args.out,
                     torch_device=args.torch_device, progress=not args.quiet)
     out = build_folder(load_target(args.target).name, args.out)
     print()

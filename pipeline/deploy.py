@@ -25,6 +25,7 @@ from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preproc
 from pipeline.cluster import connect
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
+from pipeline.compress.teacher import as_teacher
 from pipeline.compute import torch_device as resolve_torch_device
 from pipeline.cycles.tools import require
 from pipeline.device.benchmark_board import benchmark_for_build
@@ -93,6 +94,7 @@ class Build:
     warnings: list[str] = field(default_factory=list)  # where factoring made a cost worse: reported, not failed
     device: dict | None = None
     given_baseline: Path | None = None  # BASELINE=: the user's own int8 .tflite, the dense_int8 variant as it is
+    teacher: ModelSpec | None = None  # TEACHER=: what fine-tuning distils from instead of the dense model
     dense_logits: np.ndarray | None = None  # dense fp32 on the evaluation images
     report: DeployReport | None = None
     reports: list[Path] = field(default_factory=list)
@@ -146,7 +148,7 @@ def compress_model(build: Build) -> None:
     _stage(f"decompose {build.spec.name} ({how}{fine})")
     cost = layer_cost_for(build.profile, calibration=build.calibration, sample=build.cycle_sample, log=_stage)
     build.compressed = compress(build.spec, build.train_set, settings=settings, tuning=tuning, layer_cost=cost,
-                                seed=SEED, progress=build.progress, log=_stage)
+                                teacher=build.teacher, seed=SEED, progress=build.progress, log=_stage)
     print(build.compressed.plan_table(), flush=True)
 
 
@@ -486,8 +488,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
            rank: str | None = None, budget: str | None = None, finetune_epochs: int | None = None,
            exclude: list[str] | None = None, candidates: list[str] | None = None, data: str | None = None,
            eval_samples: int | None = None, input_shape: tuple[int, int, int] | None = None, mean=None, std=None, signature: str | None = None,
-           baseline: str | None = None, device: str | None = None,
-           out: str | os.PathLike | None = None, torch_device: str | None = None,
+           baseline: str | None = None, device: str | None = None, teacher: str | None = None,
+           teacher_weights: str | None = None, out: str | os.PathLike | None = None, torch_device: str | None = None,
            progress: bool = True) -> DeployReport:
     """Compress `model` (a zoo name, `package.module:callable` or `file.py:callable`, weights from `weights`; an
     ONNX, Keras, SavedModel or float TFLite file; a full-int8 .tflite is measured as it is: `measure_int8`),
@@ -497,7 +499,8 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
 
     `method`, `rank`, `budget` (see `default_budget`), `finetune_epochs`, `exclude` and `candidates` (the methods a
     budget may pick: factorisations, `prune`, or both) override the profile's settings; `input_shape`, `mean` and `std` the model's (`signature`: a SavedModel's serving function; `baseline`:
-    the model's own full-int8 .tflite, then the dense_int8 variant as it is on a microcontroller). Every setting is checked before any work. `device` (DEVICE=) replaces the
+    the model's own full-int8 .tflite, then the dense_int8 variant as it is on a microcontroller; `teacher` and
+    `teacher_weights`: a model to distil from instead of the dense one, see `compress.teacher`). Every setting is checked before any work. `device` (DEVICE=) replaces the
     profile's device for the on-device check; a board over SSH also times the layer table and the four variants
     itself. `torch_device` (TORCH_DEVICE=) replaces the profile's `[finetune] device`, where fine-tuning and the
     sensitivity sweep run. Returns the report; `report.passed` says whether every threshold was met. Raises a `PipelineError`
@@ -511,6 +514,9 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
                        **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
         finetune={"epochs": finetune_epochs, "device": torch_device})
     resolve_torch_device(profile.finetune.device)  # cuda asked for and absent is refused before any work
+    if teacher is not None and not profile.finetune.epochs:
+        raise ConfigError(f"TEACHER={teacher} is what fine-tuning distils from, and FINETUNE_EPOCHS is 0 in "
+                          f"{profile.name}: give FINETUNE_EPOCHS=10, say, or leave TEACHER out")
     if device is not None:
         profile = dataclasses.replace(profile, device=dataclasses.replace(profile.device, default=device))
     board = parse_device(profile.device.default)  # an unknown device is refused before any work
@@ -520,7 +526,7 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
     if baseline is not None:
         check_given_baseline(baseline, profile)
     out = check_output(build_folder(profile.name, out), kind="deploy",
-                       inputs=[*run_inputs(target, model, weights, data), baseline])
+                       inputs=[*run_inputs(target, model, weights, data, teacher_weights), baseline])
     if is_int8_tflite(model):  # nothing to compress: measured as it is
         with writing(out):
             return measure_int8_file(profile, model=model, data=data, samples=samples, mean=mean, std=std, out=out,
@@ -529,21 +535,25 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
         return _deploy(profile, board if device is not None else None, model=model, weights=weights, data=data,
                        samples=samples, device_samples=profile.device.samples if eval_samples is None else samples,
                        input_shape=input_shape, mean=mean, std=std, signature=signature, baseline=baseline, out=out,
-                       progress=progress, started=started)
+                       teacher=teacher, teacher_weights=teacher_weights, progress=progress, started=started)
 
 
-def run_inputs(target: str, model: str, weights: str | None, data: str | None) -> list[str | None]:
+def run_inputs(target: str, model: str, weights: str | None, data: str | None, *more: str | None) -> list[str | None]:
     """The user's files a run reads, which its output folder must not hold."""
     source = model if is_tensorflow_model(model) else model.rsplit(":", 1)[0]
     return [target if target.endswith(".toml") else None,
             source if source.endswith((".py", ".onnx")) or is_tensorflow_model(source) else None,
-            weights, data]
+            weights, data, *more]
 
 
 def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, data, samples, device_samples,
-            input_shape, mean, std, signature, baseline, out: Path, progress: bool, started: float) -> DeployReport:
+            input_shape, mean, std, signature, baseline, out: Path, teacher, teacher_weights, progress: bool,
+            started: float) -> DeployReport:
     torch.manual_seed(SEED)
     spec = load_model(model, weights, input_shape=input_shape, mean=mean, std=std, signature=signature)
+    judge = load_model(teacher, teacher_weights) if teacher is not None else None
+    if judge is not None:
+        as_teacher(judge, spec)  # one that reads other images or answers in other classes is refused before any work
     if baseline is not None and read_tflite(baseline).input_shape != spec.input_shape:
         raise InputError(f"BASELINE={baseline} takes {read_tflite(baseline).input_shape} (C x H x W); the model "
                          f"{model!r} takes {spec.input_shape}: expected the same model's int8 file")
@@ -554,7 +564,8 @@ def _deploy(profile: TargetProfile, board: Device | None, *, model, weights, dat
     try:
         build = Build(profile, spec, splits, preprocess(splits.test.x[eval_idx], mean=spec.mean, std=spec.std),
                       splits.test.y[eval_idx], staging, board, device_samples=device_samples, progress=progress,
-                      started=started, given_baseline=Path(baseline).resolve() if baseline is not None else None)
+                      started=started, given_baseline=Path(baseline).resolve() if baseline is not None else None,
+                      teacher=judge)
         for stage in STAGES:
             stage(build)
         mark(staging, "deploy")

@@ -146,8 +146,10 @@ def finetune(student: nn.Module, teacher: nn.Module, train_set: Dataset, heldout
     teacher = teacher.eval() if device.is_cpu else copy.deepcopy(teacher).to(device.device).eval()
     held_x = preprocess(heldout.x, mean=mean, std=std)
     start_top1 = top1(torch_logits(model, held_x, device=device.device), heldout.y)
+    teacher_top1 = top1(torch_logits(teacher, held_x, device=device.device), heldout.y)
     best = (start_top1, copy.deepcopy(model.state_dict()), 0)
-    history = {"start_heldout_top1": start_top1, "epochs": [], "bn": bn, "optimizer": settings.optimizer,
+    history = {"start_heldout_top1": start_top1, "teacher_heldout_top1": teacher_top1, "epochs": [], "bn": bn,
+               "optimizer": settings.optimizer,
                "ema_decay": settings.ema_decay,
                "mixup": mixup, "seed": seed, **device.about(),
                "heldout_samples": len(heldout.y), "train_samples": len(train_set.y)}

@@ -20,6 +20,7 @@ from pipeline.compress.methods import PRUNE
 from pipeline.compress.options import Menu, check_budget, timed
 from pipeline.compress.plan import Choice, DecompositionPlan
 from pipeline.compress.restored_norms import fine_tune_with_norms
+from pipeline.compress.teacher import as_teacher
 from pipeline.compute import CPU, TorchDevice, torch_device
 from pipeline.errors import BudgetOutOfReach
 from pipeline.zoo import ModelSpec
@@ -225,17 +226,25 @@ def _priced(plan, pricing, chosen: dict) -> "DecompositionPlan":
 
 
 def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tuning: Finetune,
-             layer_cost: LayerCost | None = None, seed: int = 0, use_cache: bool = True, progress: bool = True,
-             log=print) -> Compressed:
-    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says. `layer_cost` is what single
-    layers cost on the target (see `LayerCost`): a budget weighs it when it is the board's estimate or
-    `settings.latency_weight` > 0, and a cycle budget is counted in it.
+             layer_cost: LayerCost | None = None, teacher: ModelSpec | None = None, seed: int = 0,
+             use_cache: bool = True, progress: bool = True, log=print) -> Compressed:
+    """Factor `spec`'s model as `settings` say and fine-tune it as `tuning` says, distilled from `teacher` (default:
+    the dense model; see `teacher.as_teacher`). `layer_cost` is what single layers cost on the target (see
+    `LayerCost`): a budget weighs it when it is the board's estimate or `settings.latency_weight` > 0, and a cycle
+    budget is counted in it.
 
     With intermediate budgets (`settings.gradual`) and epochs, the model is factored to each in turn, tuned for
     `tuning.step_epochs`, and collapsed back to dense layers before the next: every allocation is measured on
     the partly compressed, tuned model, so errors that compound are seen rather than assumed to add. The
-    teacher stays the dense model throughout; `one_shot` is the dense model factored straight to the budget."""
+    teacher stays the same throughout; `one_shot` is the dense model factored straight to the budget."""
     check_gradual(settings, tuning)
+    judge = as_teacher(teacher, spec) if teacher is not None else spec.module  # refused before any work
+    if teacher is not None and tuning.feature_weight:
+        # the feature term matches each block to the same block of the dense model; another net's blocks of the same
+        # name (ResNet-56's layer1.0 beside ResNet-20's) compute something else
+        tuning = dataclasses.replace(tuning, feature_weight=0.0)
+        log(f"teacher {teacher.name}: distilled from its outputs only (the feature term matches the dense model's "
+            "blocks)")
     if settings.budget and parse_budget(settings.budget).get("arena") and PRUNE not in settings.candidates:
         # factorisations only add tensors: an arena the budget names can only be lowered by cutting channels
         settings = dataclasses.replace(settings, candidates=(*settings.candidates, PRUNE))
@@ -265,7 +274,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
     model, history = one_shot, None
     if tuning.epochs:
         trained_on = train_set.take(splits["train"])
-        distil = functools.partial(finetune, teacher=spec.module, train_set=trained_on,
+        distil = functools.partial(finetune, teacher=judge, train_set=trained_on,
                                    heldout=train_set.take(splits["heldout"]), mean=spec.mean, std=spec.std, seed=seed,
                                    progress=progress)
 
@@ -298,4 +307,7 @@ def compress(spec: ModelSpec, train_set: Dataset, *, settings: Decomposition, tu
             history.update(steps=steps, epochs=epochs,
                            seconds_per_epoch=round(sum(e["seconds"] for e in epochs) / len(epochs), 3))
         seconds["finetune"] = round(time.perf_counter() - started, 1)  # with the re-factoring between steps
+        judged_by = teacher or spec
+        history["teacher"] = {"model": judged_by.name, "weights_sha256": judged_by.weights_sha256,
+                              "dense_model": teacher is None}
     return Compressed(one_shot, model, plan, allocation, history, seconds, one_shot_plan, device.about())

@@ -141,7 +141,10 @@ def tuning_sentence(tuned: dict) -> str:
     restored = tuned.get("restored_batchnorms") or ()
     extras += f", a BatchNorm for each of {len(restored)} convs without one, folded in after" if restored else ""
     where = tuned.get("torch_device", "cpu")  # records from before the setting ran on the CPU
-    return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation ({tuned['seconds_per_epoch']:.0f} s per epoch on "
+    teacher = tuned.get("teacher") or {"dense_model": True}  # records from before the setting: the dense model
+    source = "" if teacher["dense_model"] else (f" from {teacher['model']} (held-out top-1 "
+                                                f"{tuned['teacher_heldout_top1']:.2%})")
+    return (f"Fine-tuned {len(tuned['epochs'])} epochs by distillation{source} ({tuned['seconds_per_epoch']:.0f} s per epoch on "
             f"this host's {where}, BatchNorm {tuned['bn']}{optimiser}{extras}){gradual}: held-out top-1 "
             f"{tuned['start_heldout_top1']:.2%} -> "
             f"{tuned['best_heldout_top1']:.2%} (epoch {tuned['best_epoch']} kept, {tuned['heldout_samples']:,} training "
