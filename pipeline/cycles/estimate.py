@@ -1,5 +1,6 @@
 """A profile's segments in instructions and estimated cycles on a core."""
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,15 +39,19 @@ def cost_of(counts: Counter, profile: Profile, timing: dict) -> Cost:
 def estimate_segments(profile: Profile, core: Core, groups: list[list[int]]) -> list[Cost]:
     """The cost of each group of segments (indices into `profile.segments`), all timed in one llvm-mca run, with
     the blocks QEMU cut where the code runs straight on timed whole (`join.joined`)."""
-    profile = joined(profile, core)
-    counts = []
+    whole = joined(profile, core)
+    costs = []
     for group in groups:
-        total = Counter()
+        executed, run = Counter(), Counter()
         for index in group:
-            total.update(profile.segments[index])
-        counts.append(total)
-    timing = block_cycles(core, {profile.blocks[b] for c in counts for b in c})
-    return [cost_of(c, profile, timing) for c in counts]
+            executed.update(profile.segments[index])
+            run.update(whole.segments[index])
+        costs.append((executed, run))
+    timing = block_cycles(core, {whole.blocks[b] for _, run in costs for b in run})
+    # instructions as executed; cycles and what the model could not time on the joined blocks
+    return [dataclasses.replace(cost_of(run, whole, timing),
+                                instructions=sum(n * profile.blocks[b].instructions for b, n in executed.items()))
+            for executed, run in costs]
 
 
 def board_figures(cost: Cost, *, core: Core, clock_mhz: float, **extra) -> dict:

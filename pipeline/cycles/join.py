@@ -39,9 +39,31 @@ def _length(core: Core, block: Block) -> int:
     return sum(len(instruction) for instruction in core.split(block.code, block.instructions))
 
 
+def _same_code(profile: Profile, core: Core) -> Profile:
+    """`profile` with each translation of the same code at the same address (QEMU translates again after a flush)
+    counted as one block."""
+    canonical, blocks = {}, {}
+    for b, block in profile.blocks.items():
+        key = (block.address, block.code[:_length(core, block)], block.sizes)
+        canonical[b] = canonical.setdefault(key, b)
+        blocks.setdefault(canonical[b], block)
+    segments = []
+    for segment in profile.segments:
+        counts = Counter()
+        for b, n in segment.items():
+            counts[canonical[b]] += n
+        segments.append(counts)
+    return Profile(blocks, tuple(segments))
+
+
 def _runs_on(profile: Profile, core: Core) -> dict[int, int]:
-    """For each block that always runs on into one other block, that block's id."""
-    executed = sorted({b for segment in profile.segments for b in segment})
+    """For each block that always runs on into the code at its end address, the block that runs that code: the
+    most executed one starting there (under `-icount` QEMU also translates a shorter copy to stop at a deadline,
+    run once)."""
+    executions = Counter()
+    for segment in profile.segments:
+        executions.update(segment)
+    executed = sorted(executions)
     starting = defaultdict(list)
     for b in executed:
         starting[profile.blocks[b].address].append(b)
@@ -54,31 +76,27 @@ def _runs_on(profile: Profile, core: Core) -> dict[int, int]:
     following = {}
     for b, text in zip(executed, texts, strict=True):
         block = profile.blocks[b]
-        at_end = starting.get(block.address + _length(core, block), [])
-        # an undecodable last instruction, or two translations of the code there (QEMU translates some code again),
-        # leave the block as it is
-        if text and not transfers_control(text[-1]) and len(at_end) == 1:
-            following[b] = at_end[0]
+        at_end = starting.get(block.address + _length(core, block))
+        if text and at_end and not transfers_control(text[-1]):  # an undecodable last instruction: left as it is
+            following[b] = max(at_end, key=lambda c: (executions[c], -c))
     return following
 
 
 def _entered(segment: Counter, following: dict[int, int]) -> Counter:
-    """Each block's executions in `segment` that did not run on from the block before it."""
+    """Each block's executions in `segment` that did not run on from the block before it (none where a copy QEMU
+    made to stop at a deadline ran instead)."""
     entered = Counter(segment)
     for before, after in following.items():
         entered[after] -= segment.get(before, 0)
-    return entered
+    return Counter({b: max(n, 0) for b, n in entered.items()})
 
 
 def joined(profile: Profile, core: Core) -> Profile:
     """`profile` with each block that was entered by a branch followed by every block its code runs on into, as one
-    block; the same instructions, executed as often."""
+    block. Its instruction counts are exact where every execution of a block ran on into the same translation of
+    the next (a copy run once, as above, adds its instructions once more): count instructions on `profile`."""
+    profile = _same_code(profile, core)
     following = _runs_on(profile, core)
-    while True:  # a count the pairs cannot explain (code entered some other way) drops the pairs into that block
-        short = {b for segment in profile.segments for b, n in _entered(segment, following).items() if n < 0}
-        if not short:
-            break
-        following = {before: after for before, after in following.items() if after not in short}
     blocks, ids, next_id = dict(profile.blocks), {}, max(profile.blocks, default=-1) + 1
     for first in profile.blocks:
         if first not in following:
