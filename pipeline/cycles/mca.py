@@ -24,8 +24,9 @@ from pipeline.util import cache_dir, cache_lock, sha256_json, write_text
 
 ITERATIONS = 100  # enough for a steady state on every block seen; more only costs time
 # of how blocks are prepared for llvm-mca and counted: a change invalidates the cached timings and every count made
-# with them (4: straight-line code QEMU cut into blocks is timed whole, pipeline/cycles/join.py)
-VERSION = 4
+# with them (5: code QEMU translated again is joined too; 4: straight-line code QEMU cut into blocks is timed whole,
+# pipeline/cycles/join.py)
+VERSION = 5
 INVALID = re.compile(r":(\d+):\d+: warning: invalid instruction encoding")
 MCA_ERROR = re.compile(r":(\d+):\d+: error:")
 UNSUPPORTED = re.compile(r"unsupported instruction.*\n.*instruction:\s*(\S+)")
