@@ -106,6 +106,9 @@ def cmd_decompose(args) -> int:
                        "round_to": args.round_to, "budget": args.budget, "fit_samples": args.fit_samples},
         finetune={"epochs": args.finetune_epochs, "device": args.torch_device})
     settings, tuning = profile.decomposition, profile.finetune
+    from pipeline.compress.teacher import check_teacher_settings
+
+    check_teacher_settings(args.teacher, args.teacher_weights, epochs=tuning.epochs, profile=profile.name)
     spec = _model(args)
     if settings.budget or settings.fit_samples or tuning.epochs:  # these need training images
         from calib import load_data

@@ -25,7 +25,7 @@ from calib import Dataset, DataSplits, Hint, balanced_subset, load_data, preproc
 from pipeline.cluster import connect
 from pipeline.compress.budget.macs import count
 from pipeline.compress.stage import Compressed, compress
-from pipeline.compress.teacher import as_teacher
+from pipeline.compress.teacher import as_teacher, check_teacher_settings
 from pipeline.compute import torch_device as resolve_torch_device
 from pipeline.cycles.tools import require
 from pipeline.device.benchmark_board import benchmark_for_build
@@ -514,9 +514,7 @@ def deploy(*, target: str = "rpi4", model: str = DEFAULT_MODEL, weights: str | N
                        **({"exclude": list(exclude), "keep_first_and_last": False} if exclude is not None else {})},
         finetune={"epochs": finetune_epochs, "device": torch_device})
     resolve_torch_device(profile.finetune.device)  # cuda asked for and absent is refused before any work
-    if teacher is not None and not profile.finetune.epochs:
-        raise ConfigError(f"TEACHER={teacher} is what fine-tuning distils from, and FINETUNE_EPOCHS is 0 in "
-                          f"{profile.name}: give FINETUNE_EPOCHS=10, say, or leave TEACHER out")
+    check_teacher_settings(teacher, teacher_weights, epochs=profile.finetune.epochs, profile=profile.name)
     if device is not None:
         profile = dataclasses.replace(profile, device=dataclasses.replace(profile.device, default=device))
     board = parse_device(profile.device.default)  # an unknown device is refused before any work

@@ -98,8 +98,20 @@ def test_fine_tuning_learns_from_the_teacher_it_is_given(net, data):
     assert "by distillation (" in tuning_sentence(dense)
 
 
-def test_a_teacher_without_fine_tuning_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match=r"TEACHER=resnet56 is what fine-tuning distils from, and FINETUNE_EPOCHS is "
-                                          r"0 in rpi4"):
-        deploy(target="rpi4", model="resnet8", teacher="resnet56", finetune_epochs=0, out=tmp_path / "out")
+@pytest.mark.parametrize("given,words", [
+    (dict(teacher="resnet56", finetune_epochs=0), r"TEACHER=resnet56 is what fine-tuning distils from, and "
+                                                  r"FINETUNE_EPOCHS is 0 in rpi4"),
+    (dict(teacher_weights="r56.th", finetune_epochs=2), r"TEACHER_WEIGHTS=r56.th without TEACHER="),
+])
+def test_a_teacher_without_fine_tuning_or_weights_without_a_teacher_are_refused_before_any_work(tmp_path, given,
+                                                                                                 words):
+    with pytest.raises(ConfigError, match=words):
+        deploy(target="rpi4", model="resnet8", out=tmp_path / "out", **given)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_cli_refuses_teacher_weights_without_a_teacher(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["decompose", "--teacher-weights", "r56.th", "--out", str(tmp_path / "f.pt")]) == 2
+    assert "TEACHER_WEIGHTS=r56.th without TEACHER=" in capsys.readouterr().err and not list(tmp_path.iterdir())

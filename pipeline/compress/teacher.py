@@ -11,7 +11,7 @@ into pixels and normalised the teacher's way inside `Renormalised`, so each mode
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.zoo import ModelSpec
 
 
@@ -30,6 +30,16 @@ class Renormalised(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x * self.scale + self.shift)
+
+
+def check_teacher_settings(teacher: str | None, teacher_weights: str | None, *, epochs: int, profile: str) -> None:
+    """Refuses, before any work, a teacher there is no fine-tuning for and teacher weights without a teacher."""
+    if teacher is None and teacher_weights is not None:
+        raise ConfigError(f"TEACHER_WEIGHTS={teacher_weights} without TEACHER=: name the model they belong to "
+                          "(TEACHER=resnet56, say), or leave TEACHER_WEIGHTS out")
+    if teacher is not None and not epochs:
+        raise ConfigError(f"TEACHER={teacher} is what fine-tuning distils from, and FINETUNE_EPOCHS is 0 in "
+                          f"{profile}: give FINETUNE_EPOCHS=10, say, or leave TEACHER out")
 
 
 def _channels(values, channels: int) -> tuple[float, ...]:
