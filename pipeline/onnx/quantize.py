@@ -16,6 +16,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+from pipeline.onnx.integer_ops import pads_on_integers, spatial_means_as_pools
 from pipeline.util import atomic_path
 from targets import Quantization
 
@@ -59,10 +60,16 @@ class ArrayReader(CalibrationDataReader):
 
 def quantize_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, calibration: np.ndarray,
                   settings: Quantization, input_name: str = "input") -> Path:
-    """Pre-process (shape inference, fusions), then quantize statically with the profile's settings."""
+    """Pre-process (shape inference, fusions), then quantize statically with the profile's settings. A uint8
+    graph (ONNX Runtime's) also gets its pads and spatial means in integers (`pipeline.onnx.integer_ops`)."""
+    for_onnxruntime = settings.activation_type == "uint8"
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as target:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=False)
+        if for_onnxruntime:
+            graph = onnx.load(str(prepared))
+            if spatial_means_as_pools(graph):
+                onnx.save(graph, str(prepared))
         quantize_static(
             str(prepared), str(target), ArrayReader(input_name, calibration),
             quant_format=_FORMATS[settings.format], per_channel=settings.per_channel,
@@ -72,4 +79,8 @@ def quantize_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, cali
             extra_options={"CalibTensorRangeSymmetric": False,
                            "TensorQuantOverrides": _unit_interval_overrides(prepared, settings.activation_type)},
         )
+        if for_onnxruntime:
+            graph = onnx.load(str(target))
+            if pads_on_integers(graph):
+                onnx.save(graph, str(target))
     return Path(out)
