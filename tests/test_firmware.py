@@ -64,7 +64,7 @@ def test_instruction_counts_are_deterministic_and_the_layers_add_up(sources, tmp
     assert first.instructions == second.instructions and np.array_equal(first.outputs, second.outputs)
     steady = first.instructions[1]
     assert 0.95 * steady <= sum(n for _, n in first.layers) <= first.instructions[0]  # the rest: interpreter overhead
-    assert [op for op, _ in first.layers] == ["CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"]
+    assert [op for op, _ in first.layers] == ["CONV_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED"]
 
 
 def test_board_cycles_are_deterministic_and_differ_between_the_m4_and_m7_models(sources, tmp_path):

@@ -88,26 +88,40 @@ def test_a_pad_whose_value_is_computed_at_run_time_or_whose_sides_differ_is_left
     assert pads_on_integers(other) == []
 
 
+@pytest.mark.parametrize("shared_scale", [False, True])
 @pytest.mark.parametrize("keepdims", [1, 0])
-def test_a_mean_over_height_and_width_becomes_a_global_average_pool(keepdims):
+def test_a_mean_over_height_and_width_becomes_a_pool(keepdims, shared_scale):
     axes = numpy_helper.from_array(np.array([-1, 2], np.int64), "axes")
     node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=keepdims, name="mean")
-    graph = helper.make_graph([node], "mean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+    graph = helper.make_graph([node], "mean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [axes])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    x = _x((2, 4, 5, 5))
+    x = _x((2, 4, 5, 6))
     before = _run(model, x)
-    assert spatial_means_as_pools(model) == ["mean"]
-    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool"] + (["Flatten"] if not keepdims else [])
+    assert spatial_means_as_pools(model, shared_scale=shared_scale) == ["mean"]
+    pool = "AveragePool" if shared_scale else "GlobalAveragePool"
+    assert [n.op_type for n in model.graph.node] == [pool] + (["Flatten"] if not keepdims else [])
+    if shared_scale:
+        assert list(model.graph.node[0].attribute[0].ints) == [5, 6]  # the whole map
     assert not model.graph.initializer  # the axes went with the mean
     after = _run(model, x)
     assert after.shape == before.shape == ((2, 4, 1, 1) if keepdims else (2, 4))
     assert np.allclose(after, before, atol=1e-6)
-    # a mean over channels is not a pool
+
+
+def test_only_spatial_means_become_pools():
     channel = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1])], "c",
                                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    assert spatial_means_as_pools(helper.make_model(channel, opset_imports=[helper.make_opsetid("", 17)])) == []
+    model = onnx.shape_inference.infer_shapes(helper.make_model(channel, opset_imports=[helper.make_opsetid("", 17)]))
+    assert spatial_means_as_pools(model, shared_scale=True) == []
+    pooled = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"], name="gap")], "g",
+                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 1, 1])])
+    model = helper.make_model(pooled, opset_imports=[helper.make_opsetid("", 17)])
+    assert spatial_means_as_pools(model, shared_scale=False) == []  # ORT's own global pool stays
+    assert spatial_means_as_pools(model, shared_scale=True) == ["gap"]  # TFLite's needs the input's scale
+    assert model.graph.node[0].op_type == "AveragePool"
 
 
 class _ShortcutNet(nn.Module):
@@ -139,20 +153,23 @@ def test_a_uint8_model_runs_its_shortcut_pad_and_mean_in_integers_with_the_outpu
     assert kinds["QLinearGlobalAveragePool"] == 1 and kinds["ReduceMean"] == 0 and kinds["Pad"] == 1
     assert kinds["QuantizeLinear"] == kinds["DequantizeLinear"] == 1
     monkeypatch.setattr(quantize, "pads_on_integers", lambda graph: [])
-    monkeypatch.setattr(quantize, "spatial_means_as_pools", lambda graph: [])
+    monkeypatch.setattr(quantize, "spatial_means_as_pools", lambda graph, **_: [])
     plain = quantize_onnx(fp32, tmp_path / "plain.onnx", calibration=x, settings=Quantization())
     kinds = Counter(n.op_type for n in onnx.load(str(plain)).graph.node)
     assert kinds["ReduceMean"] == 1  # the rewrite was really off
     assert np.allclose(got, _run(onnx.load(str(plain)), x), atol=1e-5)
 
 
-def test_an_int8_model_keeps_the_form_the_tflite_writer_reads(tmp_path):
+def test_an_int8_model_averages_with_its_input_scale_and_keeps_the_pad_the_tflite_writer_reads(tmp_path):
     torch.manual_seed(0)
     x = np.random.default_rng(1).normal(size=(8, 3, 16, 16)).astype(np.float32)
     fp32, _ = export_onnx(_ShortcutNet().eval(), tmp_path / "net.onnx", check_inputs=x)
     q = onnx.load(str(quantize_onnx(fp32, tmp_path / "q.onnx", calibration=x,
                                     settings=Quantization(activation_type="int8"))))
-    producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    producer = {o: n for n in q.graph.node for o in n.output}
     pad = next(n for n in q.graph.node if n.op_type == "Pad")
-    assert producer[pad.input[0]] == "DequantizeLinear"
-    assert any(n.op_type == "ReduceMean" for n in q.graph.node)
+    assert producer[pad.input[0]].op_type == "DequantizeLinear"
+    pool = next(n for n in q.graph.node if n.op_type == "AveragePool")
+    reader = next(n for n in q.graph.node if n.input and n.input[0] == pool.output[0])
+    assert reader.op_type == "QuantizeLinear" and list(reader.input[1:]) == list(producer[pool.input[0]].input[1:])
+    assert not any(n.op_type in ("ReduceMean", "GlobalAveragePool") for n in q.graph.node)

@@ -184,9 +184,10 @@ CASES = {
     "option_a_shortcut": (Shortcut(), {"CONV_2D", "ADD", "PAD", "STRIDED_SLICE"}, 2),
     "maxpool_flatten_linear": (Head(), {"CONV_2D", "MAX_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}, 2),
     "avgpool": (nn.Sequential(nn.Conv2d(4, 4, 1), nn.AvgPool2d(2)), {"CONV_2D", "AVERAGE_POOL_2D"}, 2),
-    "global_mean": (GlobalMean(), {"CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"}, 3),
+    # a mean over H and W is written as a pool sharing its input's scale (pipeline/onnx/integer_ops.py)
+    "global_mean": (GlobalMean(), {"CONV_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}, 3),
     # hard-swish, sigmoid and mul each requantize; the sigmoid's 1/256 grid is coarse against the output's
-    "squeeze_excite": (SqueezeExcite(), {"CONV_2D", "HARD_SWISH", "MEAN", "LOGISTIC", "MUL"}, 3),
+    "squeeze_excite": (SqueezeExcite(), {"CONV_2D", "HARD_SWISH", "AVERAGE_POOL_2D", "LOGISTIC", "MUL"}, 3),
     # one branch is requantized to the concat's scale first: one more rounding on that branch
     "concat": (Fire(), {"CONV_2D", "QUANTIZE", "CONCATENATION"}, 2),
     "channel_shuffle": (ChannelShuffle(), {"CONV_2D", "RESHAPE", "TRANSPOSE"}, 1),
@@ -195,10 +196,11 @@ CASES = {
     "relu6_standalone": (Relu6Shared(), {"CONV_2D", "RELU6", "QUANTIZE", "ADD"}, 3),
     "resize_nearest": (Upsample(), {"CONV_2D", "RESIZE_NEAREST_NEIGHBOR"}, 1),
     "softmax": (SoftmaxHead(), {"RESHAPE", "FULLY_CONNECTED", "SOFTMAX"}, 2),
-    "squeeze_unsqueeze": (SqueezeUnsqueeze(), {"CONV_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"}, 4),
-    # the graph endings real classifiers have: the last node moves values unchanged, except a keepdims-free mean
-    **{f"conv_head_{ending}": (ConvHead(ending), {"CONV_2D", "MEAN", "RESHAPE"} if ending != "mean" else
-                               {"CONV_2D", "MEAN"}, 3) for ending in ("flatten", "reshape", "squeeze", "mean")},
+    "squeeze_unsqueeze": (SqueezeUnsqueeze(), {"CONV_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}, 4),
+    # the graph endings real classifiers have: the last node moves values unchanged (a keepdims-free mean becomes a
+    # pool and a flatten)
+    **{f"conv_head_{ending}": (ConvHead(ending), {"CONV_2D", "AVERAGE_POOL_2D", "RESHAPE"}, 3)
+       for ending in ("flatten", "reshape", "squeeze", "mean")},
 }
 
 

@@ -1,15 +1,17 @@
-"""Rewrites that let ONNX Runtime run in integers two operators its QDQ fusions leave in float.
+"""Rewrites that let the int8 runtimes run pads and spatial means with their fast integer kernels.
 
 ONNX Runtime turns DequantizeLinear -> op -> QuantizeLinear into one integer kernel for the operators it has one
 for; a Pad and a ReduceMean it runs in float between the two, converting the whole tensor twice. On the Cortex-A72
 those round trips cost ResNet-20's int8 model 150,000 of its 8.49 M estimated cycles (the two option-A shortcuts'
-channel pads and the mean before the classifier; docs/BENCHMARKS.md). Both rewrites compute the same integers:
-- a Pad between a DequantizeLinear and a QuantizeLinear of one scale and zero point pads the integers themselves
-  with its pad value quantized (Q(DQ(x)) = x, and a padded position holds Q(value) either way);
-- a ReduceMean over H and W of a 4-D tensor is a GlobalAveragePool (and a Flatten where it drops those axes),
-  which ORT fuses into QLinearGlobalAveragePool.
-Applied to uint8 graphs only: the TFLite writer reads int8 QDQ graphs (whose Pad and mean TFLite runs in int8
-already) and expects each of their tensors behind a QuantizeLinear.
+channel pads and the mean before the classifier). TFLite Micro runs a MEAN with its reference kernel: 0.56 M of
+ResNet-8's 33 M estimated Cortex-M4 cycles, where CMSIS-NN's average pool takes a few thousand (docs/BENCHMARKS.md).
+- A Pad between a DequantizeLinear and a QuantizeLinear of one scale and zero point pads the integers themselves
+  with its pad value quantized (Q(DQ(x)) = x, and a padded position holds Q(value) either way): the same integers.
+  uint8 graphs only: the TFLite writer reads a pad from its QDQ form (TFLite's PAD is int8 already).
+- A mean over H and W of a 4-D tensor becomes a pool before quantization: for ONNX Runtime (uint8) a
+  GlobalAveragePool, calibrated as the mean was, which ORT fuses into QLinearGlobalAveragePool; for TFLite (int8) an
+  AveragePool over the whole map, which ORT's quantizer gives its input's scale and zero point, as TFLite's
+  AVERAGE_POOL_2D needs (MLPerf Tiny's own ResNet-8 ends so).
 """
 
 import numpy as np
@@ -31,30 +33,43 @@ def _constants(graph) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     graph = model.graph
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info, *graph.output]
-            if v.type.tensor_type.HasField("shape")}
+    return {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+            for v in [*graph.input, *graph.value_info, *graph.output] if v.type.tensor_type.HasField("shape")}
 
 
-def spatial_means_as_pools(model: onnx.ModelProto) -> list[str]:
-    """Each ReduceMean over axes 2 and 3 of a 4-D tensor becomes a GlobalAveragePool (followed by a Flatten where
-    `keepdims` is 0); returns the nodes rewritten. Needs the graph's shapes (run shape inference first)."""
-    graph, consts, ranks = model.graph, _constants(model.graph), _ranks(model)
+def spatial_means_as_pools(model: onnx.ModelProto, *, shared_scale: bool) -> list[str]:
+    """Each mean over H and W of a 4-D tensor (a ReduceMean over axes 2 and 3; with `shared_scale` a
+    GlobalAveragePool too) becomes a pool, followed by a Flatten where the mean dropped those axes; returns the nodes
+    rewritten. Without `shared_scale` the pool is a GlobalAveragePool, calibrated on its own, which ONNX Runtime
+    fuses into QLinearGlobalAveragePool. With it, an AveragePool over the whole map, to which ORT's quantizer gives
+    its input's scale and zero point: what TFLite's AVERAGE_POOL_2D needs, and CMSIS-NN runs it in a fraction of
+    the reference MEAN kernel's cycles. Needs the graph's shapes (run shape inference first)."""
+    graph, consts, shapes = model.graph, _constants(model.graph), _shapes(model)
     rewritten, axes_read = [], set()
     for node in list(graph.node):
-        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
+        shape = shapes.get(node.input[0]) if node.input else None
+        if node.op_type not in ("ReduceMean", "GlobalAveragePool") or shape is None or len(shape) != 4:
+            continue
+        if node.op_type == "GlobalAveragePool" and not shared_scale:
             continue
         a = attrs(node)
-        axes = a.get("axes") or (consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
-        if axes is None or sorted(int(x) % 4 for x in np.atleast_1d(axes)) != [2, 3]:
-            continue
+        if node.op_type == "ReduceMean":
+            axes = a.get("axes") or (consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+            if axes is None or sorted(int(x) % 4 for x in np.atleast_1d(axes)) != [2, 3]:
+                continue
         keep = a.get("keepdims", 1)
+        if shared_scale and not all(shape[2:]):  # the pool's kernel is the map: its size must be known
+            continue
         axes_read.update(node.input[1:])
         pooled = node.output[0] if keep else f"{node.output[0]}_pooled"
+        pool = (helper.make_node("AveragePool", [node.input[0]], [pooled], kernel_shape=list(shape[2:]),
+                                 strides=list(shape[2:]), name=node.name) if shared_scale else
+                helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name))
         position = list(graph.node).index(node)
         graph.node.remove(node)
-        graph.node.insert(position, helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=node.name))
+        graph.node.insert(position, pool)
         if not keep:
             graph.node.insert(position + 1, helper.make_node("Flatten", [pooled], [node.output[0]], axis=1,
                                                              name=f"{node.name}_flatten"))

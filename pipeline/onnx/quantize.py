@@ -60,16 +60,17 @@ class ArrayReader(CalibrationDataReader):
 
 def quantize_onnx(model_path: str | os.PathLike, out: str | os.PathLike, *, calibration: np.ndarray,
                   settings: Quantization, input_name: str = "input") -> Path:
-    """Pre-process (shape inference, fusions), then quantize statically with the profile's settings. A uint8
-    graph (ONNX Runtime's) also gets its pads and spatial means in integers (`pipeline.onnx.integer_ops`)."""
+    """Pre-process (shape inference, fusions), then quantize statically with the profile's settings. A mean over
+    H and W becomes the pool the runtime's int8 kernels run (`pipeline.onnx.integer_ops`): a GlobalAveragePool in a
+    uint8 graph (ONNX Runtime's), an AveragePool sharing its input's scale in an int8 one (TFLite's); a uint8 graph
+    also pads its integers."""
     for_onnxruntime = settings.activation_type == "uint8"
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out) as target:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=False)
-        if for_onnxruntime:
-            graph = onnx.load(str(prepared))
-            if spatial_means_as_pools(graph):
-                onnx.save(graph, str(prepared))
+        graph = onnx.load(str(prepared))
+        if spatial_means_as_pools(graph, shared_scale=not for_onnxruntime):
+            onnx.save(graph, str(prepared))
         quantize_static(
             str(prepared), str(target), ArrayReader(input_name, calibration),
             quant_format=_FORMATS[settings.format], per_channel=settings.per_channel,
