@@ -488,7 +488,7 @@ def test_the_operators_between_the_layers_move_what_the_cuts_leave_them():
 def test_a_cut_models_cycles_on_the_board_include_the_operators_between_the_layers():
     """A cut shrinks the adds and the pool as well as the layers: the pricing's rate for them, fitted on the model
     at its middle cuts, predicts the model at its smallest cuts, measured whole in the firmware, to 1% of the dense
-    model's cycles; the layers' tables alone miss it by 13%."""
+    model's cycles; the layers' tables alone miss it by 5% (13% while the mean ran as TFLM's reference MEAN)."""
     from helpers import firmware_missing
 
     from pipeline.compress.options import check_budget
@@ -519,6 +519,6 @@ def test_a_cut_models_cycles_on_the_board_include_the_operators_between_the_laye
     pricing.between_rate = pricing.io_rate = 0.0
     layers_alone = pricing(smallest)["cycles"]
     pricing.between_rate, pricing.io_rate = rates
-    dense = menu.totals["cycles"]  # budgets are fractions of it: measured 0.246, predicted 0.240, tables alone 0.375
+    dense = menu.totals["cycles"]  # budgets are fractions of it: measured 0.233, predicted 0.235, tables alone 0.285
     assert abs(predicted - measured) <= 0.01 * dense, (predicted, measured, layers_alone, dense)
-    assert abs(layers_alone - measured) > 0.1 * dense
+    assert abs(layers_alone - measured) > 0.04 * dense
