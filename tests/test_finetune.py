@@ -19,6 +19,7 @@ from pipeline.compress.finetune import (
     finetune,
     mix,
 )
+from pipeline.compress.removal import ConstantOutput, Removed
 from pipeline.compress.stage import compress
 from pipeline.errors import ConfigError
 from pipeline.zoo import ModelSpec
@@ -190,6 +191,19 @@ def test_features_are_matched_around_each_factored_layer_by_relative_error():
     s = {"a": torch.zeros(2, 3), "b": torch.full((1, 4), 3.0)}
     # (6/6 + 4/16) / 2: each point's squared error relative to the teacher's energy, averaged
     assert feature_loss(s, t).item() == pytest.approx(0.625)
+
+
+def test_a_run_of_removed_blocks_is_matched_at_its_end_alone():
+    block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))  # noqa: E731
+    teacher = nn.Sequential(nn.Sequential(block(), block(), block()), nn.Sequential(block(), block()))
+    student = copy.deepcopy(teacher)
+    student[0][0][1] = nn.Sequential(nn.Conv2d(4, 2, (3, 1)), nn.Conv2d(2, 4, (1, 3)))  # factored, then two removed
+    for i in (1, 2):
+        student[0][i][0] = Removed()
+        student[0][i][1] = ConstantOutput(torch.zeros(1, 4, 1, 1), torch.ones(4), torch.zeros(4))
+    student[1][0][0] = nn.Sequential(nn.Conv2d(4, 2, (3, 1)), nn.Conv2d(2, 4, (1, 3)))  # no removal follows it
+    # "0.0" and "0.1" feed removed blocks: only the run's end, "0.2", is held to the teacher's features
+    assert feature_points(student, teacher) == ["0.2", "1.0"]
 
 
 def test_feature_distillation_is_recorded_and_still_learns(teacher):

@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from calib import Dataset, preprocess
+from pipeline.compress.removal import Removed
 from pipeline.compute import TorchDevice, prefetch, torch_device
 from pipeline.errors import unknown
 from pipeline.metrics import top1, torch_logits
@@ -63,7 +64,11 @@ def mix(x: np.ndarray, rng: np.random.Generator, *, concentration: float) -> tup
 
 def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Where the student's features are matched to the teacher's: the block around each factored layer (the
-    parent whose output both nets share in shape), or the layer itself when it sits at the top level."""
+    parent whose output both nets share in shape), or the layer itself when it sits at the top level. A block
+    whose branch was removed passes on its input plus a constant, so a run of such blocks (and the block before
+    it) cannot give the teacher's features at each of their outputs: that run is matched at its end alone, and
+    what comes before it is free to do the removed blocks' work (matching every output of the run asked the one
+    block before it for several different functions at once)."""
     teacher_modules = dict(teacher.named_modules())
     points = []
     for name, module in student.named_modules():
@@ -72,7 +77,20 @@ def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
         parent = name.rpartition(".")[0] or name
         if not any(parent == p or parent.startswith(p + ".") for p in points):
             points.append(parent)
-    return points
+    return [p for p in points if not _removed(student, _next_sibling(student, p))]
+
+
+def _next_sibling(model: nn.Module, name: str) -> str | None:
+    """The submodule that follows `name` in its parent's order (what the parent runs next, for a Sequential)."""
+    parent, _, own = name.rpartition(".")
+    names = [child for child, _ in model.get_submodule(parent).named_children()]
+    at = names.index(own)
+    return f"{parent}.{names[at + 1]}".lstrip(".") if at + 1 < len(names) else None
+
+
+def _removed(model: nn.Module, name: str | None) -> bool:
+    """Whether the submodule `name` lost a layer to a removed channel group (`pipeline.compress.removal`)."""
+    return name is not None and any(isinstance(m, Removed) for m in model.get_submodule(name).modules())
 
 
 class _Features:
