@@ -311,10 +311,13 @@ def test_a_cycles_budget_the_whole_model_misses_is_allocated_again_tighter_until
     assert checks[0]["budget"] == "cycles:0.6" and checks[0]["allowed"] == allowed
     # ranks 12 + 12 fit the layers' prices (0.599 of 367,720) and measure 30,000 more: each chain's second conv
     assert checks[0]["predicted_fraction"] <= 0.6 < checks[0]["measured_fraction"]
-    assert len(checks) == 2 and checks[1]["measured"] <= allowed < checks[0]["measured"]
+    # held 0.05% of the dense cycles inside the budget: fine-tuning moves a plan's count by about that much
+    held_to = round(allowed - 0.0005 * dense)
+    assert all(c["held_to"] == held_to for c in checks)
+    assert len(checks) == 2 and checks[1]["measured"] <= held_to < allowed < checks[0]["measured"]
     tighter = parse_budget(checks[1]["budget"]).get("cycles").fraction
     # the first plan's own predicted share lowered by its miss, so that plan cannot be chosen again
-    assert tighter == pytest.approx(checks[0]["predicted_fraction"] * allowed / checks[0]["measured"], rel=1e-5)
+    assert tighter == pytest.approx(checks[0]["predicted_fraction"] * held_to / checks[0]["measured"], rel=1e-5)
     assert tighter < checks[0]["predicted_fraction"]
     assert [p.ranks for p in result.plan.layers if p.method] == [(8,), (8,)]
     assert cost.model(result.model, (3, 8, 8)) == checks[-1]["measured"]
