@@ -134,7 +134,7 @@ def _factor(module: nn.Module, spec: ModelSpec, samples: Samples, menu: Menu | N
             if not checks:
                 raise
             log(f"budget {budget}: {target} is below what the options reach; the plan at {checks[-1]['budget']} "
-                "stays, and the report says by how much it misses")
+                "stays, and the report says whether it holds the budget")
             break
         source = "from the cache" if facts["cached"] else f"measured in {facts['seconds']:.0f} s"
         log(f"budget {target}: {len(candidates)} candidates ({source}); predicted KL {allocation['predicted_kl']:.4f}; "
